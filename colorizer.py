@@ -1,0 +1,162 @@
+"""The trained model as one object: load a model folder (UNet + VAE + VAC + scheduler) and sample chroma for
+grayscale frames. Shared by training-time validation, video_colorization.py and the benchmarks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modules import load_vac, load_vae, model_multiple, round_to_multiple, spatial_gray, vae_downscale
+from utils import UserError, gray_to_lightness, lab_to_rgb, rgb_to_lab
+
+CONFIG_NAME = "colorizer.json"
+SAMPLERS = ("ddim", "ddpm", "dpm++", "unipc", "euler")
+
+
+def make_scheduler(name: str, train_config: dict):
+    """A diffusers sampler built from the training noise schedule (so betas and prediction type always match)."""
+    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           UniPCMultistepScheduler)
+
+    classes = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm++": DPMSolverMultistepScheduler,
+               "unipc": UniPCMultistepScheduler, "euler": EulerDiscreteScheduler}
+    if name not in classes:
+        raise UserError(f"--sampler {name}: unknown; choose one of {', '.join(SAMPLERS)}")
+    extra = {"timestep_spacing": "trailing"} if name != "ddpm" else {}
+    return classes[name].from_config(train_config, **extra)
+
+
+def resolve_model_folder(path: Path) -> Path:
+    """A model folder holds colorizer.json; a training run folder resolves to its newest complete checkpoint."""
+    path = Path(path)
+    if (path / CONFIG_NAME).exists():
+        return path
+    checkpoints = sorted(path.glob("checkpoint-*/" + CONFIG_NAME), key=lambda p: int(p.parent.name.split("-")[1]))
+    if not checkpoints:
+        raise UserError(f"{path}: no {CONFIG_NAME} and no checkpoint-*/ inside; pass a model or training run folder")
+    return checkpoints[-1].parent
+
+
+def resolve_component(spec: str, folder: Path) -> str:
+    """Component specs in colorizer.json are hub ids, torchvision names, or paths relative to the model folder."""
+    if spec.startswith("torchvision:"):
+        return spec
+    local = (folder / spec).resolve()
+    return str(local) if local.exists() else spec
+
+
+@dataclass
+class Colorizer:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    vac: torch.nn.Module
+    config: dict
+    device: torch.device
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["image_size"])
+
+    @property
+    def downscale(self) -> int:
+        return vae_downscale(self.vae)
+
+    def working_size(self, height: int, width: int) -> tuple[int, int]:
+        """The model's input size for a frame: short side near image_size, aspect ratio kept."""
+        multiple = model_multiple(self.vae)
+        scale = self.image_size / min(height, width)
+        return round_to_multiple(height * scale, multiple), round_to_multiple(width * scale, multiple)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        h, w = self.working_size(height, width)
+        return self.vae.config.latent_channels, h // self.downscale, w // self.downscale
+
+    @torch.inference_mode()
+    def sample_latents(self, gray: torch.Tensor, noise: torch.Tensor, sampler: str = "ddim", steps: int = 20,
+                       guidance: float = 1.0, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """gray: Bx1xhxw in [0, 1] at the working size; noise: B x C x h/d x w/d. Returns scaled latents."""
+        scheduler = make_scheduler(sampler, self.config["scheduler"])
+        scheduler.set_timesteps(steps, device=self.device)
+        gray = gray.to(self.device)
+        condition = spatial_gray(gray, self.downscale)
+        tokens = self.vac(gray) if tokens is None else tokens.to(self.device)
+        if guidance != 1.0:
+            tokens = torch.cat([tokens, torch.zeros_like(tokens)])
+            condition = torch.cat([condition, condition])
+        latents = noise.to(self.device) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_input = torch.cat([latents, latents]) if guidance != 1.0 else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            prediction = self.unet(torch.cat([model_input, condition], dim=1), t, encoder_hidden_states=tokens).sample
+            if guidance != 1.0:
+                conditional, unconditional = prediction.chunk(2)
+                prediction = unconditional + guidance * (conditional - unconditional)
+            latents = scheduler.step(prediction, t, latents).prev_sample
+        return latents
+
+    @torch.inference_mode()
+    def decode_rgb(self, latents: torch.Tensor) -> np.ndarray:
+        """Scaled latents -> BxHxWx3 uint8 RGB at the working size."""
+        image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        image = ((image.clamp(-1, 1) + 1) * 127.5).round().byte()
+        return image.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def load_colorizer(path: Path, device: torch.device) -> Colorizer:
+    """Everything inference needs comes from the model folder (and the VAE/VAC it names)."""
+    from diffusers import UNet2DConditionModel
+
+    folder = resolve_model_folder(Path(path))
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"{folder}: incomplete or corrupt model ({str(error).splitlines()[0]}); re-export it") from None
+    vae = load_vae(resolve_component(config["vae"], folder))
+    vac = load_vac(resolve_component(config["vac"], folder))
+    check_compatible(unet, vae, vac, folder)
+    for module in (unet, vae, vac):
+        module.to(device).eval().requires_grad_(False)
+    return Colorizer(unet, vae, vac, config, device)
+
+
+def check_compatible(unet, vae, vac, folder: Path) -> None:
+    """A UNet only works with the VAE and VAC it was trained on: catch a mismatch before it produces garbage."""
+    expected_in = vae.config.latent_channels + vae_downscale(vae) ** 2
+    if unet.config.in_channels != expected_in or unet.config.out_channels != vae.config.latent_channels:
+        raise UserError(f"{folder}: the UNet does not match this VAE (latent channels / downscale); use the VAE it "
+                        f"was trained with")
+    if unet.config.cross_attention_dim != vac.token_dim:
+        raise UserError(f"{folder}: the UNet expects {unet.config.cross_attention_dim}-d VAC tokens, the VAC gives "
+                        f"{vac.token_dim}; use the VAC it was trained with")
+    for name, module in (("unet", unet), ("vae", vae), ("vac", vac)):
+        if any(not torch.isfinite(p).all() for p in module.parameters()):
+            raise UserError(f"{folder}: the {name} weights contain NaN or inf; use an earlier checkpoint")
+
+
+def prepare_gray(gray_frames: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """BxHxW uint8 luma -> Bx1xhxw float in [0, 1] at the working size."""
+    import cv2
+
+    resized = np.stack([cv2.resize(g, (size[1], size[0]), interpolation=cv2.INTER_AREA) for g in gray_frames])
+    return torch.from_numpy(resized).float().unsqueeze(1) / 255.0
+
+
+def chroma_of(rgb: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 RGB -> HxWx2 float32 Lab a/b."""
+    return rgb_to_lab(rgb)[..., 1:]
+
+
+def combine(gray: np.ndarray, chroma: np.ndarray) -> np.ndarray:
+    """The input's own lightness with the predicted chroma (upsampled to the input size) -> uint8 RGB."""
+    import cv2
+
+    height, width = gray.shape
+    if chroma.shape[:2] != (height, width):
+        chroma = cv2.resize(chroma, (width, height), interpolation=cv2.INTER_LINEAR)
+    lab = np.concatenate([gray_to_lightness(gray)[..., None], chroma], axis=2)
+    return lab_to_rgb(lab)

@@ -1,0 +1,136 @@
+"""Datasets: colour frames from frame folders, random crops for pretraining, and the cached latents of latent.npz."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from utils import UserError, center_crop, list_frames, natural_key, read_image_rgb, resize_short_side, rgb_to_gray
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    video: str  # the frame folder's path relative to the data root
+    index: int  # position of the frame in its folder, in natural order
+    path: Path
+
+
+def scan_frame_folders(root: Path) -> list[FrameRecord]:
+    """Every folder below `root` (at any depth, `root` included) that holds images is one video."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: not a folder; expected root/<video>/00000.jpg, 00001.jpg, ...")
+    subfolders = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: [natural_key(Path(part)) for part in p.relative_to(root).parts])
+    records = []
+    for folder in [root, *subfolders]:
+        name = folder.relative_to(root).as_posix() if folder != root else root.name
+        records.extend(FrameRecord(name, i, path) for i, path in enumerate(list_frames(folder)))
+    if not records:
+        raise UserError(f"{root}: no images found; expected root/<video>/00000.jpg, 00001.jpg, ...")
+    return records
+
+
+def to_model_square(image: np.ndarray, image_size: int) -> np.ndarray:
+    """Resize the short side to `image_size` and keep the centre square: the training view of a frame."""
+    return center_crop(resize_short_side(image, image_size), image_size)
+
+
+class FrameFolderDataset(Dataset):
+    """Colour frames (from scan_frame_folders), each as an `image_size` square (short side resized, centre crop)."""
+
+    def __init__(self, records: list[FrameRecord], image_size: int):
+        self.records = records
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[i]
+        return {"rgb": to_model_square(read_image_rgb(record.path), self.image_size), "index": i}
+
+
+class RandomCropDataset(Dataset):
+    """Random flipped crops of every frame below `roots`, held in memory at a short side of `short_side`.
+    Used to pretrain the project's own VAE and VAC."""
+
+    def __init__(self, roots: list[Path], crop_size: int, short_side: int, seed: int = 0):
+        from tqdm import tqdm
+
+        records = [r for root in roots for r in scan_frame_folders(root)]
+        self.images = [resize_short_side(read_image_rgb(r.path), short_side) for r in tqdm(records, desc="loading")]
+        self.crop_size = crop_size
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        image = self.images[i]
+        top = self.rng.integers(0, image.shape[0] - self.crop_size + 1)
+        left = self.rng.integers(0, image.shape[1] - self.crop_size + 1)
+        crop = image[top : top + self.crop_size, left : left + self.crop_size]
+        return np.ascontiguousarray(crop[:, ::-1] if self.rng.random() < 0.5 else crop)
+
+
+def rgb_batch_to_tensors(rgb: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BxHxWx3 uint8 RGB -> (Bx3xHxW colour in [-1, 1], Bx1xHxW grayscale luma in [0, 1])."""
+    rgb = torch.as_tensor(np.asarray(rgb))
+    gray = np.stack([rgb_to_gray(frame) for frame in rgb.numpy()])
+    colour = rgb.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return colour, torch.from_numpy(gray).float().unsqueeze(1) / 255.0
+
+
+LATENT_KEYS = ("latents", "tokens", "gray", "video_ids", "frame_indices")
+
+
+class LatentDataset(Dataset):
+    """The cached features of `feature_extraction.py`: one item = colour latent, VAC tokens, grayscale frame."""
+
+    def __init__(self, path: Path):
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"{path}: not found; run feature_extraction.py first")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                missing = [k for k in LATENT_KEYS if k not in data.files]
+                if missing:
+                    raise UserError(f"{path}: missing {', '.join(missing)}; re-run feature_extraction.py")
+                self.latents = data["latents"]
+                self.tokens = data["tokens"]
+                self.gray = data["gray"]
+                self.video_ids = data["video_ids"]
+                self.frame_indices = data["frame_indices"]
+                self.videos = [str(v) for v in data["videos"]]
+                self.meta = {k: str(data[k]) for k in ("vae", "vac", "image_size") if k in data.files}
+        except (OSError, ValueError) as error:
+            raise UserError(f"{path}: unreadable ({error}); delete it and re-run feature_extraction.py") from None
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "latents": torch.from_numpy(self.latents[i].astype(np.float32)),
+            "tokens": torch.from_numpy(self.tokens[i].astype(np.float32)),
+            "gray": torch.from_numpy(self.gray[i]).float().unsqueeze(0) / 255.0,
+        }
+
+    def split_by_video(self, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+        """Hold out whole videos, up to `val_fraction` of the frames (neighbouring frames are near-duplicates, so a
+        frame-level split would leak); a video too large to fit, such as a whole photo collection, stays in train."""
+        sizes = np.bincount(self.video_ids, minlength=len(self.videos))
+        budget, held = val_fraction * len(self.video_ids), set()
+        for video in np.random.default_rng(seed).permutation(len(self.videos)):
+            if sizes[video] <= budget:
+                held.add(int(video))
+                budget -= sizes[video]
+        train = [i for i, v in enumerate(self.video_ids) if v not in held]
+        val = [i for i, v in enumerate(self.video_ids) if v in held]
+        if not val:  # too little data to hold out a whole video: fall back to a few frames
+            val, train = train[-max(1, len(train) // 10) :], train[: -max(1, len(train) // 10)] or train
+        return train, val

@@ -1,0 +1,134 @@
+"""Stage 1: colour frame folders -> data/<dataset>/latent.npz, the cached training features.
+
+  python feature_extraction.py --dataroot ../shared/data/train --dataset-name corpus \
+      --vae unet_model/default/vae --vac unet_model/default/vac
+
+For every frame (root/<video>/00000.jpg ...; any depth of folders): the VAE latent of the colour frame (posterior
+mean x the VAE's scaling factor), every last-layer VAC token of the grayscale frame, and the grayscale frame itself
+(the denoiser's spatial condition), all at --image-size (short side resized, centre square). Work is written in
+shards, so an interrupted run resumes where it stopped; latent.npz appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from dataset import FrameFolderDataset, FrameRecord, rgb_batch_to_tensors, scan_frame_folders
+from modules import load_vac, load_vae, vae_downscale
+from utils import UserError, atomic_path, choose_device, run_cli
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataroot", type=Path, nargs="+", required=True, help="root(s) of frame folders")
+    parser.add_argument("--dataset-name", required=True, help="writes data/<name>/latent.npz")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--image-size", type=int, default=64, help="the model's working resolution (short side)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--vae", default="unet_model/default/vae", help="VAE folder or hub id (e.g. stabilityai/sd-vae-ft-mse)")
+    parser.add_argument("--vac", default="unet_model/default/vac", help="VAC folder or torchvision:vit_b_32")
+    parser.add_argument("--flip", action="store_true", help="also store each frame mirrored (doubles the data)")
+    parser.add_argument("--shard-size", type=int, default=1024, help="frames per resumable shard")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing latent.npz")
+    return parser.parse_args()
+
+
+@torch.inference_mode()
+def extract_batch(rgb: np.ndarray, vae, vac, device: torch.device) -> dict[str, np.ndarray]:
+    colour, gray = rgb_batch_to_tensors(rgb)
+    latents = vae.encode(colour.to(device)).latent_dist.mean * vae.config.scaling_factor
+    tokens = vac(gray.to(device))
+    return {
+        "latents": latents.cpu().numpy().astype(np.float16),
+        "tokens": tokens.cpu().numpy().astype(np.float16),
+        "gray": (gray[:, 0] * 255).round().byte().numpy(),
+    }
+
+
+def extract_shard(dataset: FrameFolderDataset, indices: list[int], vae, vac, device, batch_size: int,
+                  workers: int, flip: bool, progress) -> dict[str, np.ndarray]:
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers,
+                        collate_fn=lambda items: np.stack([item["rgb"] for item in items]))
+    parts: dict[str, list[np.ndarray]] = {}
+    for rgb in loader:
+        views = [rgb, np.ascontiguousarray(rgb[:, :, ::-1])] if flip else [rgb]
+        for view in views:
+            for key, value in extract_batch(view, vae, vac, device).items():
+                parts.setdefault(key, []).append(value)
+        progress.update(len(rgb))
+    records = [dataset.records[i] for i in indices]
+    repeat = 2 if flip else 1
+    # Batches interleave [frames, mirrored frames]; index arrays follow the same order.
+    order = [r for start in range(0, len(records), batch_size) for _ in range(repeat)
+             for r in records[start : start + batch_size]]
+    shard = {key: np.concatenate(values) for key, values in parts.items()}
+    shard["frame_indices"] = np.array([r.index for r in order], dtype=np.int32)
+    shard["video_names"] = np.array([r.video for r in order])
+    return shard
+
+
+def main() -> None:
+    from tqdm import tqdm
+
+    args = parse_args()
+    out_dir = args.data_dir / args.dataset_name
+    final = out_dir / "latent.npz"
+    if final.exists() and not args.overwrite:
+        raise UserError(f"{final}: already exists; pass --overwrite to rebuild it or choose another --dataset-name")
+    device = choose_device(args.device)
+    vae, vac = load_vae(args.vae).to(device).eval(), load_vac(args.vac).to(device).eval()
+    records = []
+    for root in args.dataroot:
+        # With several roots, the same folder name under two of them must stay two videos.
+        prefix = f"{root.name}/" if len(args.dataroot) > 1 else ""
+        records += [FrameRecord(prefix + r.video, r.index, r.path) for r in scan_frame_folders(root)]
+    dataset = FrameFolderDataset(records, args.image_size)
+    shard_dir = out_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    shard_ranges = [list(range(start, min(start + args.shard_size, len(records))))
+                    for start in range(0, len(records), args.shard_size)]
+    print(f"{len(records)} frames, {len(shard_ranges)} shards -> {final}")
+    with tqdm(total=len(records), desc="extracting", unit="frame") as progress:
+        for number, indices in enumerate(shard_ranges):
+            path = shard_dir / f"shard-{number:05d}.npz"
+            if path.exists():
+                progress.update(len(indices))
+                continue
+            shard = extract_shard(dataset, indices, vae, vac, device, args.batch_size, args.workers, args.flip, progress)
+            with atomic_path(path) as temp:
+                np.savez(temp, **shard)
+    merged = merge_shards(sorted(shard_dir.glob("shard-*.npz")), len(shard_ranges))
+    merged.update(vae=args.vae, vac=args.vac, image_size=args.image_size, downscale=vae_downscale(vae),
+                  scaling_factor=vae.config.scaling_factor)
+    with atomic_path(final, overwrite=args.overwrite) as temp:
+        np.savez(temp, **merged)
+    for path in shard_dir.glob("shard-*.npz"):
+        path.unlink()
+    shard_dir.rmdir()
+    print(f"wrote {final}: {len(merged['latents'])} items, latents {merged['latents'].shape[1:]}, "
+          f"tokens {merged['tokens'].shape[1:]}")
+
+
+def merge_shards(paths: list[Path], expected: int) -> dict[str, np.ndarray]:
+    if len(paths) != expected:
+        raise UserError(f"{paths[0].parent if paths else 'shards'}: {len(paths)} of {expected} shards; re-run to finish")
+    parts: dict[str, list[np.ndarray]] = {}
+    for path in paths:
+        with np.load(path) as shard:
+            for key in shard.files:
+                parts.setdefault(key, []).append(shard[key])
+    merged = {key: np.concatenate(values) for key, values in parts.items()}
+    videos, video_ids = np.unique(merged.pop("video_names"), return_inverse=True)
+    merged["videos"], merged["video_ids"] = videos, video_ids.astype(np.int32)
+    return merged
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,210 @@
+"""The networks: VAE (E/D), VAC (a ViT on the grayscale frame), the conditional UNet denoiser, and their loaders."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils import UserError
+
+VAC_CONFIG = "vac_config.json"
+VAC_WEIGHTS = "vac.safetensors"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VAE: encoder E and decoder D
+
+
+def build_vae(widths: tuple[int, ...] = (32, 64, 128), latent_channels: int = 4, image_size: int = 64):
+    """A small KL autoencoder of the Stable Diffusion family; each width after the first halves the resolution."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(widths),
+        up_block_types=("UpDecoderBlock2D",) * len(widths),
+        block_out_channels=tuple(widths),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=min(32, widths[0]),
+        sample_size=image_size,
+    )
+
+
+def vae_downscale(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def load_vae(spec: str):
+    """A diffusers AutoencoderKL from a local folder (save_pretrained layout, or a pipeline folder with vae/) or a
+    hub id already in the local cache. Never downloads."""
+    from diffusers import AutoencoderKL
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        folder = path / "vae" if (path / "vae" / "config.json").exists() else path
+        if not (folder / "config.json").exists():
+            raise UserError(f"{path}: no config.json; pass a folder written by AutoencoderKL.save_pretrained")
+        try:
+            return AutoencoderKL.from_pretrained(folder)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise UserError(f"{folder}: cannot load the VAE ({str(error).splitlines()[0]}); re-save it") from None
+    for subfolder in (None, "vae"):
+        try:
+            return AutoencoderKL.from_pretrained(spec, subfolder=subfolder, local_files_only=True)
+        except (OSError, ValueError):
+            continue
+    raise UserError(
+        f"VAE '{spec}' is neither a local folder nor in the Hugging Face cache; on a machine with internet run "
+        f"`huggingface-cli download {spec}` (or pass a local folder)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VAC: Visual Attention Conditioning, every token of a ViT's last layer on the grayscale frame
+
+
+class VAC(nn.Module):
+    """Wraps a torchvision VisionTransformer and returns all of its last-layer tokens (class token first)."""
+
+    def __init__(self, vit: nn.Module, config: dict):
+        super().__init__()
+        self.vit = vit
+        self.config = config
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def token_dim(self) -> int:
+        return self.vit.hidden_dim
+
+    @property
+    def token_count(self) -> int:
+        return (self.vit.image_size // self.vit.patch_size) ** 2 + 1
+
+    def forward(self, gray: torch.Tensor) -> torch.Tensor:
+        """gray: Bx1xHxW in [0, 1] -> B x tokens x dim. The ViT's position embedding fixes its input size, so the
+        frame is resized to it (this condition is global; the spatial detail reaches the UNet separately)."""
+        size = self.vit.image_size
+        image = F.interpolate(gray, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        image = (image.expand(-1, 3, -1, -1) - self.mean) / self.std
+        patches = self.vit._process_input(image)
+        class_token = self.vit.class_token.expand(patches.shape[0], -1, -1)
+        return self.vit.encoder(torch.cat([class_token, patches], dim=1))
+
+
+def build_vac(image_size: int = 64, patch_size: int = 8, hidden_dim: int = 192, layers: int = 4, heads: int = 3) -> VAC:
+    """A small ViT for the project's own VAC, built with torchvision's VisionTransformer."""
+    config = dict(image_size=image_size, patch_size=patch_size, num_layers=layers, num_heads=heads,
+                  hidden_dim=hidden_dim, mlp_dim=4 * hidden_dim)
+    return _vac_from_config(config)
+
+
+def _vac_from_config(config: dict) -> VAC:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VAC(VisionTransformer(**config), config)
+
+
+def save_vac(vac: VAC, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / VAC_CONFIG).write_text(json.dumps(vac.config, indent=2))
+    save_file({k: v.contiguous() for k, v in vac.vit.state_dict().items()}, str(folder / VAC_WEIGHTS))
+
+
+def load_vac(spec: str) -> VAC:
+    """A VAC from a local folder (vac_config.json + vac.safetensors, a torchvision VisionTransformer state dict)
+    or `torchvision:<name>` (e.g. torchvision:vit_b_32, ImageNet weights) when torch's cache holds the weights."""
+    if spec.startswith("torchvision:"):
+        return _load_torchvision_vac(spec.split(":", 1)[1])
+    folder = Path(spec).expanduser()
+    if not (folder / VAC_CONFIG).exists() or not (folder / VAC_WEIGHTS).exists():
+        raise UserError(f"{folder}: expected {VAC_CONFIG} and {VAC_WEIGHTS}; pass a folder written by save_vac "
+                        f"or torchvision:vit_b_32")
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((folder / VAC_CONFIG).read_text())
+        vac = _vac_from_config(config)
+        vac.vit.load_state_dict(load_file(str(folder / VAC_WEIGHTS)))
+    except (OSError, ValueError, RuntimeError, TypeError) as error:
+        raise UserError(f"{folder}: cannot load the VAC ({str(error).splitlines()[0]}); re-save it") from None
+    return vac
+
+
+def _load_torchvision_vac(name: str) -> VAC:
+    import torchvision.models as models
+
+    try:
+        weights = models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError):
+        raise UserError(f"torchvision:{name}: unknown model; use a ViT name such as torchvision:vit_b_32") from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not cached.exists():
+        raise UserError(f"torchvision:{name}: weights not in {cached.parent}; on a machine with internet run "
+                        f"`python -c \"import torchvision; torchvision.models.{name}(weights='DEFAULT')\"`")
+    vit = models.get_model(name, weights=weights)
+    config = dict(image_size=vit.image_size, patch_size=vit.patch_size, num_layers=len(vit.encoder.layers),
+                  num_heads=vit.encoder.layers[0].num_heads, hidden_dim=vit.hidden_dim, mlp_dim=vit.mlp_dim)
+    return VAC(vit, config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The denoiser
+
+
+def gray_channels(downscale: int) -> int:
+    return downscale * downscale
+
+
+def spatial_gray(gray: torch.Tensor, downscale: int) -> torch.Tensor:
+    """Bx1xHxW luminance in [0, 1] -> B x downscale^2 x H/downscale x W/downscale in [-1, 1].
+
+    The grayscale frame reaches the denoiser by pixel-unshuffle rather than through the VAE encoder: it is
+    lossless (every luminance pixel is kept, so edges and texture survive), free to compute at inference, and
+    independent of which VAE is used."""
+    return F.pixel_unshuffle(gray * 2.0 - 1.0, downscale)
+
+
+def build_unet(latent_channels: int, downscale: int, token_dim: int, net_dimension: int = 64, sample_size: int = 16):
+    """UNet2DConditionModel: input = noisy colour latent ++ unshuffled grayscale frame; cross-attention on VAC
+    tokens. `net_dimension` is the width of the first block, as in the paper."""
+    from diffusers import UNet2DConditionModel
+
+    width = net_dimension
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=latent_channels + gray_channels(downscale),
+        out_channels=latent_channels,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(width, 2 * width, 2 * width),
+        layers_per_block=1,
+        cross_attention_dim=token_dim,
+        attention_head_dim=max(8, width // 4),
+        norm_num_groups=min(32, width),
+    )
+
+
+def model_multiple(vae) -> int:
+    """Frame sizes the whole stack accepts are multiples of this (VAE downscale x the UNet's two downsamplings)."""
+    return vae_downscale(vae) * 4
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def round_to_multiple(value: float, multiple: int) -> int:
+    return max(multiple, int(math.floor(value / multiple + 0.5)) * multiple)

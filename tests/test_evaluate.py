@@ -1,0 +1,295 @@
+"""Tests of evaluate.py: metric values worked out by hand, the paper's uint8 bug, clip matching, and the CLI."""
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import evaluate  # noqa: E402
+import utils  # noqa: E402
+
+VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "val"
+
+
+def smooth_texture(height: int = 64, width: int = 80, seed: int = 0) -> np.ndarray:
+    """A blurred random RGB image: structured enough for optical flow to lock on."""
+    import cv2
+
+    noise = np.random.default_rng(seed).uniform(0, 255, (height, width, 3)).astype(np.float32)
+    return np.clip(cv2.GaussianBlur(noise, (0, 0), 2.0) * 3 - 255, 0, 255).astype(np.uint8)
+
+
+def constant_frame(rgb: tuple, height: int = 16, width: int = 16) -> np.ndarray:
+    return np.broadcast_to(np.array(rgb, dtype=np.uint8), (height, width, 3)).copy()
+
+
+# --- PSNR ---------------------------------------------------------------------------------------------------------
+
+
+def test_psnr_uint8_does_not_wrap():
+    # The paper's bug: uint8 10 - 250 wraps to 16, which would score about 24 dB instead of about 0.5 dB.
+    pred, gt = constant_frame((10, 10, 10)), constant_frame((250, 250, 250))
+    assert evaluate.psnr(pred, gt) == pytest.approx(20 * math.log10(255 / 240), abs=1e-9)
+    assert evaluate.psnr(gt, pred) == evaluate.psnr(pred, gt)
+
+
+def test_psnr_by_hand():
+    pred = np.zeros((2, 2, 3), np.uint8)
+    gt = pred.copy()
+    gt[0, 0, 0] = 255  # MSE = 255^2 / 12, so PSNR = 10 log10(12)
+    assert evaluate.psnr(pred, gt) == pytest.approx(10 * math.log10(12), abs=1e-9)
+
+
+def test_psnr_of_identical_frames_is_capped_and_counted():
+    frame = smooth_texture()
+    assert evaluate.psnr(frame, frame) == evaluate.PSNR_CAP_DB
+    result = evaluate.evaluate_clip([frame, frame], [frame, frame])
+    assert result["psnr"] == evaluate.PSNR_CAP_DB
+    assert result["psnr_capped_frames"] == 2
+
+
+# --- SSIM ---------------------------------------------------------------------------------------------------------
+
+
+def test_ssim_identical_is_one_and_uint8_matches_float():
+    gt = smooth_texture()
+    pred = np.clip(gt.astype(np.int16) + 40, 0, 255).astype(np.uint8)
+    assert evaluate.ssim(gt, gt) == pytest.approx(1.0)
+    value = evaluate.ssim(pred, gt)
+    assert 0.0 < value < 0.99
+    assert value == pytest.approx(evaluate.ssim(pred.astype(np.float64), gt.astype(np.float64)))
+
+
+def test_ssim_rejects_tiny_frames():
+    with pytest.raises(utils.UserError, match="too small"):
+        evaluate.ssim(constant_frame((1, 2, 3), 4, 4), constant_frame((1, 2, 3), 4, 4))
+
+
+# --- Colorfulness ---------------------------------------------------------------------------------------------------
+
+
+def test_colorfulness_by_hand():
+    assert evaluate.colorfulness(constant_frame((90, 90, 90))) == 0.0
+    # rg = 100 and yb = |150 - 50| = 100 everywhere: no spread, CF = 0.3 * sqrt(100^2 + 100^2).
+    assert evaluate.colorfulness(constant_frame((200, 100, 50))) == pytest.approx(0.3 * math.hypot(100, 100))
+    # Two pixels (0,0,0) and (100,0,0): rg = [0, 100], yb = [0, 50]; std = mean = (50, 25).
+    two = np.array([[[0, 0, 0], [100, 0, 0]]], np.uint8)
+    assert evaluate.colorfulness(two) == pytest.approx(1.3 * math.hypot(50, 25))
+    # yellow (100,100,0) and blue (0,0,100): yb = |+-100| = 100 for both, so no spread: CF = 0.3 * 100.
+    yellow_blue = np.array([[[100, 100, 0], [0, 0, 100]]], np.uint8)
+    assert evaluate.colorfulness(yellow_blue) == pytest.approx(30.0)
+
+
+# --- JS divergence and CDC ------------------------------------------------------------------------------------------
+
+
+def test_js_divergence_symmetric_zero_and_by_hand():
+    rng = np.random.default_rng(1)
+    p, q = rng.dirichlet(np.ones(256)), rng.dirichlet(np.ones(256) * 0.1)  # q has near-empty bins
+    q[:10] = 0
+    q /= q.sum()
+    assert evaluate.js_divergence(p, q) == pytest.approx(evaluate.js_divergence(q, p), abs=1e-15)
+    assert evaluate.js_divergence(p, p) == pytest.approx(0.0, abs=1e-15)
+    assert evaluate.js_divergence([1, 0], [0, 1]) == pytest.approx(math.log(2))
+    # m = (0.75, 0.25): KL(p||m) = ln(4/3), KL(q||m) = (ln(2/3) + ln 2) / 2.
+    expected = 0.5 * math.log(4 / 3) + 0.25 * (math.log(2 / 3) + math.log(2))
+    assert evaluate.js_divergence([1, 0], [0.5, 0.5]) == pytest.approx(expected)
+    from scipy.spatial.distance import jensenshannon
+
+    assert evaluate.js_divergence(p, q) == pytest.approx(jensenshannon(p, q) ** 2)
+
+
+def test_cdc_of_constant_video_is_zero():
+    frames = [constant_frame((30, 140, 220))] * 6
+    assert evaluate.cdc(frames) == 0.0
+
+
+def test_cdc_by_hand_averages_over_dilations():
+    black, white = constant_frame((0, 0, 0)), constant_frame((255, 255, 255))
+    # Alternating frames: k=1 pairs differ completely (JS = ln 2), k=2 and k=4 pairs are equal (0).
+    assert evaluate.cdc([black, white, black, white, black]) == pytest.approx(math.log(2) / 3)
+    # Two frames: only k=1 has a pair.
+    assert evaluate.cdc([black, white]) == pytest.approx(math.log(2))
+    assert math.isnan(evaluate.cdc([black]))
+
+
+def test_cdc_matches_tcvc_reference_code():
+    """TCVC's calc_cdc: scipy entropy JS per channel, mean over t, weights 1/3 over dilations, mean over channels."""
+    from scipy.stats import entropy
+
+    frames = [smooth_texture(seed=seed) for seed in range(7)]
+    hists = [[np.bincount(f[..., c].ravel(), minlength=256) / f[..., 0].size for c in range(3)] for f in frames]
+    per_channel = []
+    for c in range(3):
+        total = 0.0
+        for k in (1, 2, 4):
+            pairs = zip(hists, hists[k:])
+            js = [0.5 * entropy(h[c], (h[c] + g[c]) / 2) + 0.5 * entropy(g[c], (h[c] + g[c]) / 2) for h, g in pairs]
+            total += np.mean(js) / 3
+        per_channel.append(total)
+    assert evaluate.cdc(frames) == pytest.approx(np.mean(per_channel), rel=1e-12)
+
+
+# --- Warp error ----------------------------------------------------------------------------------------------------
+
+
+def test_reliable_flow_tracks_a_moving_object_and_masks_what_it_uncovers():
+    import cv2
+
+    background, square = smooth_texture(96, 128), smooth_texture(40, 40, seed=7)
+    prev, current = background.copy(), background.copy()
+    prev[28:68, 30:70] = square
+    current[28:68, 38:78] = square  # the square moves 8 px right, uncovering background at columns 30-37
+    flow, mask = evaluate.reliable_flow(cv2.cvtColor(prev, cv2.COLOR_RGB2GRAY), cv2.cvtColor(current, cv2.COLOR_RGB2GRAY))
+    inside_square = (slice(32, 64), slice(48, 68))
+    assert np.median(flow[inside_square][..., 0]) == pytest.approx(-8, abs=0.3)
+    assert mask[inside_square].mean() > 0.9
+    assert mask[:20].mean() > 0.9  # static background
+    assert mask[32:64, 30:38].mean() < 0.4  # not visible in the previous frame: occluded, so left out
+
+
+def test_reliable_flow_masks_pixels_that_come_from_outside_the_frame():
+    import cv2
+
+    texture = smooth_texture(96, 128)
+    prev, current = texture[:, 8:-8], texture[:, 5:-11]  # the view pans: current(x) = prev(x - 3)
+    flow, mask = evaluate.reliable_flow(cv2.cvtColor(prev, cv2.COLOR_RGB2GRAY), cv2.cvtColor(current, cv2.COLOR_RGB2GRAY))
+    assert np.median(flow[mask][:, 0]) == pytest.approx(-3, abs=0.2)
+    assert not mask[:, :3].any()  # their source lies left of the previous frame
+    assert mask[:, 3:].mean() > 0.9
+
+
+def test_warp_error_zero_when_colors_follow_the_motion_and_equal_to_a_global_color_jump():
+    texture = smooth_texture(96, 128)
+    prev, current = np.ascontiguousarray(texture[:, 8:-8]), np.ascontiguousarray(texture[:, 5:-11])
+    assert evaluate.warp_error(prev, prev, prev, prev) == pytest.approx(0.0, abs=1e-6)
+    assert evaluate.warp_error(prev, current, prev, current) < 1.0
+    red, blue = constant_frame((200, 40, 40), *prev.shape[:2]), constant_frame((40, 40, 200), *prev.shape[:2])
+    red_ab, blue_ab = utils.rgb_to_lab(red)[0, 0, 1:], utils.rgb_to_lab(blue)[0, 0, 1:]
+    expected = float(np.hypot(*(red_ab - blue_ab)))
+    assert evaluate.warp_error(red, blue, prev, current) == pytest.approx(expected, rel=1e-4)
+
+
+# --- Whole clips --------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_clip_warps_with_the_ground_truth_motion():
+    texture = smooth_texture(96, 128)
+    gt = [np.ascontiguousarray(texture[:, 8 - shift : 120 - shift]) for shift in (0, 3, 6)]
+    frozen = [gt[0]] * 3  # a prediction that ignores the motion: steady by its own flow, not by the GT's
+    result = evaluate.evaluate_clip(frozen, gt)
+    expected = np.mean([evaluate.warp_error(gt[0], gt[0], gt[t - 1], gt[t]) for t in (1, 2)])
+    assert result["warp_error"] == pytest.approx(expected)
+    assert result["warp_error"] > 5 * result["gt_warp_error"]
+
+
+def test_evaluate_clip_frame_count_mismatch_is_an_error():
+    frames = [smooth_texture(seed=s) for s in range(3)]
+    with pytest.raises(utils.UserError, match="3 predicted frames but 2 ground-truth"):
+        evaluate.evaluate_clip(frames, frames[:2], name="x")
+    with pytest.raises(utils.UserError, match="2 predicted frames but 3 ground-truth"):
+        evaluate.evaluate_clip(frames[:2], frames, name="x")
+
+
+def test_evaluate_clip_resizes_prediction_with_a_warning(capsys):
+    import cv2
+
+    gt = [smooth_texture(seed=s) for s in range(3)]
+    pred = [cv2.resize(f, (40, 32), interpolation=cv2.INTER_AREA) for f in gt]
+    result = evaluate.evaluate_clip(pred, gt, sample_at=[0, 2], name="small")
+    assert "resizing the prediction" in capsys.readouterr().err
+    assert result["resized"] and result["frames"] == 3
+    assert result["samples"][2][0].shape == gt[2].shape
+    assert 15 < result["psnr"] < evaluate.PSNR_CAP_DB
+
+
+def test_gray_baseline_scores():
+    gt = [smooth_texture(seed=s) for s in range(5)]
+    result = evaluate.evaluate_clip(evaluate.gray_baseline(gt), gt)
+    expected = np.mean([evaluate.psnr(np.repeat(utils.rgb_to_gray(f)[..., None], 3, axis=2), f) for f in gt])
+    assert result["psnr"] == pytest.approx(expected)
+    assert result["colorfulness"] == 0.0
+    assert result["colorfulness_gap"] == pytest.approx(result["gt_colorfulness"]) and result["gt_colorfulness"] > 10
+    assert result["warp_error"] < 0.05  # a gray video has (almost) no chroma to flicker
+    assert result["gt_cdc"] > 0
+
+
+# --- Clip matching, CLI ----------------------------------------------------------------------------------------------
+
+
+def write_frames(folder: Path, frames: list) -> None:
+    folder.mkdir(parents=True)
+    for index, frame in enumerate(frames):
+        utils.write_image_rgb(folder / f"{index:05d}.png", frame)
+
+
+def test_match_clips_pairs_video_with_folder_by_name(tmp_path, capsys):
+    frames = [smooth_texture(seed=s) for s in range(2)]
+    write_frames(tmp_path / "gt" / "a", frames)
+    write_frames(tmp_path / "gt" / "b", frames)
+    (tmp_path / "pred").mkdir()
+    with utils.VideoWriter(tmp_path / "pred" / "b.mp4", 80, 64, 25) as writer:
+        for frame in frames:
+            writer.write(frame)
+    pairs = evaluate.match_clips(tmp_path / "pred", tmp_path / "gt")
+    assert pairs == [("b", tmp_path / "pred" / "b.mp4", tmp_path / "gt" / "b")]
+    assert "no prediction for 1 ground-truth clip(s) (a)" in capsys.readouterr().err
+    # A single video against a single clip pairs whatever the names.
+    assert evaluate.match_clips(tmp_path / "pred" / "b.mp4", tmp_path / "gt" / "a")[0][2] == tmp_path / "gt" / "a"
+    write_frames(tmp_path / "pred" / "c", frames)
+    with pytest.raises(utils.UserError, match="no ground-truth clip named 'c'"):
+        evaluate.match_clips(tmp_path / "pred", tmp_path / "gt")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_cli_writes_reports_and_figures(tmp_path):
+    gt = [smooth_texture(seed=s) for s in range(4)]
+    write_frames(tmp_path / "gt" / "clip", gt)
+    write_frames(tmp_path / "pred" / "clip", [np.roll(f, 1, axis=2) for f in gt])
+    out = tmp_path / "out"
+    done = run_cli("--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--baseline", "gray", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "MEAN" in done.stdout and "skipped: no weights given (never downloaded)" in done.stdout
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["methods"]) == {"prediction", "gray"}
+    assert report["methods"]["prediction"]["clips"]["clip"]["frames"] == 4
+    assert len(report["methods"]["gray"]["clips"]["clip"]["per_frame"]["psnr"]) == 4
+    assert (out / "results.csv").read_text().count("\n") == 5  # header, then a clip row and a mean row per method
+    for name in ("clip_frames.png", "clip_curves.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    again = run_cli("--gt", str(tmp_path / "gt"), "--baseline", "gray", "--out", str(out))
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    gt = [smooth_texture(seed=s) for s in range(3)]
+    write_frames(tmp_path / "gt" / "clip", gt)
+    write_frames(tmp_path / "pred" / "clip", gt[:2])
+    done = run_cli("--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "2 predicted frames but 3 ground-truth frames" in done.stderr
+    assert not (tmp_path / "out").exists()
+    missing = run_cli("--gt", str(tmp_path / "gt"), "--baseline", "gray", "--lpips-weights", str(tmp_path / "nope.pth"))
+    assert missing.returncode == 2 and "nope.pth: no such file" in missing.stderr
+
+
+@pytest.mark.skipif(not VAL.is_dir(), reason=f"{VAL} not present")
+def test_gray_baseline_on_val_first_frames():
+    clip = VAL / "openh264__foreman_cif"
+    gt = list(itertools.islice(utils.iter_clip_frames(clip), 3))
+    result = evaluate.evaluate_clip(evaluate.gray_baseline(gt), gt)
+    # Over all 150 frames this clip scores 24.50 dB and colorfulness about 28 (see README_EVALUATE.md).
+    assert 24.0 < result["psnr"] < 25.0
+    assert 0.97 < result["ssim"] < 0.99
+    assert 25 < result["gt_colorfulness"] < 31

@@ -1,0 +1,63 @@
+"""End to end: feature_extraction.py -> train_diffusion.py (stop, --resume) -> video_colorization.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from fractions import Fraction
+
+import numpy as np
+
+from conftest import REPO
+
+
+def run_script(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, str(REPO / args[0]), *args[1:]], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_video):
+    from utils import iter_clip_frames, probe_clip
+
+    run_script("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "tiny", "--image-size", "32",
+               "--vae", str(tiny_components["vae"]), "--vac", str(tiny_components["vac"]), "--shard-size", "8",
+               cwd=tmp_path)
+    with np.load(tmp_path / "data" / "tiny" / "latent.npz") as data:
+        assert data["latents"].shape == (20, 4, 8, 8) and data["tokens"].shape == (20, 17, 32)
+        assert data["gray"].shape == (20, 32, 32) and data["gray"].dtype == np.uint8
+        assert sorted(data["videos"].tolist()) == ["pan", "pan_small"]
+        assert np.bincount(data["video_ids"]).tolist() in ([12, 8], [8, 12])
+    assert not (tmp_path / "data" / "tiny" / "shards").exists()
+
+    train = ["train_diffusion.py", "--dataset-name", "tiny", "--run-name", "tiny", "--net-dimension", "8",
+             "--batch-size", "4", "--checkpoint-every", "5", "--validate-every", "10", "--warmup-steps", "2"]
+    run_script(*train, "--max-steps", "10", cwd=tmp_path)
+    run_dir = tmp_path / "unet_model" / "tiny"
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    resumed = run_script(*train, "--max-steps", "20", "--resume", cwd=tmp_path)
+    assert "resumed" in resumed.stdout and "step 10" in resumed.stdout
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-20"]
+    config = json.loads((run_dir / "checkpoint-20" / "colorizer.json").read_text())
+    assert config["step"] == 20 and config["vae"] == "../vae" and (run_dir / "vae" / "config.json").exists()
+    assert (run_dir / "samples-0000020.png").exists()
+    losses = [json.loads(line)["step"] for line in (run_dir / "validation.jsonl").read_text().splitlines()]
+    assert losses == [10, 20]
+
+    output = tmp_path / "out.mp4"
+    run_script("video_colorization.py", "--input", str(gray_video), "--model", str(run_dir), "--output", str(output),
+               "--steps", "3", cwd=tmp_path)
+    source, result = probe_clip(gray_video), probe_clip(output)
+    assert (result.frame_count, result.width, result.height) == (source.frame_count, source.width, source.height)
+    assert result.fps == Fraction(30000, 1001)
+    assert len(list(iter_clip_frames(output))) == source.frame_count
+
+    frames_out = tmp_path / "frames_out"
+    run_script("video_colorization.py", "--input", str(frame_root / "pan"), "--model", str(run_dir),
+               "--output", str(frames_out), "--steps", "2", cwd=tmp_path)
+    assert sorted(p.name for p in frames_out.iterdir())[:2] == ["00000.png", "00001.png"]
+    assert len(list(frames_out.iterdir())) == 12

@@ -1,0 +1,154 @@
+"""Unit tests of utils.py, modules.py, dataset.py and colorizer.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import panning_clip
+
+
+def test_frames_sort_by_number_not_text(tmp_path):
+    from utils import list_frames, write_image_rgb
+
+    for name in ("10.jpg", "2.jpg", "1.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"") if name.endswith(".txt") else write_image_rgb(tmp_path / name, np.zeros((4, 4, 3), np.uint8))
+    assert [p.name for p in list_frames(tmp_path)] == ["1.png", "2.jpg", "10.jpg"]
+
+
+def test_lab_round_trip_is_within_one_level():
+    from utils import lab_to_rgb, rgb_to_lab
+
+    image = panning_clip(1)[0]
+    lab = rgb_to_lab(image)
+    assert lab.dtype == np.float32 and 0 <= lab[..., 0].min() and lab[..., 0].max() <= 100
+    assert np.abs(lab_to_rgb(lab).astype(int) - image).max() <= 1
+
+
+@pytest.mark.parametrize("kind", ["gray", "rgba", "rgb16"])
+def test_read_image_rgb_normalises_channels_and_depth(tmp_path, kind):
+    import cv2
+    from utils import read_image_rgb
+
+    rgb = panning_clip(1)[0]
+    if kind == "gray":
+        stored, expected = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), None
+    elif kind == "rgba":
+        stored = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGRA)
+        expected = rgb
+    else:
+        stored, expected = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR).astype(np.uint16) * 257, rgb
+    cv2.imwrite(str(tmp_path / "x.png"), stored)
+    loaded = read_image_rgb(tmp_path / "x.png")
+    assert loaded.shape == rgb.shape and loaded.dtype == np.uint8
+    if expected is None:
+        assert (loaded[..., 0] == loaded[..., 1]).all() and (loaded[..., 0] == stored).all()
+    else:
+        assert np.array_equal(loaded, expected)
+
+
+def test_spatial_gray_keeps_every_pixel():
+    from modules import spatial_gray
+
+    gray = torch.rand(2, 1, 16, 24)
+    packed = spatial_gray(gray, 4)
+    assert packed.shape == (2, 16, 4, 6)
+    assert packed.min() >= -1 and packed.max() <= 1
+    assert torch.allclose(torch.nn.functional.pixel_shuffle(packed, 4), gray * 2 - 1)
+
+
+def test_vac_returns_class_and_patch_tokens(tiny_components):
+    from modules import load_vac
+
+    vac = load_vac(str(tiny_components["vac"]))
+    tokens = vac(torch.rand(3, 1, 50, 70))
+    assert tokens.shape == (3, (32 // 8) ** 2 + 1, 32) == (3, vac.token_count, vac.token_dim)
+    assert torch.isfinite(tokens).all()
+
+
+def test_saved_vac_reloads_identically(tiny_components, tmp_path):
+    from modules import load_vac, save_vac
+
+    vac = load_vac(str(tiny_components["vac"]))
+    save_vac(vac, tmp_path / "copy")
+    gray = torch.rand(1, 1, 32, 32)
+    assert torch.equal(vac(gray), load_vac(str(tmp_path / "copy"))(gray))
+
+
+def test_vae_loads_from_folder_and_keeps_scaling_factor(tiny_components):
+    from modules import load_vae, vae_downscale
+
+    vae = load_vae(str(tiny_components["vae"]))
+    assert vae_downscale(vae) == 4
+    latents = vae.encode(torch.rand(1, 3, 32, 48) * 2 - 1).latent_dist.mean
+    assert latents.shape == (1, 4, 8, 12)
+    assert vae.config.scaling_factor > 0
+
+
+@pytest.mark.parametrize("loader,spec", [("load_vae", "nobody/no-such-vae-xyz"), ("load_vac", "torchvision:vit_b_32"),
+                                         ("load_vac", "/no/such/folder")])
+def test_unavailable_components_give_one_line_error(loader, spec, monkeypatch, tmp_path):
+    import modules
+    from utils import UserError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch cache: the ImageNet ViT is not there
+    with pytest.raises(UserError) as error:
+        getattr(modules, loader)(spec)
+    message = str(error.value)
+    assert "\n" not in message and (spec.split(":")[-1] in message)
+
+
+def test_unet_predicts_latent_shaped_output():
+    from modules import build_unet, gray_channels
+
+    unet = build_unet(latent_channels=4, downscale=4, token_dim=32, net_dimension=8, sample_size=8)
+    assert unet.config.in_channels == 4 + gray_channels(4)
+    out = unet(torch.randn(2, 20, 8, 12), torch.tensor([3, 900]), encoder_hidden_states=torch.randn(2, 5, 32)).sample
+    assert out.shape == (2, 4, 8, 12)
+
+
+def test_scan_frame_folders_keeps_video_and_order(frame_root):
+    from dataset import scan_frame_folders
+
+    records = scan_frame_folders(frame_root)
+    assert {r.video for r in records} == {"pan", "pan_small"}
+    pan = [r for r in records if r.video == "pan"]
+    assert [r.index for r in pan] == list(range(12))
+    assert [r.path.name for r in pan][:3] == ["00000.jpg", "00001.jpg", "00002.jpg"]
+
+
+def test_batch_indices_cover_each_epoch_once_and_repeat():
+    from train_diffusion import batch_indices
+
+    epoch = np.concatenate([batch_indices(step, 4, 10, seed=3) for step in range(5)])
+    assert sorted(epoch[:10].tolist()) == list(range(10))
+    assert np.array_equal(batch_indices(7, 4, 10, seed=3), batch_indices(7, 4, 10, seed=3))
+    assert not np.array_equal(batch_indices(0, 4, 10, seed=3), batch_indices(0, 4, 10, seed=4))
+
+
+def test_working_size_keeps_aspect_ratio(tiny_components):
+    from colorizer import Colorizer
+    from modules import load_vac, load_vae
+
+    colorizer = Colorizer(None, load_vae(str(tiny_components["vae"])), load_vac(str(tiny_components["vac"])),
+                          {"image_size": 64}, torch.device("cpu"))
+    height, width = colorizer.working_size(480, 854)
+    assert height == 64 and height % 16 == 0 and width % 16 == 0
+    assert abs(width / height - 854 / 480) < 0.15
+    assert colorizer.working_size(1920, 1080)[0] > colorizer.working_size(1920, 1080)[1]
+
+
+def test_combine_keeps_input_lightness():
+    from colorizer import combine
+    from utils import gray_to_lightness, rgb_to_gray, rgb_to_lab
+
+    frame = panning_clip(1)[0]
+    gray = rgb_to_gray(frame)
+    chroma = np.zeros((9, 12, 2), np.float32)  # no colour: the output must be the input's gray
+    out = combine(gray, chroma)
+    assert out.shape == frame.shape
+    assert np.abs(rgb_to_lab(out)[..., 0] - gray_to_lightness(gray)).max() < 0.5

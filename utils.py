@@ -1,0 +1,286 @@
+"""Helpers shared by the scripts: frame and video I/O, colour spaces, seeding, devices, safe output."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, never as a traceback."""
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a script's main(), turning UserError (and Ctrl-C) into a one-line message and a non-zero exit."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files and folders
+
+
+def natural_key(path: Path) -> list:
+    """Sort key that orders numbers by value, so frame 2 comes before frame 10."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+def is_video_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def list_frames(folder: Path) -> list[Path]:
+    """The image files of a frame folder, in natural order."""
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS), key=natural_key)
+
+
+def list_clips(root: Path) -> list[Path]:
+    """The clips under `root`: `root` itself when it is a video or a frame folder, else its videos and frame folders."""
+    if not root.exists():
+        raise UserError(f"{root}: no such file or folder; check the path")
+    if root.is_file():
+        if not is_video_file(root):
+            raise UserError(f"{root}: not a video ({', '.join(VIDEO_EXTENSIONS)}); pass a video or a frame folder")
+        return [root]
+    if list_frames(root):
+        return [root]
+    clips = [p for p in sorted(root.iterdir(), key=natural_key) if is_video_file(p) or (p.is_dir() and list_frames(p))]
+    if not clips:
+        raise UserError(f"{root}: no frames or videos inside; expected root/<clip>/00000.jpg ... or video files")
+    return clips
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path, overwrite: bool = False, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; move it onto `final` only if the block succeeds."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise UserError(f"{final}: already exists; pass --overwrite to replace it or choose another output")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if is_dir:
+            temp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        else:
+            handle, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
+            os.close(handle)
+            temp = Path(name)
+    except OSError as error:
+        raise UserError(f"{final.parent}: cannot write there ({error.strerror}); choose a writable output") from None
+    try:
+        yield temp
+        if final.exists():
+            if final.is_dir() and not final.is_symlink():
+                shutil.rmtree(final)
+            else:
+                final.unlink()
+        os.replace(temp, final)
+    finally:
+        if temp.is_dir():
+            shutil.rmtree(temp, ignore_errors=True)
+        elif temp.exists():
+            temp.unlink()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def read_image_rgb(path: Path) -> np.ndarray:
+    """Read an image as HxWx3 uint8 RGB, whatever its channels (gray, RGBA) or depth (8 or 16 bit)."""
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise UserError(f"{path}: cannot be decoded as an image; replace or remove the file")
+    if image.dtype == np.uint16:
+        image = (image.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise UserError(f"{path}: unsupported pixel type {image.dtype}; convert it to 8 or 16-bit PNG/JPEG")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def write_image_rgb(path: Path, image: np.ndarray) -> None:
+    import cv2
+
+    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise UserError(f"{path}: cannot be written; check the folder is writable")
+
+
+def rgb_to_gray(image: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 RGB -> HxW uint8 luma (ITU-R BT.601, as OpenCV and most grayscale footage use)."""
+    import cv2
+
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+
+
+def rgb_to_lab(image: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 RGB -> float32 CIE Lab (L in [0, 100], a and b roughly in [-128, 127])."""
+    import cv2
+
+    return cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """float32 CIE Lab -> HxWx3 uint8 RGB (out-of-gamut values clipped)."""
+    import cv2
+
+    rgb = cv2.cvtColor(lab.astype(np.float32), cv2.COLOR_Lab2RGB)
+    return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def gray_to_lightness(gray: np.ndarray) -> np.ndarray:
+    """HxW uint8 gray -> float32 Lab lightness L in [0, 100] of the gray pixel (R = G = B = gray)."""
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    return rgb_to_lab(rgb)[..., 0]
+
+
+def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
+    import cv2
+
+    height, width = image.shape[:2]
+    scale = short_side / min(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    return cv2.resize(image, size, interpolation=interpolation)
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    height, width = image.shape[:2]
+    top, left = (height - size) // 2, (width - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Videos
+
+
+@dataclass
+class VideoInfo:
+    width: int
+    height: int
+    fps: Fraction
+    frame_count: int
+
+
+def probe_clip(source: Path) -> VideoInfo:
+    """Size, frame rate and frame count of a video file or frame folder (frame folders are taken as 25 fps)."""
+    source = Path(source)
+    if source.is_dir():
+        frames = list_frames(source)
+        if not frames:
+            raise UserError(f"{source}: no images inside; expected frames named 00000.jpg, 00001.jpg, ...")
+        first = read_image_rgb(frames[0])
+        return VideoInfo(first.shape[1], first.shape[0], Fraction(25), len(frames))
+    import av
+
+    try:
+        with av.open(str(source)) as container:
+            if not container.streams.video:
+                raise UserError(f"{source}: has no video stream; pass a video file")
+            stream = container.streams.video[0]
+            fps = stream.average_rate or stream.guessed_rate or Fraction(25)
+            count = stream.frames or sum(1 for _ in container.decode(video=0))
+            return VideoInfo(stream.codec_context.width, stream.codec_context.height, Fraction(fps), count)
+    except av.error.FFmpegError as error:
+        raise UserError(f"{source}: cannot be read as a video ({error}); re-encode or replace it") from None
+
+
+def iter_clip_frames(source: Path) -> Iterator[np.ndarray]:
+    """Yield the frames of a video file or frame folder as HxWx3 uint8 RGB, one at a time (bounded memory)."""
+    source = Path(source)
+    if source.is_dir():
+        for path in list_frames(source):
+            yield read_image_rgb(path)
+        return
+    import av
+
+    try:
+        with av.open(str(source)) as container:
+            for frame in container.decode(video=0):
+                yield frame.to_ndarray(format="rgb24")
+    except av.error.FFmpegError as error:
+        raise UserError(f"{source}: cannot be decoded ({error}); re-encode or replace it") from None
+
+
+class VideoWriter:
+    """Write RGB frames to an H.264 mp4 at an exact frame rate (for example 30000/1001)."""
+
+    def __init__(self, path: Path, width: int, height: int, fps: Fraction, crf: int = 18):
+        import av
+
+        self.container = av.open(str(path), mode="w", format="mp4")
+        self.stream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100000))
+        self.stream.width, self.stream.height = width, height
+        # 4:2:0 needs even sizes; odd-sized frames keep full chroma instead of being cropped.
+        self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        self.stream.options = {"crf": str(crf)}
+
+    def write(self, frame: np.ndarray) -> None:
+        import av
+
+        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        self.container.mux(self.stream.encode(video_frame))
+
+    def close(self) -> None:
+        self.container.mux(self.stream.encode())
+        self.container.close()
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reproducibility and devices
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def choose_device(name: str = "auto") -> "torch.device":
+    """`auto` picks cuda, then mps, then cpu; an explicit device that is missing is a user error."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available; use --device cpu or auto")
+    return device
