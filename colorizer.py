@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from modules import load_vac, load_vae, model_multiple, round_to_multiple, spatial_gray, vae_downscale
-from utils import UserError, gray_to_lightness, lab_to_rgb, rgb_to_lab
+from utils import UserError, luma_chroma_to_rgb
 
 CONFIG_NAME = "colorizer.json"
 SAMPLERS = ("ddim", "ddpm", "dpm++", "unipc", "euler")
@@ -146,17 +146,12 @@ def prepare_gray(gray_frames: np.ndarray, size: tuple[int, int]) -> torch.Tensor
     return torch.from_numpy(resized).float().unsqueeze(1) / 255.0
 
 
-def chroma_of(rgb: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 RGB -> HxWx2 float32 Lab a/b."""
-    return rgb_to_lab(rgb)[..., 1:]
-
-
 def combine(gray: np.ndarray, chroma: np.ndarray) -> np.ndarray:
-    """The input's own lightness with the predicted chroma (upsampled to the input size) -> uint8 RGB."""
+    """The input's own luma (BT.601, as grayscale footage is made) with the predicted chroma, upsampled to the
+    input size if needed -> uint8 RGB."""
     import cv2
 
     height, width = gray.shape
     if chroma.shape[:2] != (height, width):
         chroma = cv2.resize(chroma, (width, height), interpolation=cv2.INTER_LINEAR)
-    lab = np.concatenate([gray_to_lightness(gray)[..., None], chroma], axis=2)
-    return lab_to_rgb(lab)
+    return luma_chroma_to_rgb(gray, chroma)

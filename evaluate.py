@@ -125,41 +125,11 @@ def cdc(frames: Iterable[np.ndarray]) -> float:
     return cdc_from_histograms(np.stack([channel_histograms(frame) for frame in frames]))
 
 
-def _warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
-    """image sampled at x + flow(x) (bilinear)."""
-    import cv2
-
-    height, width = flow.shape[:2]
-    grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
-    map_x, map_y = grid_x + flow[..., 0], grid_y + flow[..., 1]
-    return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-
-
-def reliable_flow(prev_gray: np.ndarray, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flow b with gray(x) ~ prev_gray(x + b(x)), and the mask of pixels where it can be trusted.
-
-    Trusted: the forward flow at x + b(x) brings the pixel back (Sundaram et al. 2010, as in Ruder et al. 2016), so
-    occluded and badly matched pixels drop out, and x + b(x) lies inside the frame.
-    """
-    import cv2
-
-    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-    backward = dis.calc(gray, prev_gray, None)
-    forward_there = _warp(dis.calc(prev_gray, gray, None), backward)
-    round_trip = np.sum((backward + forward_there) ** 2, axis=2)
-    tolerance = 0.01 * (np.sum(backward**2, axis=2) + np.sum(forward_there**2, axis=2)) + 0.5
-    height, width = gray.shape
-    grid_y, grid_x = np.mgrid[0:height, 0:width]
-    target_x, target_y = grid_x + backward[..., 0], grid_y + backward[..., 1]
-    inside = (target_x >= 0) & (target_x <= width - 1) & (target_y >= 0) & (target_y <= height - 1)
-    return backward, (round_trip <= tolerance) & inside
-
-
 def warped_chroma_difference(prev_ab: np.ndarray, ab: np.ndarray, flow: np.ndarray, mask: np.ndarray) -> float:
     """Mean a/b distance between `ab` and `prev_ab` warped onto it, over the mask; NaN if the mask is empty."""
     if not mask.any():
         return math.nan
-    difference = ab.astype(np.float64) - _warp(prev_ab, flow).astype(np.float64)
+    difference = ab.astype(np.float64) - utils.warp(prev_ab, flow).astype(np.float64)
     return float(np.sqrt(np.sum(difference**2, axis=2))[mask].mean())
 
 
@@ -169,7 +139,7 @@ def _chroma(frame: np.ndarray) -> np.ndarray:
 
 def warp_error(prev_pred: np.ndarray, pred: np.ndarray, prev_gt: np.ndarray, gt: np.ndarray) -> float:
     """Warp error of one pair of output frames, with the flow taken from the ground truth's luminance."""
-    flow, mask = reliable_flow(utils.rgb_to_gray(prev_gt), utils.rgb_to_gray(gt))
+    flow, mask = utils.reliable_flow(utils.rgb_to_gray(prev_gt), utils.rgb_to_gray(gt))
     return warped_chroma_difference(_chroma(prev_pred), _chroma(pred), flow, mask)
 
 
@@ -249,7 +219,7 @@ def evaluate_clip(pred_frames: Iterable[np.ndarray], gt_frames: Iterable[np.ndar
         gt_histograms.append(channel_histograms(gt))
         current = (_chroma(pred), _chroma(gt), utils.rgb_to_gray(gt))
         if previous is not None:
-            flow, mask = reliable_flow(previous[2], current[2])
+            flow, mask = utils.reliable_flow(previous[2], current[2])
             warp.append(warped_chroma_difference(previous[0], current[0], flow, mask))
             gt_warp.append(warped_chroma_difference(previous[1], current[1], flow, mask))
         previous = current

@@ -6,6 +6,7 @@ pretrained Stable Diffusion VAE and ImageNet ViT.
 
 vae: reconstruction (L1) + a small KL term, as Stable Diffusion's autoencoder; its scaling factor is set so the
      latents have unit variance.
+--decoder-only --init FOLDER fine-tunes only the VAE decoder, so latents already cached stay valid.
 vac: a colourization pretext: from the grayscale crop, each patch token predicts the quantized mean chroma (Lab
      a/b) of its patch, and the class token that of the whole crop, so the tokens learn what colour things are.
 """
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dataset import RandomCropDataset, rgb_batch_to_tensors
-from modules import build_vac, build_vae, parameter_count, save_vac
+from modules import build_vac, build_vae, load_vac, load_vae, parameter_count, save_vac
 from utils import atomic_path, rgb_to_lab, run_cli, seed_everything
 
 CHROMA_RANGE = 80.0  # Lab a/b beyond +-80 are rare in natural footage; they fall into the outer bins
@@ -34,6 +35,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dataroot", type=Path, nargs="+", required=True, help="frame folders root(s)")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the component to")
     parser.add_argument("--image-size", type=int, default=64, help="crop size (the model's working resolution)")
+    parser.add_argument("--crop-size", type=int, default=0,
+                        help="vae: train on smaller crops of frames at the working scale (cheaper steps); 0: image size")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--minutes", type=float, default=30.0, help="training time budget")
@@ -42,6 +45,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kl-weight", type=float, default=1e-6)
     parser.add_argument("--bins", type=int, default=10, help="vac: chroma bins per axis (bins^2 classes)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--init", help="start from this saved component instead of random weights")
+    parser.add_argument("--decoder-only", action="store_true",
+                        help="vae: train only the decoder, keeping the latent space (and cached latents) unchanged")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser.parse_args()
@@ -61,10 +67,11 @@ def chroma_classes(rgb: np.ndarray, grid: int, bins: int) -> tuple[torch.Tensor,
     return quantize(patches), quantize(whole)
 
 
-def save_vae(vae, folder: Path, sample: torch.Tensor, overwrite: bool) -> None:
-    with torch.no_grad():
-        std = vae.encode(sample).latent_dist.mean.std().item()
-    vae.register_to_config(scaling_factor=1.0 / max(std, 1e-6))
+def save_vae(vae, folder: Path, sample: torch.Tensor, overwrite: bool, keep_scaling: bool) -> None:
+    if not keep_scaling:
+        with torch.no_grad():
+            std = vae.encode(sample).latent_dist.mean.std().item()
+        vae.register_to_config(scaling_factor=1.0 / max(std, 1e-6))
     with atomic_path(folder, overwrite=overwrite, is_dir=True) as temp:
         vae.save_pretrained(temp)
 
@@ -78,23 +85,27 @@ def main() -> None:
         from utils import UserError
 
         raise UserError(f"{args.out}: already exists; pass --overwrite to replace it")
-    data = RandomCropDataset(args.dataroot, args.image_size, short_side=round(args.image_size * 1.25), seed=args.seed)
+    crop_size = args.crop_size if args.component == "vae" and args.crop_size else args.image_size
+    data = RandomCropDataset(args.dataroot, crop_size, short_side=round(args.image_size * 1.25), seed=args.seed)
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=np.stack)
 
     if args.component == "vae":
-        model = build_vae(image_size=args.image_size)
+        model = load_vae(args.init) if args.init else build_vae(image_size=args.image_size)
         head = None
     else:
-        model = build_vac(image_size=args.image_size)
+        model = load_vac(args.init) if args.init else build_vac(image_size=args.image_size)
         head = torch.nn.Linear(model.token_dim, args.bins**2)
-    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
+    if args.decoder_only:
+        model.encoder.requires_grad_(False)
+        model.quant_conv.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head is not None else [])
     print(f"{args.component}: {parameter_count(model) / 1e6:.2f}M parameters, {len(data)} frames")
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     sample = rgb_batch_to_tensors(next(iter(loader)))[0]
 
     def save(overwrite: bool) -> None:
         if args.component == "vae":
-            save_vae(model, args.out, sample, overwrite)
+            save_vae(model, args.out, sample, overwrite, keep_scaling=args.decoder_only)
         else:
             with atomic_path(args.out, overwrite=overwrite, is_dir=True) as temp:
                 save_vac(model, temp)
@@ -103,7 +114,11 @@ def main() -> None:
     while step < args.max_steps and time.time() - start < args.minutes * 60:
         for rgb in loader:
             colour, gray = rgb_batch_to_tensors(rgb)
-            if args.component == "vae":
+            if args.component == "vae" and args.decoder_only:
+                with torch.no_grad():
+                    latents = model.encode(colour).latent_dist.mean
+                loss = F.l1_loss(model.decode(latents).sample, colour)
+            elif args.component == "vae":
                 posterior = model.encode(colour).latent_dist
                 reconstruction = model.decode(posterior.sample()).sample
                 loss = F.l1_loss(reconstruction, colour) + args.kl_weight * posterior.kl().mean()

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from colorizer import CONFIG_NAME, Colorizer, chroma_of, combine
+from colorizer import CONFIG_NAME, Colorizer, combine
 from dataset import LatentDataset
-from modules import build_unet, load_vac, load_vae, parameter_count
-from utils import UserError, atomic_path, run_cli, write_image_rgb
+from modules import build_unet, load_vac, load_vae, parameter_count, spatial_gray
+from utils import UserError, atomic_path, rgb_to_chroma, run_cli, write_image_rgb
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,7 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=Path("unet_model"))
     parser.add_argument("--net-dimension", type=int, default=64, help="width of the UNet's first block")
     parser.add_argument("--batch-size", type=int, default=16, help="global batch (split across processes)")
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup-steps", type=int, default=500)
     parser.add_argument("--max-steps", type=int, default=20000)
     parser.add_argument("--max-minutes", type=float, default=0, help="stop (with a checkpoint) after this long; 0: no limit")
@@ -49,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--val-fraction", type=float, default=0.05, help="videos held out for validation loss")
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--cond-dropout", type=float, default=0.1, help="probability of dropping the VAC tokens")
+    parser.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting; 0: plain MSE")
     parser.add_argument("--prediction-type", default="v_prediction", choices=("epsilon", "v_prediction", "sample"))
     parser.add_argument("--beta-schedule", default="scaled_linear")
     parser.add_argument("--train-timesteps", type=int, default=1000)
@@ -87,8 +88,11 @@ def batch_indices(step: int, batch_size: int, count: int, seed: int) -> np.ndarr
     return order[offset : offset + batch_size]
 
 
-def diffusion_loss(unet, batch: dict, scheduler, cond_dropout: float, downscale: int, generator=None) -> torch.Tensor:
-    from modules import spatial_gray
+def diffusion_loss(unet, batch: dict, scheduler, cond_dropout: float, downscale: int, snr_gamma: float = 0.0,
+                   generator=None) -> torch.Tensor:
+    """The denoising loss of one batch; with snr_gamma > 0, Min-SNR weighting (Hang et al. 2023), which keeps the
+    many easy low-noise timesteps from dominating and converges several times faster."""
+    from diffusers.training_utils import compute_snr
 
     latents, tokens, gray = batch["latents"], batch["tokens"], batch["gray"]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
@@ -106,7 +110,13 @@ def diffusion_loss(unet, batch: dict, scheduler, cond_dropout: float, downscale:
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = latents
-    return F.mse_loss(prediction.float(), target.float())
+    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma > 0:
+        snr = compute_snr(scheduler, timesteps)
+        # min(SNR, gamma) weights the x0 error; divide by what each target's MSE already weighs it with.
+        already = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}
+        per_example = per_example * torch.clamp(snr, max=snr_gamma) / already[scheduler.config.prediction_type]
+    return per_example.mean()
 
 
 def stack(dataset: LatentDataset, indices, device) -> dict:
@@ -118,7 +128,7 @@ def stack(dataset: LatentDataset, indices, device) -> dict:
 def validation_loss(unet, dataset, indices, scheduler, downscale, device, batch_size: int) -> float:
     generator = torch.Generator(device=device).manual_seed(1234)
     losses = [diffusion_loss(unet, stack(dataset, indices[i : i + batch_size], device), scheduler, 0.0, downscale,
-                             generator).item() for i in range(0, min(len(indices), 256), batch_size)]
+                             generator=generator).item() for i in range(0, min(len(indices), 256), batch_size)]
     return float(np.mean(losses))
 
 
@@ -129,7 +139,7 @@ def save_sample_grid(colorizer: Colorizer, dataset, indices, path: Path) -> None
     latents = colorizer.sample_latents(batch["gray"], noise, "ddim", 20, tokens=batch["tokens"])
     predicted, truth = colorizer.decode_rgb(latents), colorizer.decode_rgb(batch["latents"])
     gray = (batch["gray"][:, 0].cpu().numpy() * 255).round().astype(np.uint8)
-    rows = [np.concatenate([np.repeat(g[..., None], 3, 2), combine(g, chroma_of(p)), combine(g, chroma_of(t))], 1)
+    rows = [np.concatenate([np.repeat(g[..., None], 3, 2), combine(g, rgb_to_chroma(p)), combine(g, rgb_to_chroma(t))], 1)
             for g, p, t in zip(gray, predicted, truth)]
     write_image_rgb(path, np.concatenate(rows, 0))
 
@@ -236,7 +246,8 @@ def main() -> None:
         indices = np.array(train_ids)[batch_indices(step, args.batch_size, len(train_ids), args.seed)]
         mine = indices[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
         with accelerator.autocast():
-            loss = diffusion_loss(unet, stack(dataset, mine, accelerator.device), scheduler, args.cond_dropout, downscale)
+            loss = diffusion_loss(unet, stack(dataset, mine, accelerator.device), scheduler, args.cond_dropout, downscale,
+                                  args.snr_gamma)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
 import random
 import re
@@ -152,10 +153,31 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
     return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def gray_to_lightness(gray: np.ndarray) -> np.ndarray:
-    """HxW uint8 gray -> float32 Lab lightness L in [0, 100] of the gray pixel (R = G = B = gray)."""
-    rgb = np.repeat(gray[..., None], 3, axis=2)
-    return rgb_to_lab(rgb)[..., 0]
+# BT.601 full range, as JPEG and OpenCV's RGB2GRAY: Y = 0.299 R + 0.587 G + 0.114 B.
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+CB_SCALE, CR_SCALE = 0.5 / (1 - 0.114), 0.5 / (1 - 0.299)
+
+
+def rgb_to_chroma(image: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 RGB -> HxWx2 float32 (Cb, Cr), BT.601, centred on 0 (gray has zero chroma)."""
+    rgb = image.astype(np.float32)
+    luma = rgb @ LUMA
+    return np.stack([(rgb[..., 2] - luma) * CB_SCALE, (rgb[..., 0] - luma) * CR_SCALE], axis=2)
+
+
+def luma_chroma_to_rgb(luma: np.ndarray, chroma: np.ndarray) -> np.ndarray:
+    """HxW luma + HxWx2 (Cb, Cr) -> HxWx3 uint8 RGB whose luma is `luma` to within rounding.
+
+    Where the colour would leave the RGB cube, its chroma is scaled down rather than the channels clipped:
+    clipping would change the brightness, and the input's brightness is the one thing we know is right."""
+    y = luma.astype(np.float32)[..., None]
+    offsets = np.stack([chroma[..., 1] / CR_SCALE,
+                        -(LUMA[0] * chroma[..., 1] / CR_SCALE + LUMA[2] * chroma[..., 0] / CB_SCALE) / LUMA[1],
+                        chroma[..., 0] / CB_SCALE], axis=2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        room = np.where(offsets > 0, (255.0 - y) / offsets, np.where(offsets < 0, -y / offsets, np.inf))
+    scale = np.clip(room.min(axis=2, keepdims=True), 0.0, 1.0)
+    return np.clip(y + scale * offsets + 0.5, 0, 255).astype(np.uint8)
 
 
 def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
@@ -254,6 +276,72 @@ class VideoWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def has_audio(source: Path) -> bool:
+    import av
+
+    if Path(source).is_dir():
+        return False
+    try:
+        with av.open(str(source)) as container:
+            return bool(container.streams.audio)
+    except av.error.FFmpegError:
+        return False
+
+
+def mux_audio(video_only: Path, audio_source: Path, output: Path) -> None:
+    """Write `output` with the video packets of `video_only` and every audio stream of `audio_source`, both copied
+    unchanged (no re-encoding), so the soundtrack is bit-identical and stays in sync."""
+    import av
+
+    with av.open(str(video_only)) as video_in, av.open(str(audio_source)) as audio_in, \
+            av.open(str(output), mode="w", format="mp4") as out:
+        video_stream = out.add_stream_from_template(video_in.streams.video[0])
+        audio_streams = {s.index: out.add_stream_from_template(s) for s in audio_in.streams.audio}
+        targets = {id(video_in.streams.video[0]): video_stream}
+        targets.update({id(s): audio_streams[s.index] for s in audio_in.streams.audio})
+        # Interleave by time, so the muxer never has to buffer a whole stream.
+        packets = heapq.merge(video_in.demux(video_in.streams.video[0]), audio_in.demux(*audio_in.streams.audio),
+                              key=lambda p: float((p.dts or 0) * p.time_base))
+        for packet in packets:
+            if packet.dts is not None:
+                packet.stream = targets[id(packet.stream)]
+                out.mux(packet)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Motion
+
+
+def warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
+    """image sampled at x + flow(x) (bilinear)."""
+    import cv2
+
+    height, width = flow.shape[:2]
+    grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+    map_x, map_y = grid_x + flow[..., 0], grid_y + flow[..., 1]
+    return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def reliable_flow(prev_gray: np.ndarray, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flow b with gray(x) ~ prev_gray(x + b(x)), and the mask of pixels where it can be trusted.
+
+    Trusted: the forward flow at x + b(x) brings the pixel back (Sundaram et al. 2010, as in Ruder et al. 2016), so
+    occluded and badly matched pixels drop out, and x + b(x) lies inside the frame.
+    """
+    import cv2
+
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    backward = dis.calc(gray, prev_gray, None)
+    forward_there = warp(dis.calc(prev_gray, gray, None), backward)
+    round_trip = np.sum((backward + forward_there) ** 2, axis=2)
+    tolerance = 0.01 * (np.sum(backward**2, axis=2) + np.sum(forward_there**2, axis=2)) + 0.5
+    height, width = gray.shape
+    grid_y, grid_x = np.mgrid[0:height, 0:width]
+    target_x, target_y = grid_x + backward[..., 0], grid_y + backward[..., 1]
+    inside = (target_x >= 0) & (target_x <= width - 1) & (target_y >= 0) & (target_y <= height - 1)
+    return backward, (round_trip <= tolerance) & inside
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,30 +6,36 @@
 
 Each frame is resized to the model's working size (aspect ratio kept), its chroma is sampled by the latent
 diffusion model, upsampled to the input size and recombined with the input's own luminance, so detail and
-resolution are the input's. Frames of one clip share their initial noise, so colours do not flicker from fresh
-noise in every frame. `--sampler ddpm --steps 1000` reproduces the paper's sampling.
+resolution are the input's. Frames of one shot share their initial noise and the previous frame's colours are
+carried along the optical flow, so colours do not flicker; a scene cut starts a new shot.
+`--sampler ddpm --steps 1000 --no-shared-noise --propagation 0` reproduces the paper's sampling.
 """
 
 from __future__ import annotations
 
 import argparse
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from colorizer import SAMPLERS, Colorizer, chroma_of, combine, load_colorizer, prepare_gray
-from utils import (UserError, VideoWriter, atomic_path, choose_device, iter_clip_frames, list_clips, probe_clip,
-                   rgb_to_gray, run_cli, seed_everything, write_image_rgb)
+from colorizer import SAMPLERS, Colorizer, combine, load_colorizer, prepare_gray
+from utils import (UserError, VideoWriter, atomic_path, choose_device, has_audio, iter_clip_frames, list_clips,
+                   mux_audio, probe_clip, rgb_to_chroma,
+                   reliable_flow, rgb_to_gray, run_cli, seed_everything, warp, write_image_rgb)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "unet_model" / "default"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", "--dataroot", dest="input", type=Path, required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", "--dataroot", dest="input", type=Path,
                         help="a video file, a frame folder, or a folder of videos / frame folders")
+    source.add_argument("--demo", action="store_true",
+                        help="make a short grayscale clip from scikit-image's photos and colorize it (no download)")
     parser.add_argument("--output", type=Path, help="an .mp4 file, or a folder (PNG frames); "
                         "default: video_output/<name>_color.mp4")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model folder or training run folder")
@@ -37,6 +43,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per frame")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance on the VAC tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-shared-noise", dest="shared_noise", action="store_false",
+                        help="draw fresh noise for every frame (the paper's behaviour) instead of one per shot")
+    parser.add_argument("--propagation", type=float, default=0.8,
+                        help="weight of the previous output's flow-warped chroma where the flow is reliable; 0: off")
+    parser.add_argument("--no-scene-cuts", dest="scene_cuts", action="store_false",
+                        help="never start a new shot (new noise, no propagation) at a detected cut")
+    parser.add_argument("--cut-threshold", type=float, default=0.35, help="Bhattacharyya distance of gray histograms")
+    parser.add_argument("--upsample", default="guided", choices=("guided", "bilinear"),
+                        help="how chroma is brought to the input size")
     parser.add_argument("--batch-size", type=int, default=8, help="frames denoised together")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -55,18 +70,90 @@ def batched(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray
         yield batch
 
 
+def is_scene_cut(previous_gray: np.ndarray, gray: np.ndarray, threshold: float) -> bool:
+    """A cut changes the whole frame's tone distribution at once; motion inside a shot barely moves it."""
+    import cv2
+
+    histograms = [cv2.calcHist([g], [0], None, [32], [0, 256]) for g in (previous_gray, gray)]
+    return cv2.compareHist(histograms[0], histograms[1], cv2.HISTCMP_BHATTACHARYYA) > threshold
+
+
+def propagate_chroma(previous_gray: np.ndarray, gray: np.ndarray, previous_chroma: np.ndarray,
+                     chroma: np.ndarray, weight: float) -> np.ndarray:
+    """Blend the previous output's chroma, carried along the optical flow, into this frame's prediction where the
+    flow passes the forward-backward check: colours follow the motion instead of being re-drawn every frame."""
+    import cv2
+
+    flow, reliable = reliable_flow(previous_gray, gray)
+    soft = cv2.GaussianBlur(reliable.astype(np.float32), (0, 0), 1.0)[..., None] * weight
+    return soft * warp(previous_chroma, flow) + (1.0 - soft) * chroma
+
+
+def guided_upsample(chroma: np.ndarray, gray: np.ndarray, radius: int = 2, eps: float = 1e-3) -> np.ndarray:
+    """Upsample low-resolution chroma to the input size with a fast guided filter (He & Sun 2015): locally
+    chroma = a * luminance + b, fitted at low resolution and applied to the full-resolution luminance, so colour
+    edges snap to the input's edges instead of bleeding across them as with bilinear upsampling."""
+    import cv2
+
+    height, width = gray.shape
+    small = cv2.resize(gray, (chroma.shape[1], chroma.shape[0]), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+
+    def box(x: np.ndarray) -> np.ndarray:
+        return cv2.boxFilter(x, -1, (2 * radius + 1, 2 * radius + 1))
+
+    mean_i = box(small)
+    var_i = box(small * small) - mean_i**2
+    guide = gray.astype(np.float32) / 255
+    channels = []
+    for c in range(chroma.shape[2]):
+        p = np.ascontiguousarray(chroma[..., c])
+        mean_p = box(p)
+        a = (box(small * p) - mean_i * mean_p) / (var_i + eps)
+        b = mean_p - a * mean_i
+        a, b = (cv2.resize(box(x), (width, height), interpolation=cv2.INTER_LINEAR) for x in (a, b))
+        channels.append(a * guide + b)
+    return np.stack(channels, axis=2)
+
+
 def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: argparse.Namespace,
                     first_frame_shape: tuple[int, int]) -> Iterator[np.ndarray]:
-    """Yield the colorized frames of one clip, streaming in batches of --batch-size."""
+    """Yield the colorized frames of one clip, streaming in batches of --batch-size.
+
+    Temporal consistency, each part switchable for comparison: one initial noise per shot (--no-shared-noise
+    draws fresh noise per frame), flow-guided propagation of the previous output's chroma (--propagation 0 turns
+    it off), and scene-cut detection that starts a new shot (--no-scene-cuts)."""
     height, width = first_frame_shape
     size = colorizer.working_size(height, width)
-    shared_noise = torch.randn(colorizer.latent_shape(height, width), generator=torch.Generator().manual_seed(args.seed))
+    latent_shape = colorizer.latent_shape(height, width)
+    shot, previous_gray, previous_chroma = 0, None, None
+    noise_generator = torch.Generator().manual_seed(args.seed)
+    shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed))
     for batch in batched(frames, args.batch_size):
-        gray = np.stack([rgb_to_gray(frame) for frame in batch])
-        noise = shared_noise.expand(len(batch), -1, -1, -1)
-        latents = colorizer.sample_latents(prepare_gray(gray, size), noise, args.sampler, args.steps, args.guidance)
-        for g, rgb in zip(gray, colorizer.decode_rgb(latents)):
-            yield combine(g, chroma_of(rgb))
+        gray = np.stack([rgb_to_gray(resize_if_needed(frame, height, width)) for frame in batch])
+        small = (prepare_gray(gray, size)[:, 0].numpy() * 255).round().astype(np.uint8)
+        cuts = [previous is not None and args.scene_cuts and is_scene_cut(previous, current, args.cut_threshold)
+                for previous, current in zip([previous_gray, *small[:-1]], small)]
+        noise = []
+        for cut in cuts:
+            if cut:
+                shot += 1
+                shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed + shot))
+            noise.append(shot_noise if args.shared_noise else torch.randn(latent_shape, generator=noise_generator))
+        latents = colorizer.sample_latents(prepare_gray(gray, size), torch.stack(noise), args.sampler, args.steps,
+                                           args.guidance)
+        for g, g_small, rgb, cut in zip(gray, small, colorizer.decode_rgb(latents), cuts):
+            chroma = rgb_to_chroma(rgb)
+            if previous_chroma is not None and not cut and args.propagation > 0:
+                chroma = propagate_chroma(previous_gray, g_small, previous_chroma, chroma, args.propagation)
+            previous_gray, previous_chroma = g_small, chroma
+            yield combine(g, guided_upsample(chroma, g) if args.upsample == "guided" else chroma)
+
+
+def resize_if_needed(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Frame folders may mix sizes; every frame of a clip is brought to the first frame's size."""
+    import cv2
+
+    return frame if frame.shape[:2] == (height, width) else cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def default_output(clip: Path, output: Path | None, several: bool) -> Path:
@@ -86,10 +173,18 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
     with atomic_path(output, overwrite=args.overwrite, is_dir=not as_video) as temp:
         colorized = colorize_frames(colorizer, iter_clip_frames(clip), args, (info.height, info.width))
         if as_video:
-            with VideoWriter(temp, info.width, info.height, info.fps) as writer:
-                for frame in colorized:
-                    writer.write(frame)
-                    written += 1
+            audio = has_audio(clip)
+            video_path = temp.with_name(temp.stem + ".video.mp4") if audio else temp
+            try:
+                with VideoWriter(video_path, info.width, info.height, info.fps) as writer:
+                    for frame in colorized:
+                        writer.write(frame)
+                        written += 1
+                if audio:
+                    mux_audio(video_path, clip, temp)
+            finally:
+                if audio:
+                    video_path.unlink(missing_ok=True)
         else:
             for frame in colorized:
                 write_image_rgb(temp / f"{written:05d}.png", frame)
@@ -97,10 +192,32 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
     return written
 
 
+def make_demo_clip(path: Path, frame_count: int = 48, size: tuple[int, int] = (360, 640)) -> Path:
+    """A grayscale clip with a slow pan and zoom over photos that ship with scikit-image, two shots long."""
+    import cv2
+    from skimage import data
+
+    height, width = size
+    with atomic_path(path, overwrite=True) as temp, VideoWriter(temp, width, height, Fraction(24)) as writer:
+        for photo in (data.coffee(), data.chelsea()):
+            photo_height, photo_width = photo.shape[:2]
+            for i in range(frame_count // 2):
+                zoom = 1.0 - 0.15 * i / (frame_count // 2)
+                crop_h, crop_w = int(photo_height * zoom), int(min(photo_width, photo_height * zoom * width / height))
+                top, left = (photo_height - crop_h) // 2, int((photo_width - crop_w) * i / (frame_count // 2))
+                frame = cv2.resize(photo[top : top + crop_h, left : left + crop_w], (width, height),
+                                   interpolation=cv2.INTER_AREA)
+                writer.write(np.repeat(rgb_to_gray(frame)[..., None], 3, axis=2))
+    return path
+
+
 def main() -> None:
     from tqdm import tqdm
 
     args = parse_args()
+    if args.demo:
+        args.input = make_demo_clip(Path("video_output") / "demo_gray.mp4")
+        print(f"demo input: {args.input}")
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)

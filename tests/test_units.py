@@ -142,13 +142,25 @@ def test_working_size_keeps_aspect_ratio(tiny_components):
     assert colorizer.working_size(1920, 1080)[0] > colorizer.working_size(1920, 1080)[1]
 
 
-def test_combine_keeps_input_lightness():
+@pytest.mark.parametrize("strength", [0.0, 1.0, 4.0])
+def test_combine_keeps_input_luma_even_for_out_of_gamut_chroma(strength):
     from colorizer import combine
-    from utils import gray_to_lightness, rgb_to_gray, rgb_to_lab
+    from utils import rgb_to_chroma, rgb_to_gray
 
     frame = panning_clip(1)[0]
     gray = rgb_to_gray(frame)
-    chroma = np.zeros((9, 12, 2), np.float32)  # no colour: the output must be the input's gray
+    chroma = rgb_to_chroma(frame)[::8, ::8] * strength  # low resolution; x4 leaves the RGB cube
     out = combine(gray, chroma)
     assert out.shape == frame.shape
-    assert np.abs(rgb_to_lab(out)[..., 0] - gray_to_lightness(gray)).max() < 0.5
+    assert np.abs(rgb_to_gray(out).astype(int) - gray).max() <= 1
+    if strength == 0:
+        assert np.array_equal(out, np.repeat(gray[..., None], 3, axis=2))
+    else:
+        assert np.abs(rgb_to_chroma(out)).mean() > 3  # the colour is really there
+
+
+def test_chroma_round_trip_restores_the_frame():
+    from utils import luma_chroma_to_rgb, rgb_to_chroma, rgb_to_gray
+
+    frame = panning_clip(1)[0]
+    assert np.abs(luma_chroma_to_rgb(rgb_to_gray(frame), rgb_to_chroma(frame)).astype(int) - frame).max() <= 2

@@ -1,0 +1,49 @@
+"""Turn a training checkpoint into a self-contained model folder (what `--model` takes, and what ships as
+unet_model/default): the EMA UNet, colorizer.json, and copies of the local VAE and VAC it names. The optimizer and
+training state are left behind.
+
+  python export_model.py --checkpoint unet_model/corpus --out unet_model/default --overwrite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from colorizer import CONFIG_NAME, resolve_component, resolve_model_folder
+from utils import atomic_path, run_cli
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint-<step>/ or a run folder (newest)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    return parser.parse_args()
+
+
+def export(checkpoint: Path, out: Path, overwrite: bool) -> Path:
+    folder = resolve_model_folder(checkpoint)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    with atomic_path(out, overwrite=overwrite, is_dir=True) as temp:
+        shutil.copytree(folder / "unet", temp / "unet")
+        for name in ("vae", "vac"):
+            source = Path(resolve_component(config[name], folder))
+            if source.is_dir():
+                shutil.copytree(source, temp / name)
+                config[name] = name
+        config["exported_from"] = str(folder)
+        (temp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def main() -> None:
+    args = parse_args()
+    source = export(args.checkpoint, args.out, args.overwrite)
+    print(f"exported {source} -> {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
