@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modules import load_vac, load_vae, model_multiple, round_to_multiple, spatial_gray, vae_downscale
+from modules import (first_line, load_vac, load_vae, model_multiple, round_to_multiple, spatial_gray, vac_fingerprint,
+                     vae_downscale, vae_fingerprint)
 from utils import UserError, luma_chroma_to_rgb
 
 CONFIG_NAME = "colorizer.json"
@@ -106,19 +107,28 @@ class Colorizer:
         return image.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def load_colorizer(path: Path, device: torch.device) -> Colorizer:
-    """Everything inference needs comes from the model folder (and the VAE/VAC it names)."""
+def load_colorizer(path: Path, device: torch.device, vae_spec: str | None = None,
+                   vac_spec: str | None = None) -> Colorizer:
+    """Everything inference needs comes from the model folder (and the VAE/VAC it names). `vae_spec` / `vac_spec`
+    replace the components colorizer.json names (say, after moving them); they must be the ones it was trained
+    with, or a UserError says so."""
     from diffusers import UNet2DConditionModel
 
     folder = resolve_model_folder(Path(path))
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
+        missing = [key for key in ("vae", "vac", "image_size", "scheduler") if key not in config]
+        if missing:
+            raise UserError(f"{folder / CONFIG_NAME}: lacks {', '.join(missing)}; re-export the model")
         unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    except (OSError, ValueError, KeyError) as error:
-        raise UserError(f"{folder}: incomplete or corrupt model ({str(error).splitlines()[0]}); re-export it") from None
-    vae = load_vae(resolve_component(config["vae"], folder))
-    vac = load_vac(resolve_component(config["vac"], folder))
+    except UserError:
+        raise
+    except Exception as error:  # json, diffusers, safetensors and torch each raise their own kinds
+        raise UserError(f"{folder}: incomplete or corrupt model ({first_line(error)}); re-export it") from None
+    vae = load_vae(vae_spec or resolve_component(config["vae"], folder))
+    vac = load_vac(vac_spec or resolve_component(config["vac"], folder))
     check_compatible(unet, vae, vac, folder)
+    check_trained_components(config, folder, vae, vac, vae_spec, vac_spec)
     for module in (unet, vae, vac):
         module.to(device).eval().requires_grad_(False)
     return Colorizer(unet, vae, vac, config, device)
@@ -136,6 +146,26 @@ def check_compatible(unet, vae, vac, folder: Path) -> None:
     for name, module in (("unet", unet), ("vae", vae), ("vac", vac)):
         if any(not torch.isfinite(p).all() for p in module.parameters()):
             raise UserError(f"{folder}: the {name} weights contain NaN or inf; use an earlier checkpoint")
+
+
+def check_trained_components(config: dict, folder: Path, vae, vac, vae_spec: str | None = None,
+                             vac_spec: str | None = None) -> None:
+    """The VAE (its latent space) and VAC (its weights) must be those the UNet was trained with. colorizer.json
+    records their fingerprints; for an older model without them, a VAE/VAC given instead of the recorded one is
+    compared with the recorded one when that can still be loaded."""
+    loaders = {"vae": (load_vae, vae_fingerprint), "vac": (load_vac, vac_fingerprint)}
+    for name, module, given in (("vae", vae, vae_spec), ("vac", vac, vac_spec)):
+        load, fingerprint = loaders[name]
+        expected = config.get(f"{name}_fingerprint")
+        if expected is None and given:
+            try:
+                expected = fingerprint(load(resolve_component(config[name], folder)))
+            except UserError:
+                continue  # the recorded one is gone; the shape checks above are all we can do
+        if expected is not None and fingerprint(module) != expected:
+            source = f"--{name} {given}" if given else f"the {name.upper()} at {resolve_component(config[name], folder)}"
+            raise UserError(f"{folder}: was trained with another {name.upper()} than {source} (colorizer.json names "
+                            f"'{config[name]}'); pass the {name.upper()} it was trained with")
 
 
 def prepare_gray(gray_frames: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

@@ -12,6 +12,8 @@ shards, so an interrupted run resumes where it stopped; latent.npz appears only 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from dataset import FrameFolderDataset, FrameRecord, rgb_batch_to_tensors, scan_frame_folders
-from modules import load_vac, load_vae, vae_downscale
-from utils import UserError, atomic_path, choose_device, run_cli
+from modules import (load_vac, load_vae, model_multiple, round_to_multiple, vac_fingerprint, vae_downscale,
+                     vae_fingerprint)
+from utils import UserError, atomic_path, check_writable, choose_device, remove_stale_temporaries, run_cli
 
 
 def parse_args() -> argparse.Namespace:
@@ -36,7 +39,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shard-size", type=int, default=1024, help="frames per resumable shard")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing latent.npz")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing latent.npz, and discard shards "
+                        "an interrupted run left with other settings")
     return parser.parse_args()
 
 
@@ -57,12 +61,15 @@ def extract_shard(dataset: FrameFolderDataset, indices: list[int], vae, vac, dev
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers,
                         collate_fn=lambda items: np.stack([item["rgb"] for item in items]))
     parts: dict[str, list[np.ndarray]] = {}
-    for rgb in loader:
-        views = [rgb, np.ascontiguousarray(rgb[:, :, ::-1])] if flip else [rgb]
-        for view in views:
-            for key, value in extract_batch(view, vae, vac, device).items():
-                parts.setdefault(key, []).append(value)
-        progress.update(len(rgb))
+    try:
+        for rgb in loader:
+            views = [rgb, np.ascontiguousarray(rgb[:, :, ::-1])] if flip else [rgb]
+            for view in views:
+                for key, value in extract_batch(view, vae, vac, device).items():
+                    parts.setdefault(key, []).append(value)
+            progress.update(len(rgb))
+    except UserError as error:  # from a DataLoader worker, the message carries the worker's traceback
+        raise UserError(str(error).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
     records = [dataset.records[i] for i in indices]
     repeat = 2 if flip else 1
     # Batches interleave [frames, mirrored frames]; index arrays follow the same order.
@@ -71,19 +78,64 @@ def extract_shard(dataset: FrameFolderDataset, indices: list[int], vae, vac, dev
     shard = {key: np.concatenate(values) for key, values in parts.items()}
     shard["frame_indices"] = np.array([r.index for r in order], dtype=np.int32)
     shard["video_names"] = np.array([r.video for r in order])
+    for key in ("latents", "tokens"):
+        if not np.isfinite(shard[key]).all():
+            bad = order[int(np.flatnonzero(~np.isfinite(shard[key]).reshape(len(order), -1).all(axis=1))[0])]
+            component = "VAE" if key == "latents" else "VAC"
+            raise UserError(f"{bad.path}: the {component} gives NaN or inf for this frame; check the {component}'s "
+                            f"weights (or its float16 range)")
     return shard
+
+
+def shard_job(records: list[FrameRecord], args: argparse.Namespace, vae_print: str, vac_print: str) -> dict:
+    """What a shard's content depends on, stored in it: a resumed run must not mix shards made otherwise."""
+    import hashlib
+
+    frames = hashlib.sha256("\n".join(f"{r.video}\t{r.index}\t{r.path.name}" for r in records).encode()).hexdigest()[:16]
+    return {"vae": vae_print, "vac": vac_print, "image_size": args.image_size, "flip": args.flip,
+            "batch_size": args.batch_size if args.flip else None, "frames": frames}
+
+
+def check_shard(path: Path, job: dict, overwrite: bool) -> bool:
+    """True if the shard at `path` was made by this same job; a shard from other settings is an error (it is
+    discarded with --overwrite)."""
+    import json
+
+    try:
+        with np.load(path) as shard:
+            stored = json.loads(str(shard["job"])) if "job" in shard.files else {}
+    except Exception as error:  # zip, pickle or json errors of a damaged file
+        stored = {"damaged": str(error)}
+    if stored == job:
+        return True
+    if overwrite:
+        path.unlink()
+        return False
+    names = {"vae": "VAE (--vae)", "vac": "VAC (--vac)", "image_size": "--image-size", "flip": "--flip",
+             "batch_size": "--batch-size", "frames": "set of frames under --dataroot"}
+    changed = [names[key] for key in job if stored.get(key) != job[key]] if "damaged" not in stored else ["damaged"]
+    what = "is damaged" if changed == ["damaged"] else f"was made with another {', '.join(changed)}"
+    raise UserError(f"{path}: {what} by an earlier, interrupted run; repeat that run's options to resume it, or pass "
+                    f"--overwrite to discard its shards")
 
 
 def main() -> None:
     from tqdm import tqdm
 
     args = parse_args()
+    for name in ("image_size", "batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     out_dir = args.data_dir / args.dataset_name
     final = out_dir / "latent.npz"
     if final.exists() and not args.overwrite:
         raise UserError(f"{final}: already exists; pass --overwrite to rebuild it or choose another --dataset-name")
+    check_writable(out_dir, "a --data-dir")
     device = choose_device(args.device)
     vae, vac = load_vae(args.vae).to(device).eval(), load_vac(args.vac).to(device).eval()
+    if args.image_size % model_multiple(vae):
+        raise UserError(f"--image-size {args.image_size}: must be a multiple of {model_multiple(vae)} for this VAE "
+                        f"(its downscale x 4), e.g. {round_to_multiple(args.image_size, model_multiple(vae))}")
     records = []
     for root in args.dataroot:
         # With several roots, the same folder name under two of them must stay two videos.
@@ -91,22 +143,32 @@ def main() -> None:
         records += [FrameRecord(prefix + r.video, r.index, r.path) for r in scan_frame_folders(root)]
     dataset = FrameFolderDataset(records, args.image_size)
     shard_dir = out_dir / "shards"
+    created = [shard_dir, *(folder for folder in shard_dir.parents if not folder.exists())]
     shard_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(shard_dir, "shard-*")  # left by a killed run
+    remove_stale_temporaries(out_dir, "latent")
     shard_ranges = [list(range(start, min(start + args.shard_size, len(records))))
                     for start in range(0, len(records), args.shard_size)]
+    vae_print, vac_print = vae_fingerprint(vae), vac_fingerprint(vac)
+    for extra in sorted(shard_dir.glob("shard-*.npz"))[len(shard_ranges) :]:
+        if not args.overwrite:
+            raise UserError(f"{extra}: an earlier, interrupted run had more frames under --dataroot; repeat its "
+                            f"options to resume it, or pass --overwrite to discard its shards")
+        extra.unlink()
     print(f"{len(records)} frames, {len(shard_ranges)} shards -> {final}")
-    with tqdm(total=len(records), desc="extracting", unit="frame") as progress:
+    with tqdm(total=len(records), desc="extracting", unit="frame") as progress, remove_if_empty(created):
         for number, indices in enumerate(shard_ranges):
             path = shard_dir / f"shard-{number:05d}.npz"
-            if path.exists():
+            job = shard_job([dataset.records[i] for i in indices], args, vae_print, vac_print)
+            if path.exists() and check_shard(path, job, args.overwrite):
                 progress.update(len(indices))
                 continue
             shard = extract_shard(dataset, indices, vae, vac, device, args.batch_size, args.workers, args.flip, progress)
             with atomic_path(path) as temp:
-                np.savez(temp, **shard)
+                np.savez(temp, **shard, job=json.dumps(job))
     merged = merge_shards(sorted(shard_dir.glob("shard-*.npz")), len(shard_ranges))
     merged.update(vae=args.vae, vac=args.vac, image_size=args.image_size, downscale=vae_downscale(vae),
-                  scaling_factor=vae.config.scaling_factor)
+                  scaling_factor=vae.config.scaling_factor, vae_fingerprint=vae_print, vac_fingerprint=vac_print)
     with atomic_path(final, overwrite=args.overwrite) as temp:
         np.savez(temp, **merged)
     for path in shard_dir.glob("shard-*.npz"):
@@ -116,6 +178,18 @@ def main() -> None:
           f"tokens {merged['tokens'].shape[1:]}")
 
 
+@contextlib.contextmanager
+def remove_if_empty(folders: list[Path]):
+    """A run that fails before its first shard leaves no empty folders behind (`folders`: innermost first)."""
+    try:
+        yield
+    except BaseException:
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only succeeds on an empty folder
+        raise
+
+
 def merge_shards(paths: list[Path], expected: int) -> dict[str, np.ndarray]:
     if len(paths) != expected:
         raise UserError(f"{paths[0].parent if paths else 'shards'}: {len(paths)} of {expected} shards; re-run to finish")
@@ -123,7 +197,8 @@ def merge_shards(paths: list[Path], expected: int) -> dict[str, np.ndarray]:
     for path in paths:
         with np.load(path) as shard:
             for key in shard.files:
-                parts.setdefault(key, []).append(shard[key])
+                if key != "job":
+                    parts.setdefault(key, []).append(shard[key])
     merged = {key: np.concatenate(values) for key, values in parts.items()}
     videos, video_ids = np.unique(merged.pop("video_names"), return_inverse=True)
     merged["videos"], merged["video_ids"] = videos, video_ids.astype(np.int32)

@@ -55,8 +55,10 @@ def load_vae(spec: str):
             raise UserError(f"{path}: no config.json; pass a folder written by AutoencoderKL.save_pretrained")
         try:
             return AutoencoderKL.from_pretrained(folder)
-        except (OSError, ValueError, RuntimeError) as error:
-            raise UserError(f"{folder}: cannot load the VAE ({str(error).splitlines()[0]}); re-save it") from None
+        except Exception as error:  # diffusers, safetensors and torch each raise their own kinds
+            raise UserError(f"{folder}: cannot load the VAE ({first_line(error)}); re-save it") from None
+    if path.is_absolute() or spec.startswith((".", "~")) or spec.count("/") > 1:
+        raise UserError(f"{spec}: no such VAE folder; check the path")
     for subfolder in (None, "vae"):
         try:
             return AutoencoderKL.from_pretrained(spec, subfolder=subfolder, local_files_only=True)
@@ -138,9 +140,40 @@ def load_vac(spec: str) -> VAC:
         config = json.loads((folder / VAC_CONFIG).read_text())
         vac = _vac_from_config(config)
         vac.vit.load_state_dict(load_file(str(folder / VAC_WEIGHTS)))
-    except (OSError, ValueError, RuntimeError, TypeError) as error:
-        raise UserError(f"{folder}: cannot load the VAC ({str(error).splitlines()[0]}); re-save it") from None
+    except Exception as error:  # json, torchvision, safetensors (SafetensorError) and torch each raise their own
+        raise UserError(f"{folder}: cannot load the VAC ({first_line(error)}); re-save it") from None
     return vac
+
+
+def first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _fingerprint(tensors: dict[str, torch.Tensor], extra: str = "") -> str:
+    """A short hash of named tensors: names, shapes and a strided sample of each tensor's values rounded to
+    float16 (so a float16 copy of the same weights matches)."""
+    import hashlib
+
+    digest = hashlib.sha256(extra.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().flatten()
+        sample = tensor[:: max(1, tensor.numel() // 512)].float().cpu().half().numpy()
+        digest.update(f"{name}{tuple(tensors[name].shape)}".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def vae_fingerprint(vae) -> str:
+    """Identifies the VAE's latent space: its encoder, quant_conv and scaling factor. A VAE whose decoder alone was
+    fine-tuned (pretrain_components.py --decoder-only) keeps the fingerprint, as cached latents stay valid for it."""
+    tensors = {name: value for name, value in vae.state_dict().items() if name.startswith(("encoder.", "quant_conv."))}
+    return _fingerprint(tensors, f"scaling_factor={float(vae.config.scaling_factor):.6g}")
+
+
+def vac_fingerprint(vac: "VAC") -> str:
+    """Identifies the VAC's tokens: every weight of its ViT."""
+    return _fingerprint(dict(vac.vit.state_dict()))
 
 
 def _load_torchvision_vac(name: str) -> VAC:

@@ -25,16 +25,35 @@ class UserError(Exception):
     """A problem with the user's input: reported as one line, never as a traceback."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that `finally` blocks (temporary files) run on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's main(), turning UserError (and Ctrl-C) into a one-line message and a non-zero exit."""
+    """Run a script's main(), turning UserError into a one-line message and exit code 2, and Ctrl-C or SIGTERM
+    into exit code 128 + the signal number (temporary outputs are removed on the way out)."""
+    import signal
+
+    with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
+        signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         main()
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as error:
+        signum = getattr(error, "signum", signal.SIGINT)
+        print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -90,10 +109,7 @@ def atomic_path(final: Path, overwrite: bool = False, is_dir: bool = False) -> I
     try:
         yield temp
         if final.exists():
-            if final.is_dir() and not final.is_symlink():
-                shutil.rmtree(final)
-            else:
-                final.unlink()
+            discard(final)
         os.replace(temp, final)
     finally:
         if temp.is_dir():
@@ -102,17 +118,97 @@ def atomic_path(final: Path, overwrite: bool = False, is_dir: bool = False) -> I
             temp.unlink()
 
 
+def discard(path: Path) -> None:
+    """Delete a file or folder so that an interruption never leaves half of it: folders are renamed away first."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def remove_stale_temporaries(folder: Path, name: str) -> None:
+    """Remove what atomic_path / discard left beside `folder/name` when a run was killed (kill -9, power loss)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for stale in folder.glob(f".{name}.*"):
+            if stale.name.endswith((".tmp", ".old")) or ".tmp." in stale.name:
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def check_writable(folder: Path, what: str = "an output folder") -> None:
+    """Fail before any long work if `folder` cannot be created or written (it is not created here)."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{folder}: cannot be created because {existing} is a file; choose {what} elsewhere")
+    try:
+        handle, name = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as error:
+        raise UserError(f"{folder}: cannot write in {existing} ({error.strerror or error}); choose {what} that is "
+                        f"writable or fix its permissions") from None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Images
 
 
+JPEG_DAMAGE = ("Corrupt JPEG data", "Premature end of JPEG file")  # libjpeg's warnings about a damaged file
+
+
+@contextlib.contextmanager
+def captured_native_stderr() -> Iterator[list[str]]:
+    """Collect what native libraries (libjpeg, libpng) print on file descriptor 2 inside the block; the text is
+    in the yielded list's first item afterwards."""
+    captured: list[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        captured.append("")
+        yield captured
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield captured
+            finally:
+                os.dup2(saved, 2)
+                sink.seek(0)
+                captured.append(sink.read().decode(errors="replace"))
+    finally:
+        os.close(saved)
+
+
 def read_image_rgb(path: Path) -> np.ndarray:
-    """Read an image as HxWx3 uint8 RGB, whatever its channels (gray, RGBA) or depth (8 or 16 bit)."""
+    """Read an image as HxWx3 uint8 RGB, whatever its channels (gray, RGBA) or depth (8 or 16 bit).
+
+    A damaged file is an error naming it: libjpeg decodes a truncated or corrupt JPEG into a half-gray picture with
+    only a warning on stderr, so those warnings are caught and turned into the error."""
     import cv2
 
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None or image.size == 0:
-        raise UserError(f"{path}: cannot be decoded as an image; replace or remove the file")
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise UserError(f"{path}: cannot be read ({error.strerror or error}); check the file") from None
+    with captured_native_stderr() as messages:
+        try:
+            image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        except cv2.error:
+            image = None
+    lines = [line.strip() for line in messages[0].splitlines() if line.strip()]
+    damage = [line for line in lines if line.startswith(JPEG_DAMAGE)]
+    if image is None or image.size == 0 or damage:
+        reason = f" ({(damage or lines)[0]})" if lines else ""
+        raise UserError(f"{path}: cannot be decoded as an image{reason}; replace or remove the file")
+    sys.stderr.write(messages[0])  # harmless library warnings stay visible
     if image.dtype == np.uint16:
         image = (image.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
     elif image.dtype != np.uint8:
@@ -226,13 +322,24 @@ def probe_clip(source: Path) -> VideoInfo:
             stream = container.streams.video[0]
             fps = stream.average_rate or stream.guessed_rate or Fraction(25)
             count = stream.frames or sum(1 for _ in container.decode(video=0))
-            return VideoInfo(stream.codec_context.width, stream.codec_context.height, Fraction(fps), count)
+            width, height = stream.codec_context.width, stream.codec_context.height
     except av.error.FFmpegError as error:
-        raise UserError(f"{source}: cannot be read as a video ({error}); re-encode or replace it") from None
+        raise UserError(f"{source}: cannot be read as a video ({av_reason(error)}); re-encode or replace it") from None
+    if not width or not height:
+        raise UserError(f"{source}: its video stream has no frame size; re-encode or replace it")
+    return VideoInfo(width, height, Fraction(fps), count)
+
+
+def av_reason(error: Exception) -> str:
+    """FFmpeg's message without the errno and the path (the caller names the file)."""
+    return getattr(error, "strerror", None) or str(error)
 
 
 def iter_clip_frames(source: Path) -> Iterator[np.ndarray]:
-    """Yield the frames of a video file or frame folder as HxWx3 uint8 RGB, one at a time (bounded memory)."""
+    """Yield the frames of a video file or frame folder as HxWx3 uint8 RGB, one at a time (bounded memory).
+
+    Damaged input is an error, never a shorter clip: an undecodable image or video packet, or a video that ends
+    before the frame count in its header (a truncated download), raises UserError naming the file and frame."""
     source = Path(source)
     if source.is_dir():
         for path in list_frames(source):
@@ -240,12 +347,21 @@ def iter_clip_frames(source: Path) -> Iterator[np.ndarray]:
         return
     import av
 
+    count = declared = 0
     try:
         with av.open(str(source)) as container:
+            if not container.streams.video:
+                raise UserError(f"{source}: has no video stream; pass a video file")
+            declared = container.streams.video[0].frames
             for frame in container.decode(video=0):
                 yield frame.to_ndarray(format="rgb24")
+                count += 1
     except av.error.FFmpegError as error:
-        raise UserError(f"{source}: cannot be decoded ({error}); re-encode or replace it") from None
+        raise UserError(f"{source}: frame {count} cannot be decoded ({av_reason(error)}); the video is damaged: "
+                        f"re-encode or replace it") from None
+    if count < declared:
+        raise UserError(f"{source}: only {count} of its {declared} frames can be decoded (truncated or damaged); "
+                        f"re-encode or replace it")
 
 
 class VideoWriter:
@@ -265,17 +381,29 @@ class VideoWriter:
         import av
 
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        self.container.mux(self.stream.encode(video_frame))
+        try:
+            self.container.mux(self.stream.encode(video_frame))
+        except av.error.FFmpegError as error:
+            raise UserError(f"{self.container.name}: cannot be written ({av_reason(error)}); check the disk") from None
 
     def close(self) -> None:
-        self.container.mux(self.stream.encode())
-        self.container.close()
+        import av
+
+        try:
+            self.container.mux(self.stream.encode())
+            self.container.close()
+        except av.error.FFmpegError as error:
+            raise UserError(f"{self.container.name}: cannot be written ({av_reason(error)}); check the disk") from None
 
     def __enter__(self) -> "VideoWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the file is being thrown away: close it without masking the error in flight
+            with contextlib.suppress(Exception):
+                self.container.close()
 
 
 def has_audio(source: Path) -> bool:

@@ -22,11 +22,19 @@ import numpy as np
 import torch
 
 from colorizer import SAMPLERS, Colorizer, combine, load_colorizer, prepare_gray
-from utils import (UserError, VideoWriter, atomic_path, choose_device, has_audio, iter_clip_frames, list_clips,
+from utils import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, UserError, VideoWriter, atomic_path, check_writable,
+                   choose_device, has_audio, iter_clip_frames, list_clips,
                    mux_audio, probe_clip, rgb_to_chroma,
                    reliable_flow, rgb_to_gray, run_cli, seed_everything, warp, write_image_rgb)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "unet_model" / "default"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,8 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="an .mp4 file, or a folder (PNG frames); "
                         "default: video_output/<name>_color.mp4")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model folder or training run folder")
+    parser.add_argument("--vae", help="use this VAE instead of the one colorizer.json names (it must be the one the "
+                        "model was trained with, e.g. after moving it)")
+    parser.add_argument("--vac", help="use this VAC instead of the one colorizer.json names (same rule)")
     parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps per frame")
+    parser.add_argument("--steps", type=positive_int, default=20, help="denoising steps per frame")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance on the VAC tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-shared-noise", dest="shared_noise", action="store_false",
@@ -50,9 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-scene-cuts", dest="scene_cuts", action="store_false",
                         help="never start a new shot (new noise, no propagation) at a detected cut")
     parser.add_argument("--cut-threshold", type=float, default=0.35, help="Bhattacharyya distance of gray histograms")
-    parser.add_argument("--upsample", default="guided", choices=("guided", "bilinear"),
-                        help="how chroma is brought to the input size")
-    parser.add_argument("--batch-size", type=int, default=8, help="frames denoised together")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="frames denoised together")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -89,32 +98,6 @@ def propagate_chroma(previous_gray: np.ndarray, gray: np.ndarray, previous_chrom
     return soft * warp(previous_chroma, flow) + (1.0 - soft) * chroma
 
 
-def guided_upsample(chroma: np.ndarray, gray: np.ndarray, radius: int = 2, eps: float = 1e-3) -> np.ndarray:
-    """Upsample low-resolution chroma to the input size with a fast guided filter (He & Sun 2015): locally
-    chroma = a * luminance + b, fitted at low resolution and applied to the full-resolution luminance, so colour
-    edges snap to the input's edges instead of bleeding across them as with bilinear upsampling."""
-    import cv2
-
-    height, width = gray.shape
-    small = cv2.resize(gray, (chroma.shape[1], chroma.shape[0]), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
-
-    def box(x: np.ndarray) -> np.ndarray:
-        return cv2.boxFilter(x, -1, (2 * radius + 1, 2 * radius + 1))
-
-    mean_i = box(small)
-    var_i = box(small * small) - mean_i**2
-    guide = gray.astype(np.float32) / 255
-    channels = []
-    for c in range(chroma.shape[2]):
-        p = np.ascontiguousarray(chroma[..., c])
-        mean_p = box(p)
-        a = (box(small * p) - mean_i * mean_p) / (var_i + eps)
-        b = mean_p - a * mean_i
-        a, b = (cv2.resize(box(x), (width, height), interpolation=cv2.INTER_LINEAR) for x in (a, b))
-        channels.append(a * guide + b)
-    return np.stack(channels, axis=2)
-
-
 def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: argparse.Namespace,
                     first_frame_shape: tuple[int, int]) -> Iterator[np.ndarray]:
     """Yield the colorized frames of one clip, streaming in batches of --batch-size.
@@ -146,7 +129,7 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ar
             if previous_chroma is not None and not cut and args.propagation > 0:
                 chroma = propagate_chroma(previous_gray, g_small, previous_chroma, chroma, args.propagation)
             previous_gray, previous_chroma = g_small, chroma
-            yield combine(g, guided_upsample(chroma, g) if args.upsample == "guided" else chroma)
+            yield combine(g, chroma)
 
 
 def resize_if_needed(frame: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -189,25 +172,58 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
             for frame in colorized:
                 write_image_rgb(temp / f"{written:05d}.png", frame)
                 written += 1
+        if written < info.frame_count:  # inside the block: a short output is thrown away, never kept
+            raise UserError(f"{clip}: only {written} of its {info.frame_count} frames could be read; re-encode or "
+                            f"replace it")
     return written
 
 
-def make_demo_clip(path: Path, frame_count: int = 48, size: tuple[int, int] = (360, 640)) -> Path:
-    """A grayscale clip with a slow pan and zoom over photos that ship with scikit-image, two shots long."""
+def plan_outputs(clips: list[Path], args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    """Each clip with its output, all checked before any work, so a run never stops half-way through a folder on
+    an output problem: the format, an existing output (kept unless --overwrite), two clips writing one output,
+    and a folder that cannot be written."""
+    several = len(clips) > 1 or (args.input.is_dir() and clips[0] != args.input)
+    plan, seen = [], {}
+    for clip in clips:
+        output = default_output(clip, args.output, several)
+        suffix = output.suffix.lower()
+        if suffix in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS and suffix != ".mp4":
+            raise UserError(f"{output}: only .mp4 videos or folders of PNG frames are written; use an .mp4 name or a "
+                            f"folder name")
+        if output.resolve() in seen:
+            raise UserError(f"{output}: both {seen[output.resolve()]} and {clip} would be written there; rename one")
+        seen[output.resolve()] = clip
+        if output.resolve() == clip.resolve():
+            raise UserError(f"{output}: is the input itself; choose another --output")
+        if output.exists() and not args.overwrite:
+            raise UserError(f"{output}: already exists; pass --overwrite to replace it or choose another --output")
+        check_writable(output.parent, "an --output")
+        plan.append((clip, output))
+    return plan
+
+
+def demo_frames(frame_count: int = 48, size: tuple[int, int] = (360, 640)) -> Iterator[np.ndarray]:
+    """Colour frames panning and zooming slowly over two photos that ship with scikit-image (two shots)."""
     import cv2
     from skimage import data
 
     height, width = size
-    with atomic_path(path, overwrite=True) as temp, VideoWriter(temp, width, height, Fraction(24)) as writer:
-        for photo in (data.coffee(), data.chelsea()):
-            photo_height, photo_width = photo.shape[:2]
-            for i in range(frame_count // 2):
-                zoom = 1.0 - 0.15 * i / (frame_count // 2)
-                crop_h, crop_w = int(photo_height * zoom), int(min(photo_width, photo_height * zoom * width / height))
-                top, left = (photo_height - crop_h) // 2, int((photo_width - crop_w) * i / (frame_count // 2))
-                frame = cv2.resize(photo[top : top + crop_h, left : left + crop_w], (width, height),
-                                   interpolation=cv2.INTER_AREA)
-                writer.write(np.repeat(rgb_to_gray(frame)[..., None], 3, axis=2))
+    per_shot = frame_count // 2
+    for photo in (data.coffee(), data.chelsea()):
+        photo_height, photo_width = photo.shape[:2]
+        for i in range(per_shot):
+            zoom = 1.0 - 0.15 * i / per_shot
+            crop_h, crop_w = int(photo_height * zoom), int(min(photo_width, photo_height * zoom * width / height))
+            top, left = (photo_height - crop_h) // 2, int((photo_width - crop_w) * i / per_shot)
+            yield cv2.resize(photo[top : top + crop_h, left : left + crop_w], (width, height), interpolation=cv2.INTER_AREA)
+
+
+def make_demo_clip(path: Path) -> Path:
+    """The demo input: a grayscale version of demo_frames() at 24 fps."""
+    frames = list(demo_frames())
+    with atomic_path(path, overwrite=True) as temp, VideoWriter(temp, frames[0].shape[1], frames[0].shape[0], Fraction(24)) as writer:
+        for frame in frames:
+            writer.write(np.repeat(rgb_to_gray(frame)[..., None], 3, axis=2))
     return path
 
 
@@ -222,13 +238,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     clips = list_clips(args.input)
+    plan = plan_outputs(clips, args)
     device = choose_device(args.device)
     if not args.model.exists():
         raise UserError(f"{args.model}: model folder not found; pass --model unet_model/<run> or restore unet_model/default")
-    colorizer = load_colorizer(args.model, device)
-    several = len(clips) > 1 or (args.input.is_dir() and clips[0] != args.input)
-    for clip in tqdm(clips, desc="clips", disable=len(clips) == 1):
-        output = default_output(clip, args.output, several)
+    colorizer = load_colorizer(args.model, device, args.vae, args.vac)
+    for clip, output in tqdm(plan, desc="clips", disable=len(plan) == 1):
         count = colorize_clip(colorizer, clip, output, args)
         print(f"{clip} -> {output} ({count} frames)")
 

@@ -60,3 +60,24 @@ def gray_video(tmp_path_factory) -> Path:
         for frame in frames:
             writer.write(np.repeat(rgb_to_gray(frame)[..., None], 3, axis=2))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_components, tmp_path_factory) -> Path:
+    """A complete model folder with an untrained tiny UNet: enough to exercise every inference code path."""
+    import json
+    import shutil
+
+    import torch
+    from diffusers import DDPMScheduler
+    from modules import build_unet
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model")
+    build_unet(latent_channels=4, downscale=4, token_dim=32, net_dimension=8, sample_size=8).save_pretrained(folder / "unet")
+    for name in ("vae", "vac"):
+        shutil.copytree(tiny_components[name], folder / name)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", clip_sample=False)
+    config = {"vae": "vae", "vac": "vac", "image_size": 32, "scheduler": dict(scheduler.config)}
+    (folder / "colorizer.json").write_text(json.dumps(config))
+    return folder

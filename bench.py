@@ -1,0 +1,195 @@
+"""Benchmark the whole video_colorization.py pipeline: frames/s, seconds per frame by stage, peak memory, and
+(with a ground truth) quality from evaluate.py. Each setting runs --repeats times; the median is reported.
+
+  python bench.py                                   # our defaults on a 854x480 clip made from scikit-image photos
+  python bench.py --clip ../shared/data/val/sam2__05_default_juggle --frames 32
+  python bench.py --compare                         # + the paper's sampling (DDPM, 1000 steps, independent frames)
+  python bench.py --quick                           # CI: checks it works, not how fast
+
+The clip is colour: it is the ground truth, and its grayscale version is what the colorizer sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from colorizer import load_colorizer
+from utils import UserError, choose_device, iter_clip_frames, rgb_to_gray, run_cli
+from video_colorization import DEFAULT_MODEL, colorize_frames, demo_frames, parse_args as colorization_args
+
+PAPER = ["--sampler", "ddpm", "--steps", "1000", "--no-shared-noise", "--propagation", "0"]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--clip", type=Path, help="colour clip (video or frame folder); default: scikit-image photos")
+    parser.add_argument("--height", type=int, default=480, help="frames are resized to this height (854x480 default)")
+    parser.add_argument("--frames", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compare", action="store_true", help="also run the paper's settings and print the ratio")
+    parser.add_argument("--paper-frames", type=int, default=8, help="frames for the (slow) paper settings")
+    parser.add_argument("--settings", default="", help="extra video_colorization.py flags for our run, quoted")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--quick", action="store_true", help="tiny run for CI: 4 frames, 1 repeat, 2 steps")
+    return parser.parse_args()
+
+
+def load_clip(args: argparse.Namespace) -> list[np.ndarray]:
+    if args.clip is None:
+        frames = list(demo_frames(args.frames, (args.height, round(args.height * 854 / 480))))
+    else:
+        frames = []
+        for frame in iter_clip_frames(args.clip):
+            frames.append(frame)
+            if len(frames) == args.frames:
+                break
+    if not frames:
+        raise UserError(f"{args.clip}: no frames; pass a colour video or frame folder")
+    return [f if f.shape[0] == args.height else resize_to_height(f, args.height) for f in frames]
+
+
+def resize_to_height(frame: np.ndarray, height: int) -> np.ndarray:
+    import cv2
+
+    width = round(frame.shape[1] * height / frame.shape[0])
+    return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+
+
+class StageClock:
+    """Accumulates wall time per stage: module forwards through hooks, the rest through `measure`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def hook(self, module: torch.nn.Module, stage: str) -> None:
+        module.register_forward_pre_hook(lambda *_: self._started.__setitem__(stage, time.perf_counter()))
+        module.register_forward_hook(lambda *_: self.add(stage, time.perf_counter() - self._started[stage]))
+
+    @contextmanager
+    def measure(self, stage: str):
+        start = time.perf_counter()
+        yield
+        self.add(stage, time.perf_counter() - start)
+
+    def timed(self, stage: str, frames: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        iterator = iter(frames)
+        while True:
+            with self.measure(stage):
+                frame = next(iterator, None)
+            if frame is None:
+                return
+            yield frame
+
+
+def run_once(colorizer, clock: StageClock, gray_frames: list[np.ndarray], settings: argparse.Namespace) -> tuple[float, list]:
+    """Colorize the decoded clip; returns the wall time and the output frames."""
+    start = time.perf_counter()
+    outputs = list(clock.timed("colorize (total)", colorize_frames(colorizer, iter(gray_frames), settings,
+                                                                   gray_frames[0].shape[:2])))
+    return time.perf_counter() - start, outputs
+
+
+def time_codec(frames: list[np.ndarray], clock: StageClock, folder: Path) -> None:
+    """Encode the frames to H.264 and decode them again, as the real pipeline does at both ends."""
+    from fractions import Fraction
+
+    from utils import VideoWriter
+
+    path = folder / "bench.mp4"
+    with clock.measure("encode video"), VideoWriter(path, frames[0].shape[1], frames[0].shape[0], Fraction(25)) as writer:
+        for frame in frames:
+            writer.write(frame)
+    with clock.measure("decode video"):
+        count = sum(1 for _ in iter_clip_frames(path))
+    assert count == len(frames)
+
+
+def bench_setting(name: str, flags: list[str], colorizer, color_frames, args) -> dict:
+    import tempfile
+
+    from evaluate import evaluate_clip
+
+    settings = colorization_args(["--input", "unused", *flags])
+    gray_frames = [np.repeat(rgb_to_gray(f)[..., None], 3, axis=2) for f in color_frames]
+    runs = []
+    for _ in range(args.repeats):
+        clock = StageClock()
+        clock.hook(colorizer.unet, "denoise (UNet)")
+        clock.hook(colorizer.vac, "VAC tokens")
+        clock.hook(colorizer.vae.decoder, "VAE decode")
+        seconds, outputs = run_once(colorizer, clock, gray_frames, settings)
+        with tempfile.TemporaryDirectory() as folder:
+            time_codec(outputs, clock, Path(folder))
+        total = seconds + clock.seconds["encode video"] + clock.seconds["decode video"]
+        runs.append({"seconds": total, "stages": clock.seconds})
+        for module in (colorizer.unet, colorizer.vac, colorizer.vae.decoder):
+            module._forward_hooks.clear()
+            module._forward_pre_hooks.clear()
+    median = statistics.median(r["seconds"] for r in runs)
+    stages = {k: statistics.median(r["stages"].get(k, 0.0) for r in runs) / len(color_frames) for k in runs[0]["stages"]}
+    quality = evaluate_clip(iter(outputs), iter(color_frames))
+    return {"setting": name, "flags": " ".join(flags), "frames": len(color_frames), "median_seconds": median,
+            "frames_per_second": len(color_frames) / median, "seconds_per_frame_by_stage": stages,
+            "psnr": quality["psnr"], "ssim": quality["ssim"], "cdc": quality["cdc"], "colorfulness": quality["colorfulness"],
+            "gt_cdc": quality["gt_cdc"], "gt_colorfulness": quality["gt_colorfulness"],
+            "all_runs_seconds": [r["seconds"] for r in runs]}
+
+
+def print_result(result: dict) -> None:
+    print(f"\n== {result['setting']}: {result['flags'] or 'defaults'}")
+    print(f"{result['frames']} frames at {result['median_seconds']:.2f} s (median of {len(result['all_runs_seconds'])}): "
+          f"{result['frames_per_second']:.2f} frames/s")
+    for stage, seconds in sorted(result["seconds_per_frame_by_stage"].items(), key=lambda kv: -kv[1]):
+        print(f"  {stage:<20} {seconds * 1000:8.1f} ms/frame")
+    print(f"  PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.4f}  CDC {result['cdc']:.5f} (GT {result['gt_cdc']:.5f})"
+          f"  colorfulness {result['colorfulness']:.1f} (GT {result['gt_colorfulness']:.1f})")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.quick:
+        args.frames, args.repeats, args.paper_frames = 4, 1, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    colorizer = load_colorizer(args.model, choose_device(args.device))
+    color_frames = load_clip(args)
+    ours = args.settings.split() + (["--steps", "2"] if args.quick else [])
+    results = [bench_setting("ours", ours, colorizer, color_frames, args)]
+    print_result(results[0])
+    if args.compare:
+        paper = PAPER if not args.quick else [*PAPER[:2], "--steps", "3", *PAPER[4:]]
+        subset = color_frames[: args.paper_frames]
+        results.append(bench_setting("paper", paper, colorizer, subset, args))
+        print_result(results[1])
+        # Quality is compared on the same frames: ours again, on the paper run's subset.
+        results.append(bench_setting("ours, paper's frames", ours, colorizer, subset, args))
+        print_result(results[2])
+        per_frame = [r["median_seconds"] / r["frames"] for r in results]
+        print(f"\nspeed-up of ours over the paper's sampling: {per_frame[1] / per_frame[0]:.1f}x per frame; "
+              f"PSNR difference on the same {len(subset)} frames: {results[2]['psnr'] - results[1]['psnr']:+.2f} dB")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak resident memory {peak:.0f} MiB")
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "peak_rss_mib": peak, "argv": sys.argv}, indent=2))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,28 @@
+"""bench.py in its short CI mode: it runs end to end and reports consistent numbers (not how fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_bench_quick_compare_reports_speed_and_quality(tiny_model, tmp_path):
+    report = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(REPO / "bench.py"), "--model", str(tiny_model), "--quick", "--compare",
+                             "--height", "72", "--json", str(report)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "speed-up of ours over the paper's sampling" in result.stdout
+    data = json.loads(report.read_text())
+    ours, paper = data["results"][0], data["results"][1]
+    assert ours["frames"] == 4 and paper["frames"] == 2
+    assert paper["flags"].startswith("--sampler ddpm")
+    for run in (ours, paper):
+        assert abs(run["frames_per_second"] - run["frames"] / run["median_seconds"]) < 1e-9
+        assert run["seconds_per_frame_by_stage"]["denoise (UNet)"] > 0
+        assert 0 < run["psnr"] < 100 and run["gt_colorfulness"] > 0
+    assert data["peak_rss_mib"] > 0
