@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from modules import (first_line, load_vac, load_vae, model_multiple, round_to_multiple, spatial_gray, vac_fingerprint,
-                     vae_downscale, vae_fingerprint)
+                     vae_downscale, vae_fingerprint, vae_output_to_chroma)
 from utils import UserError, luma_chroma_to_rgb
 
 CONFIG_NAME = "colorizer.json"
@@ -100,11 +100,9 @@ class Colorizer:
         return latents
 
     @torch.inference_mode()
-    def decode_rgb(self, latents: torch.Tensor) -> np.ndarray:
-        """Scaled latents -> BxHxWx3 uint8 RGB at the working size."""
-        image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-        image = ((image.clamp(-1, 1) + 1) * 127.5).round().byte()
-        return image.permute(0, 2, 3, 1).cpu().numpy()
+    def decode_chroma(self, latents: torch.Tensor) -> np.ndarray:
+        """Scaled latents -> BxHxWx2 float32 chroma (Cb, Cr) at the working size."""
+        return vae_output_to_chroma(self.vae.decode(latents / self.vae.config.scaling_factor).sample, self.vae)
 
 
 def load_colorizer(path: Path, device: torch.device, vae_spec: str | None = None,

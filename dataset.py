@@ -77,15 +77,14 @@ class RandomCropDataset(Dataset):
         return np.ascontiguousarray(crop[:, ::-1] if self.rng.random() < 0.5 else crop)
 
 
-def rgb_batch_to_tensors(rgb: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """BxHxWx3 uint8 RGB -> (Bx3xHxW colour in [-1, 1], Bx1xHxW grayscale luma in [0, 1])."""
-    rgb = torch.as_tensor(np.asarray(rgb))
-    gray = np.stack([rgb_to_gray(frame) for frame in rgb.numpy()])
-    colour = rgb.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return colour, torch.from_numpy(gray).float().unsqueeze(1) / 255.0
+def gray_batch(rgb: np.ndarray) -> torch.Tensor:
+    """BxHxWx3 uint8 RGB -> Bx1xHxW grayscale luma in [0, 1]."""
+    gray = np.stack([rgb_to_gray(frame) for frame in np.asarray(rgb)])
+    return torch.from_numpy(gray).float().unsqueeze(1) / 255.0
 
 
-LATENT_KEYS = ("latents", "tokens", "gray", "video_ids", "frame_indices")
+LATENT_KEYS = ("latents", "tokens", "gray", "video_ids", "frame_indices", "videos")
+LATENT_META = ("vae", "vac", "image_size", "downscale", "scaling_factor", "vae_fingerprint", "vac_fingerprint")
 
 
 class LatentDataset(Dataset):
@@ -106,9 +105,28 @@ class LatentDataset(Dataset):
                 self.video_ids = data["video_ids"]
                 self.frame_indices = data["frame_indices"]
                 self.videos = [str(v) for v in data["videos"]]
-                self.meta = {k: str(data[k]) for k in ("vae", "vac", "image_size") if k in data.files}
-        except (OSError, ValueError) as error:
+                self.meta = {k: str(data[k]) for k in LATENT_META if k in data.files}
+        except UserError:
+            raise
+        except Exception as error:  # zipfile, zlib and numpy errors of a damaged file
             raise UserError(f"{path}: unreadable ({error}); delete it and re-run feature_extraction.py") from None
+        self.check(path)
+
+    def check(self, path: Path) -> None:
+        """A latent.npz that would train garbage or crash later is an error now."""
+        rerun = "re-run feature_extraction.py with --overwrite"
+        if len(self.latents) == 0:
+            raise UserError(f"{path}: holds no frames; {rerun} on a folder with frames")
+        counts = {len(a) for a in (self.latents, self.tokens, self.gray, self.video_ids, self.frame_indices)}
+        if len(counts) > 1 or self.latents.ndim != 4 or self.tokens.ndim != 3 or self.gray.ndim != 3:
+            raise UserError(f"{path}: its arrays do not fit together (damaged or edited); {rerun}")
+        if len(self.video_ids) and (self.video_ids.min() < 0 or self.video_ids.max() >= len(self.videos)):
+            raise UserError(f"{path}: its video ids do not fit its video list (damaged or edited); {rerun}")
+        for name, array in (("latents", self.latents), ("tokens", self.tokens)):
+            for start in range(0, len(array), 4096):  # in chunks: bounded memory on large corpora
+                if not np.isfinite(array[start : start + 4096]).all():
+                    raise UserError(f"{path}: its {name} contain NaN or inf (a broken VAE or VAC, or float16 "
+                                    f"overflow); {rerun} after checking the components")
 
     def __len__(self) -> int:
         return len(self.latents)

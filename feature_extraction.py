@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from dataset import FrameFolderDataset, FrameRecord, rgb_batch_to_tensors, scan_frame_folders
+from dataset import FrameFolderDataset, FrameRecord, gray_batch, scan_frame_folders
 from modules import (load_vac, load_vae, model_multiple, round_to_multiple, vac_fingerprint, vae_downscale,
-                     vae_fingerprint)
+                     vae_fingerprint, vae_input)
 from utils import UserError, atomic_path, check_writable, choose_device, remove_stale_temporaries, run_cli
 
 
@@ -46,8 +46,8 @@ def parse_args() -> argparse.Namespace:
 
 @torch.inference_mode()
 def extract_batch(rgb: np.ndarray, vae, vac, device: torch.device) -> dict[str, np.ndarray]:
-    colour, gray = rgb_batch_to_tensors(rgb)
-    latents = vae.encode(colour.to(device)).latent_dist.mean * vae.config.scaling_factor
+    gray = gray_batch(rgb)
+    latents = vae.encode(vae_input(rgb, vae).to(device)).latent_dist.mean * vae.config.scaling_factor
     tokens = vac(gray.to(device))
     return {
         "latents": latents.cpu().numpy().astype(np.float16),

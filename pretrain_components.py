@@ -4,7 +4,7 @@ pretrained Stable Diffusion VAE and ImageNet ViT.
   python pretrain_components.py vae --dataroot ../shared/data/train --out unet_model/default/vae --minutes 30
   python pretrain_components.py vac --dataroot ../shared/data/train --out unet_model/default/vac --minutes 30
 
-vae: reconstruction (L1) + a small KL term, as Stable Diffusion's autoencoder; its scaling factor is set so the
+vae: chroma-only (Cb, Cr) reconstruction (L1) + a small KL term, as Stable Diffusion's autoencoder; its scaling factor is set so the
      latents have unit variance.
 --decoder-only --init FOLDER fine-tunes only the VAE decoder, so latents already cached stay valid.
 vac: a colourization pretext: from the grayscale crop, each patch token predicts the quantized mean chroma (Lab
@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from dataset import RandomCropDataset, rgb_batch_to_tensors
-from modules import build_vac, build_vae, load_vac, load_vae, parameter_count, save_vac
-from utils import atomic_path, rgb_to_lab, run_cli, seed_everything
+from dataset import RandomCropDataset, gray_batch
+from modules import build_vac, build_vae, load_vac, load_vae, parameter_count, save_vac, vae_input
+from utils import UserError, atomic_path, check_writable, rgb_to_lab, run_cli, seed_everything
 
-CHROMA_RANGE = 80.0  # Lab a/b beyond +-80 are rare in natural footage; they fall into the outer bins
+LAB_CHROMA_LIMIT = 80.0  # Lab a/b beyond +-80 are rare in natural footage; they fall into the outer bins
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,7 +61,7 @@ def chroma_classes(rgb: np.ndarray, grid: int, bins: int) -> tuple[torch.Tensor,
     whole = lab.mean(axis=(1, 2))
 
     def quantize(ab: np.ndarray) -> torch.Tensor:
-        index = np.clip(((ab + CHROMA_RANGE) / (2 * CHROMA_RANGE) * bins).astype(int), 0, bins - 1)
+        index = np.clip(((ab + LAB_CHROMA_LIMIT) / (2 * LAB_CHROMA_LIMIT) * bins).astype(int), 0, bins - 1)
         return torch.from_numpy(index[..., 0] * bins + index[..., 1]).long()
 
     return quantize(patches), quantize(whole)
@@ -85,8 +85,12 @@ def main() -> None:
         from utils import UserError
 
         raise UserError(f"{args.out}: already exists; pass --overwrite to replace it")
+    check_writable(args.out.parent, "an --out")
     crop_size = args.crop_size if args.component == "vae" and args.crop_size else args.image_size
     data = RandomCropDataset(args.dataroot, crop_size, short_side=round(args.image_size * 1.25), seed=args.seed)
+    if len(data) < args.batch_size:
+        raise UserError(f"{args.dataroot[0]}: {len(data)} frames, fewer than --batch-size {args.batch_size}; add frames "
+                        f"or lower --batch-size")
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=np.stack)
 
     if args.component == "vae":
@@ -101,11 +105,11 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head is not None else [])
     print(f"{args.component}: {parameter_count(model) / 1e6:.2f}M parameters, {len(data)} frames")
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    sample = rgb_batch_to_tensors(next(iter(loader)))[0]
+    first_batch = next(iter(loader))
 
     def save(overwrite: bool) -> None:
         if args.component == "vae":
-            save_vae(model, args.out, sample, overwrite, keep_scaling=args.decoder_only)
+            save_vae(model, args.out, vae_input(first_batch, model), overwrite, keep_scaling=args.decoder_only)
         else:
             with atomic_path(args.out, overwrite=overwrite, is_dir=True) as temp:
                 save_vac(model, temp)
@@ -113,7 +117,8 @@ def main() -> None:
     step, start, losses = 0, time.time(), []
     while step < args.max_steps and time.time() - start < args.minutes * 60:
         for rgb in loader:
-            colour, gray = rgb_batch_to_tensors(rgb)
+            colour = vae_input(rgb, model) if args.component == "vae" else None
+            gray = gray_batch(rgb)
             if args.component == "vae" and args.decoder_only:
                 with torch.no_grad():
                     latents = model.encode(colour).latent_dist.mean

@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -26,8 +27,10 @@ import torch.nn.functional as F
 
 from colorizer import CONFIG_NAME, Colorizer, combine
 from dataset import LatentDataset
-from modules import build_unet, load_vac, load_vae, parameter_count, spatial_gray
-from utils import UserError, atomic_path, rgb_to_chroma, run_cli, write_image_rgb
+from modules import (build_unet, first_line, load_vac, load_vae, parameter_count, spatial_gray, vac_fingerprint,
+                     vae_fingerprint)
+from utils import (Interrupted, UserError, atomic_path, check_writable, discard, remove_stale_temporaries,
+                   run_cli, write_image_rgb)
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dataset-name", help="reads data/<name>/latent.npz")
     parser.add_argument("--data", type=Path, help="path to a latent.npz (instead of --dataset-name)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--vae", help="the VAE that made the latents, if it is no longer where latent.npz says (checked)")
+    parser.add_argument("--vac", help="the VAC that made the tokens, if it is no longer where latent.npz says (checked)")
     parser.add_argument("--run-name", default="run", help="writes unet_model/<run-name>/")
     parser.add_argument("--output-dir", type=Path, default=Path("unet_model"))
     parser.add_argument("--net-dimension", type=int, default=64, help="width of the UNet's first block")
@@ -75,8 +80,81 @@ def copy_local_component(spec: str, run_dir: Path, name: str) -> str:
         return spec
     target = run_dir / name
     if not target.exists():
-        shutil.copytree(source, target)
+        with atomic_path(target, is_dir=True) as temp:  # a killed copy never passes for a complete one
+            shutil.copytree(source, temp, dirs_exist_ok=True)
     return f"../{name}"
+
+
+def check_components(dataset: LatentDataset, data_path: Path, vae, vac, vae_spec: str, vac_spec: str) -> None:
+    """The VAE and VAC must be the ones that made latent.npz: a VAE retrained since (or another one passed with
+    --vae) would decode the latents into garbage, and the UNet would learn from tokens it never sees later."""
+    from modules import vae_downscale
+
+    meta, problems = dataset.meta, {"vae": [], "vac": []}
+    if meta.get("vae_fingerprint", vae_fingerprint(vae)) != vae_fingerprint(vae):
+        problems["vae"].append("other encoder weights or scaling factor")
+    if "scaling_factor" in meta and not math.isclose(float(meta["scaling_factor"]), vae.config.scaling_factor,
+                                                     rel_tol=1e-5):
+        problems["vae"].append(f"scaling factor {float(meta['scaling_factor']):.6g}, not {vae.config.scaling_factor:.6g}")
+    if "downscale" in meta and int(meta["downscale"]) != vae_downscale(vae):
+        problems["vae"].append(f"downscale {meta['downscale']}, not {vae_downscale(vae)}")
+    if dataset.latents.shape[1] != vae.config.latent_channels:
+        problems["vae"].append(f"{dataset.latents.shape[1]} latent channels, not {vae.config.latent_channels}")
+    if meta.get("vac_fingerprint", vac_fingerprint(vac)) != vac_fingerprint(vac):
+        problems["vac"].append("other weights")
+    if tuple(dataset.tokens.shape[1:]) != (vac.token_count, vac.token_dim):
+        problems["vac"].append(f"tokens of {tuple(dataset.tokens.shape[1:])}, not {(vac.token_count, vac.token_dim)}")
+    for name, spec in (("vae", vae_spec), ("vac", vac_spec)):
+        if problems[name]:
+            raise UserError(f"{data_path}: was made with another {name.upper()} than {spec} ({'; '.join(problems[name])}); "
+                            f"pass --{name} with the one that made it, or re-run feature_extraction.py --overwrite "
+                            f"with this one")
+    if dataset.latents.shape[-1] % 4 or dataset.latents.shape[-2] % 4:
+        raise UserError(f"{data_path}: latents of {dataset.latents.shape[-2]}x{dataset.latents.shape[-1]} do not fit the "
+                        f"UNet (multiples of 4 needed); re-run feature_extraction.py --overwrite with another --image-size")
+
+
+def check_resumable(checkpoint: Path, args: argparse.Namespace, fingerprints: dict) -> None:
+    """--resume continues the same model: settings that define it must not change (a mismatch in the optimizer
+    state would fail anyway, a changed noise schedule or VAE would silently train something else)."""
+    try:
+        saved = json.loads((checkpoint / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{checkpoint / CONFIG_NAME}: unreadable ({error}); delete {checkpoint} to resume from the "
+                        f"checkpoint before it") from None
+    scheduler = saved.get("scheduler", {})
+    pairs = [("--net-dimension", saved.get("net_dimension"), args.net_dimension),
+             ("--prediction-type", scheduler.get("prediction_type"), args.prediction_type),
+             ("--beta-schedule", scheduler.get("beta_schedule"), args.beta_schedule),
+             ("--train-timesteps", scheduler.get("num_train_timesteps"), args.train_timesteps),
+             ("VAE", saved.get("vae_fingerprint"), fingerprints["vae_fingerprint"]),
+             ("VAC", saved.get("vac_fingerprint"), fingerprints["vac_fingerprint"])]
+    for name, before, now in pairs:
+        if before is not None and before != now:
+            what = f"{name} {before}" if name.startswith("--") else f"another {name} (its latents are not this data's)"
+            raise UserError(f"{checkpoint}: was trained with {what}; resume with the same, or pass --overwrite to "
+                            f"start the run over")
+    for name, key in (("--seed", "seed"), ("--batch-size", "batch_size")):
+        if saved.get(key) is not None and saved[key] != getattr(args, key):
+            print(f"warning: {checkpoint} was trained with {name} {saved[key]}; the data order will differ from an "
+                  f"uninterrupted run", file=sys.stderr)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past `step`, written after the checkpoint a resumed run starts from (kill -9)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    if len(kept) != len(lines):
+        with atomic_path(path, overwrite=True) as temp:
+            temp.write_text("".join(line + "\n" for line in kept))
 
 
 def batch_indices(step: int, batch_size: int, count: int, seed: int) -> np.ndarray:
@@ -137,9 +215,9 @@ def save_sample_grid(colorizer: Colorizer, dataset, indices, path: Path) -> None
     batch = stack(dataset, indices[:: max(1, len(indices) // 6)][:6], colorizer.device)
     noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(0))
     latents = colorizer.sample_latents(batch["gray"], noise, "ddim", 20, tokens=batch["tokens"])
-    predicted, truth = colorizer.decode_rgb(latents), colorizer.decode_rgb(batch["latents"])
+    predicted, truth = colorizer.decode_chroma(latents), colorizer.decode_chroma(batch["latents"])
     gray = (batch["gray"][:, 0].cpu().numpy() * 255).round().astype(np.uint8)
-    rows = [np.concatenate([np.repeat(g[..., None], 3, 2), combine(g, rgb_to_chroma(p)), combine(g, rgb_to_chroma(t))], 1)
+    rows = [np.concatenate([np.repeat(g[..., None], 3, 2), combine(g, p), combine(g, t)], 1)
             for g, p, t in zip(gray, predicted, truth)]
     write_image_rgb(path, np.concatenate(rows, 0))
 
@@ -153,6 +231,9 @@ def main() -> None:
     from tqdm import tqdm
 
     args = parse_args()
+    for name in ("net_dimension", "batch_size", "max_steps", "checkpoint_every", "keep_checkpoints", "validate_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
@@ -161,17 +242,25 @@ def main() -> None:
     if not args.data and not args.dataset_name:
         raise UserError("no data: pass --dataset-name NAME (data/NAME/latent.npz) or --data PATH")
     dataset = LatentDataset(data_path)
+    vae_spec, vac_spec = args.vae or dataset.meta.get("vae"), args.vac or dataset.meta.get("vac")
+    if not vae_spec or not vac_spec:
+        raise UserError(f"{data_path}: does not name the VAE and VAC that made it; pass --vae and --vac, or re-run "
+                        f"feature_extraction.py --overwrite")
+    vae = load_vae(vae_spec).eval().requires_grad_(False)
+    vac = load_vac(vac_spec).eval().requires_grad_(False)
+    check_components(dataset, data_path, vae, vac, vae_spec, vac_spec)
+    fingerprints = {"vae_fingerprint": vae_fingerprint(vae), "vac_fingerprint": vac_fingerprint(vac)}
     run_dir = args.output_dir / args.run_name
+    check_writable(run_dir, "an --output-dir")
     existing = checkpoints_of(run_dir) if run_dir.exists() else []
     if run_dir.exists() and any(run_dir.iterdir()) and not (args.resume or args.overwrite):
         raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or --overwrite to restart")
     if args.overwrite and accelerator.is_main_process and run_dir.exists():
-        shutil.rmtree(run_dir)
+        discard(run_dir)
     accelerator.wait_for_everyone()
     run_dir.mkdir(parents=True, exist_ok=True)
-
-    vae = load_vae(dataset.meta["vae"]).eval().requires_grad_(False)
-    vac = load_vac(dataset.meta["vac"]).eval().requires_grad_(False)
+    if accelerator.is_main_process:
+        remove_stale_temporaries(run_dir, "checkpoint-*")  # half-written checkpoints of a killed run
     downscale = int(2 ** (len(vae.config.block_out_channels) - 1))
     latent_channels, latent_size = dataset.latents.shape[1], dataset.latents.shape[-1]
     unet = build_unet(latent_channels, downscale, dataset.tokens.shape[-1], args.net_dimension, latent_size)
@@ -186,13 +275,29 @@ def main() -> None:
 
     step = 0
     if args.resume and existing:
-        accelerator.load_state(str(existing[-1] / "state"))
+        check_resumable(existing[-1], args, fingerprints)
+        try:
+            accelerator.load_state(str(existing[-1] / "state"))
+        except Exception as error:  # torch, safetensors and accelerate each raise their own kinds
+            raise UserError(f"{existing[-1]}: cannot be resumed ({first_line(error)}); pass the options it was "
+                            f"trained with, or delete it to resume from the checkpoint before it") from None
         step = int(existing[-1].name.split("-")[1])
         accelerator.print(f"resumed {existing[-1]} at step {step}")
+        if accelerator.is_main_process:
+            for log in ("train_loss.jsonl", "validation.jsonl"):
+                truncate_log(run_dir / log, step)
+    elif args.resume:
+        accelerator.print(f"{run_dir}: no checkpoint to resume from; starting at step 0")
+    if step >= args.max_steps:
+        accelerator.print(f"already at step {step}; pass a larger --max-steps to train on")
+        return
     train_ids, val_ids = dataset.split_by_video(args.val_fraction, args.seed)
     config = {
-        "vae": copy_local_component(dataset.meta["vae"], run_dir, "vae") if accelerator.is_main_process else None,
-        "vac": copy_local_component(dataset.meta["vac"], run_dir, "vac") if accelerator.is_main_process else None,
+        "vae": copy_local_component(vae_spec, run_dir, "vae") if accelerator.is_main_process else None,
+        "vac": copy_local_component(vac_spec, run_dir, "vac") if accelerator.is_main_process else None,
+        **fingerprints,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
         "image_size": int(dataset.meta.get("image_size", 64)),
         "scheduler": dict(scheduler.config),
         "net_dimension": args.net_dimension,
@@ -204,8 +309,18 @@ def main() -> None:
                       f"val items; {accelerator.num_processes} process(es) on {accelerator.device}")
 
     stop_requested = []
+
+    def request_stop(number: int, frame) -> None:
+        """The first Ctrl-C / SIGTERM stops after this step with a checkpoint; a second one stops at once (the
+        newest complete checkpoint is never touched by a checkpoint being written)."""
+        if stop_requested:
+            raise Interrupted(number)
+        stop_requested.append(number)
+        accelerator.print(f"\n{signal.Signals(number).name}: stopping after this step with a checkpoint "
+                          f"(send it again to stop at once)")
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda number, frame: stop_requested.append(number))
+        signal.signal(sig, request_stop)
 
     def save_checkpoint() -> None:
         """checkpoint-<step>/: EMA UNet + colorizer.json (a usable model) and the full training state."""
@@ -214,12 +329,13 @@ def main() -> None:
         if accelerator.is_main_process:
             with atomic_path(final, overwrite=True, is_dir=True) as temp:
                 accelerator.save_state(str(temp / "state"))
-                ema_unet = type(accelerator.unwrap_model(unet)).from_config(accelerator.unwrap_model(unet).config)
+                with torch.random.fork_rng(devices=[]):  # random init would shift the RNG: resume must match
+                    ema_unet = type(accelerator.unwrap_model(unet)).from_config(accelerator.unwrap_model(unet).config)
                 ema.copy_to(ema_unet.parameters())
                 ema_unet.save_pretrained(temp / "unet")
                 (temp / CONFIG_NAME).write_text(json.dumps({**config, "step": step}, indent=2))
             for old in checkpoints_of(run_dir)[: -args.keep_checkpoints]:
-                shutil.rmtree(old)
+                discard(old)
         accelerator.wait_for_everyone()
 
     def validate() -> None:
@@ -256,6 +372,9 @@ def main() -> None:
         ema.step(unet.parameters())
         step += 1
         losses.append(accelerator.gather(loss.detach()).mean().item())
+        if not math.isfinite(losses[-1]):
+            raise UserError(f"{run_dir}: the loss became {losses[-1]} at step {step}; resume from the last checkpoint "
+                            f"with a lower --lr (or --mixed-precision no)")
         progress.update(1)
         if step % 50 == 0:
             progress.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
@@ -268,9 +387,11 @@ def main() -> None:
         if step % args.validate_every == 0 or step == args.max_steps:
             validate()
         if stop_requested or out_of_time:
-            accelerator.print(f"stopped at step {step}; continue with --resume")
+            accelerator.print(f"stopped at step {step} with checkpoint-{step}; continue with --resume")
             break
     progress.close()
+    if stop_requested and step < args.max_steps:
+        sys.exit(128 + stop_requested[0])  # interrupted, not finished: the shell convention for a signal
 
 
 if __name__ == "__main__":

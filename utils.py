@@ -318,7 +318,7 @@ def probe_clip(source: Path) -> VideoInfo:
     try:
         with av.open(str(source)) as container:
             if not container.streams.video:
-                raise UserError(f"{source}: has no video stream; pass a video file")
+                raise UserError(f"{source}: has no video stream (no frames); pass a video with at least one frame")
             stream = container.streams.video[0]
             fps = stream.average_rate or stream.guessed_rate or Fraction(25)
             count = stream.frames or sum(1 for _ in container.decode(video=0))
@@ -349,9 +349,13 @@ def iter_clip_frames(source: Path) -> Iterator[np.ndarray]:
 
     count = declared = 0
     try:
-        with av.open(str(source)) as container:
+        container = av.open(str(source))
+    except av.error.FFmpegError as error:
+        raise UserError(f"{source}: cannot be read as a video ({av_reason(error)}); re-encode or replace it") from None
+    try:
+        with container:
             if not container.streams.video:
-                raise UserError(f"{source}: has no video stream; pass a video file")
+                raise UserError(f"{source}: has no video stream (no frames); pass a video with at least one frame")
             declared = container.streams.video[0].frames
             for frame in container.decode(video=0):
                 yield frame.to_ndarray(format="rgb24")

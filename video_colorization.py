@@ -24,7 +24,7 @@ import torch
 from colorizer import SAMPLERS, Colorizer, combine, load_colorizer, prepare_gray
 from utils import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, UserError, VideoWriter, atomic_path, check_writable,
                    choose_device, has_audio, iter_clip_frames, list_clips,
-                   mux_audio, probe_clip, rgb_to_chroma,
+                   mux_audio, probe_clip,
                    reliable_flow, rgb_to_gray, run_cli, seed_everything, warp, write_image_rgb)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "unet_model" / "default"
@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="make a short grayscale clip from scikit-image's photos and colorize it (no download)")
     parser.add_argument("--output", type=Path, help="an .mp4 file, or a folder (PNG frames); "
                         "default: video_output/<name>_color.mp4")
+    parser.add_argument("--png", action="store_true", help="write lossless PNG frames instead of mp4 when --output "
+                        "names a folder of clips (or is not given)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model folder or training run folder")
     parser.add_argument("--vae", help="use this VAE instead of the one colorizer.json names (it must be the one the "
                         "model was trained with, e.g. after moving it)")
@@ -124,8 +126,7 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ar
             noise.append(shot_noise if args.shared_noise else torch.randn(latent_shape, generator=noise_generator))
         latents = colorizer.sample_latents(prepare_gray(gray, size), torch.stack(noise), args.sampler, args.steps,
                                            args.guidance)
-        for g, g_small, rgb, cut in zip(gray, small, colorizer.decode_rgb(latents), cuts):
-            chroma = rgb_to_chroma(rgb)
+        for g, g_small, chroma, cut in zip(gray, small, colorizer.decode_chroma(latents), cuts):
             if previous_chroma is not None and not cut and args.propagation > 0:
                 chroma = propagate_chroma(previous_gray, g_small, previous_chroma, chroma, args.propagation)
             previous_gray, previous_chroma = g_small, chroma
@@ -139,11 +140,15 @@ def resize_if_needed(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     return frame if frame.shape[:2] == (height, width) else cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
 
 
-def default_output(clip: Path, output: Path | None, several: bool) -> Path:
+def output_path(clip: Path, output: Path | None, several: bool, png: bool) -> Path:
+    """Without --output: video_output/<name>_color.mp4. For a folder of clips, --output is a folder that gets
+    <name>.mp4 (or <name>/ PNG frames with --png): the clip names evaluate.py matches against the ground truth."""
     name = clip.stem if clip.is_file() else clip.name
     if output is None:
-        return Path("video_output") / f"{name}_color.mp4"
-    return output / f"{name}_color.mp4" if several else output
+        return Path("video_output") / (f"{name}_color" if png else f"{name}_color.mp4")
+    if several:
+        return output / (name if png else f"{name}.mp4")
+    return output
 
 
 def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse.Namespace) -> int:
@@ -185,7 +190,7 @@ def plan_outputs(clips: list[Path], args: argparse.Namespace) -> list[tuple[Path
     several = len(clips) > 1 or (args.input.is_dir() and clips[0] != args.input)
     plan, seen = [], {}
     for clip in clips:
-        output = default_output(clip, args.output, several)
+        output = output_path(clip, args.output, several, args.png)
         suffix = output.suffix.lower()
         if suffix in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS and suffix != ".mp4":
             raise UserError(f"{output}: only .mp4 videos or folders of PNG frames are written; use an .mp4 name or a "

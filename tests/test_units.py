@@ -83,9 +83,24 @@ def test_vae_loads_from_folder_and_keeps_scaling_factor(tiny_components):
 
     vae = load_vae(str(tiny_components["vae"]))
     assert vae_downscale(vae) == 4
-    latents = vae.encode(torch.rand(1, 3, 32, 48) * 2 - 1).latent_dist.mean
+    latents = vae.encode(torch.rand(1, 2, 32, 48) * 2 - 1).latent_dist.mean
     assert latents.shape == (1, 4, 8, 12)
     assert vae.config.scaling_factor > 0
+
+
+@pytest.mark.parametrize("channels", [2, 3])
+def test_vae_input_and_output_conventions_round_trip_chroma(channels):
+    """Chroma VAEs (ours) and RGB VAEs (Stable Diffusion's) both map colour frames to [-1, 1] and back to chroma."""
+    from modules import build_vae, vae_input, vae_output_to_chroma
+    from utils import rgb_to_chroma
+
+    vae = build_vae(widths=(8, 16), image_size=16, channels=channels)
+    frames = np.stack(panning_clip(2, (16, 24)))
+    encoded = vae_input(frames, vae)
+    assert encoded.shape == (2, channels, 16, 24) and encoded.abs().max() <= 1
+    chroma = vae_output_to_chroma(encoded, vae)  # decoding a perfect reconstruction
+    truth = np.stack([rgb_to_chroma(f) for f in frames])
+    assert chroma.shape == (2, 16, 24, 2) and np.abs(chroma - truth).max() < 2
 
 
 @pytest.mark.parametrize("loader,spec", [("load_vae", "nobody/no-such-vae-xyz"), ("load_vac", "torchvision:vit_b_32"),

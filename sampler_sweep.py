@@ -1,0 +1,106 @@
+"""Quality versus sampling steps for each sampler, on held-out clips: picks the default sampler and step count.
+
+  python sampler_sweep.py --clips ../shared/data/val --frames 16 --out docs/sampler_sweep.png
+
+Every (sampler, steps) pair colorizes the first --frames frames of each clip (grayscale of the colour frames) with
+the same weights, noise and temporal settings, and is scored with evaluate.py against the colour frames. Writes a
+PNG plot and a JSON table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from colorizer import SAMPLERS, load_colorizer
+from evaluate import evaluate_clip
+from utils import choose_device, iter_clip_frames, list_clips, run_cli
+from video_colorization import DEFAULT_MODEL, colorize_frames, parse_args as colorization_args
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=Path, required=True, help="colour clips (never the training data)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--samplers", nargs="+", default=["ddim", "dpm++", "unipc", "euler"], choices=SAMPLERS)
+    parser.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--frames", type=int, default=16, help="first N frames of each clip")
+    parser.add_argument("--settings", default="", help="extra video_colorization.py flags, quoted")
+    parser.add_argument("--out", type=Path, default=Path("docs") / "sampler_sweep.png")
+    parser.add_argument("--device", default="auto")
+    return parser.parse_args()
+
+
+def first_frames(clip: Path, count: int) -> list[np.ndarray]:
+    frames = []
+    for frame in iter_clip_frames(clip):
+        frames.append(frame)
+        if len(frames) == count:
+            break
+    return frames
+
+
+def score(colorizer, clips: dict[str, list[np.ndarray]], flags: list[str]) -> dict:
+    settings = colorization_args(["--input", "unused", *flags])
+    per_clip, start = [], time.perf_counter()
+    for frames in clips.values():
+        output = list(colorize_frames(colorizer, iter(frames), settings, frames[0].shape[:2]))
+        per_clip.append(evaluate_clip(iter(output), iter(frames)))
+    seconds = time.perf_counter() - start
+    frame_count = sum(len(f) for f in clips.values())
+    keys = ("psnr", "ssim", "cdc", "colorfulness", "gt_cdc", "gt_colorfulness")
+    return {**{k: float(np.mean([r[k] for r in per_clip])) for k in keys}, "seconds_per_frame": seconds / frame_count}
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for sampler in sorted({r["sampler"] for r in results}):
+        rows = [r for r in results if r["sampler"] == sampler]
+        steps = [r["steps"] for r in rows]
+        for axis, key in zip(axes, ("psnr", "colorfulness", "cdc")):
+            axis.plot(steps, [r[key] for r in rows], marker="o", label=sampler)
+    for axis, key, label in zip(axes, ("psnr", "colorfulness", "cdc"), ("PSNR (dB)", "colorfulness", "CDC")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("denoising steps")
+        axis.set_title(label)
+        axis.grid(alpha=0.3)
+    axes[1].axhline(results[0]["gt_colorfulness"], color="gray", linestyle="--", label="ground truth")
+    axes[2].axhline(results[0]["gt_cdc"], color="gray", linestyle="--", label="ground truth")
+    axes[0].legend()
+    axes[1].legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+
+
+def main() -> None:
+    args = parse_args()
+    colorizer = load_colorizer(args.model, choose_device(args.device))
+    clips = {clip.name: first_frames(clip, args.frames) for clip in list_clips(args.clips)}
+    results = []
+    for sampler in args.samplers:
+        for steps in args.steps:
+            flags = ["--sampler", sampler, "--steps", str(steps), *args.settings.split()]
+            result = {"sampler": sampler, "steps": steps, **score(colorizer, clips, flags)}
+            results.append(result)
+            print(f"{sampler:6} {steps:4d} steps: PSNR {result['psnr']:.2f}  SSIM {result['ssim']:.4f}  "
+                  f"CF {result['colorfulness']:.1f}  CDC {result['cdc']:.5f}  {result['seconds_per_frame']:.2f} s/frame",
+                  flush=True)
+    plot(results, args.out)
+    args.out.with_suffix(".json").write_text(json.dumps({"settings": args.settings, "frames": args.frames,
+                                                         "results": results}, indent=2))
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
