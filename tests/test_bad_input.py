@@ -376,6 +376,17 @@ def test_feature_extraction_rejects_bad_input(tmp_path, inputs, frame_root, tiny
         assert files_under(tmp_path) == []
 
 
+def test_feature_extraction_takes_odd_but_valid_frames(tmp_path, inputs, tiny_components):
+    root = tmp_path / "frames"
+    for name in ("tiny", "huge", "gray", "rgba", "rgb16"):
+        shutil.copytree(inputs / name, root / name)
+    result = extract(tmp_path, root, tiny_components)
+    assert result.code == 0, result.stderr[-3000:]
+    with np.load(tmp_path / "data" / "tiny" / "latent.npz") as data:
+        assert data["latents"].shape == (9, 4, 8, 8) and np.isfinite(data["latents"]).all()
+        assert sorted(data["videos"].tolist()) == ["gray", "huge", "rgb16", "rgba", "tiny"]
+
+
 def test_feature_extraction_resumes_only_its_own_shards(tmp_path, frame_root, tiny_components, others, latent_npz,
                                                         monkeypatch):
     import feature_extraction
@@ -430,6 +441,31 @@ def test_feature_extraction_never_leaves_half_a_latent_npz(tmp_path, frame_root,
     assert result.code == 130
     assert files_under(tmp_path / "data" / "tiny") == ["shards", "shards/shard-00000.npz", "shards/shard-00001.npz",
                                                        "shards/shard-00002.npz"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate.py
+
+
+@pytest.mark.parametrize("case", ["corrupt_gt", "truncated_pred", "exists", "unwritable"])
+def test_evaluation_rejects_bad_input(tmp_path, inputs, frame_root, case):
+    pred, gt, out = frame_root / "pan", frame_root / "pan", tmp_path / "eval"
+    if case == "corrupt_gt":
+        gt = inputs / "corrupt_jpeg"
+    elif case == "truncated_pred":
+        pred, gt = inputs / "cut.mp4", inputs / "whole.mp4"
+    elif case == "exists":
+        out.mkdir()
+        (out / "results.json").write_text("keep me")
+    else:
+        out = inputs / "a_file" / "eval"
+    before = files_under(tmp_path)
+    result = run_main("evaluate", "--pred", pred, "--gt", gt, "--out", out, "--max-frames", "40", cwd=tmp_path)
+    says = {"corrupt_gt": "corrupt_jpeg/00005.jpg: cannot be decoded as an image",
+            "truncated_pred": "cut.mp4: only", "exists": "eval: already exists; pass --overwrite",
+            "unwritable": "cannot write there"}[case]
+    assert result.code == 2 and says in result.error
+    assert files_under(tmp_path) == before
 
 
 # ---------------------------------------------------------------------------------------------------------------
