@@ -7,6 +7,9 @@ For every frame (root/<video>/00000.jpg ...; any depth of folders): the VAE late
 mean x the VAE's scaling factor), every last-layer VAC token of the grayscale frame, and the grayscale frame itself
 (the denoiser's spatial condition), all at --image-size (short side resized, centre square). Work is written in
 shards, so an interrupted run resumes where it stopped; latent.npz appears only when complete.
+
+Under `accelerate launch` or torchrun, N processes (GPUs, machines sharing the --data-dir folder) take every Nth
+shard each, and the main process merges them: the same latent.npz as one process makes.
 """
 
 from __future__ import annotations
@@ -131,7 +134,13 @@ def main() -> None:
     if final.exists() and not args.overwrite:
         raise UserError(f"{final}: already exists; pass --overwrite to rebuild it or choose another --dataset-name")
     check_writable(out_dir, "a --data-dir")
-    device = choose_device(args.device)
+    from accelerate import Accelerator
+
+    device = choose_device(args.device)  # checks the flag
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    if accelerator.num_processes > 1:
+        device = accelerator.device  # each process its own device (cuda:<local rank>), or the CPU
+    rank, world, main_process = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     vae, vac = load_vae(args.vae).to(device).eval(), load_vac(args.vac).to(device).eval()
     if args.image_size % model_multiple(vae):
         raise UserError(f"--image-size {args.image_size}: must be a multiple of {model_multiple(vae)} for this VAE "
@@ -143,21 +152,32 @@ def main() -> None:
         records += [FrameRecord(prefix + r.video, r.index, r.path) for r in scan_frame_folders(root)]
     dataset = FrameFolderDataset(records, args.image_size)
     shard_dir = out_dir / "shards"
-    created = [shard_dir, *(folder for folder in shard_dir.parents if not folder.exists())]
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(shard_dir, "shard-*")  # left by a killed run
-    remove_stale_temporaries(out_dir, "latent")
     shard_ranges = [list(range(start, min(start + args.shard_size, len(records))))
                     for start in range(0, len(records), args.shard_size)]
     vae_print, vac_print = vae_fingerprint(vae), vac_fingerprint(vac)
-    for extra in sorted(shard_dir.glob("shard-*.npz"))[len(shard_ranges) :]:
-        if not args.overwrite:
-            raise UserError(f"{extra}: an earlier, interrupted run had more frames under --dataroot; repeat its "
-                            f"options to resume it, or pass --overwrite to discard its shards")
-        extra.unlink()
-    print(f"{len(records)} frames, {len(shard_ranges)} shards -> {final}")
-    with tqdm(total=len(records), desc="extracting", unit="frame") as progress, remove_if_empty(created):
-        for number, indices in enumerate(shard_ranges):
+    extras = sorted(shard_dir.glob("shard-*.npz"))[len(shard_ranges) :]
+    if extras and not args.overwrite:
+        raise UserError(f"{extras[0]}: an earlier, interrupted run had more frames under --dataroot; repeat its "
+                        f"options to resume it, or pass --overwrite to discard its shards")
+    wait_for_all(accelerator)  # every process has looked before the main one changes the folder
+    created = []
+    if main_process:
+        created = [shard_dir, *(folder for folder in shard_dir.parents if not folder.exists())]
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(shard_dir, "shard-*")  # left by a killed run
+        remove_stale_temporaries(out_dir, "latent")
+        for extra in extras:
+            extra.unlink()
+    wait_for_all(accelerator)
+    mine = [number for number in range(len(shard_ranges)) if number % world == rank]  # every Nth shard
+    accelerator.print(f"{len(records)} frames, {len(shard_ranges)} shards, {world} process(es) -> {final}")
+    if world > 1:
+        print(f"process {rank} of {world}: {len(mine)} shard(s), {sum(len(shard_ranges[n]) for n in mine)} frames"
+              + ("; a smaller --shard-size would give it work" if not mine else ""), flush=True)
+    with tqdm(total=sum(len(shard_ranges[n]) for n in mine), desc="extracting", unit="frame",
+              disable=not main_process) as progress, remove_if_empty(created):
+        for number in mine:
+            indices = shard_ranges[number]
             path = shard_dir / f"shard-{number:05d}.npz"
             job = shard_job([dataset.records[i] for i in indices], args, vae_print, vac_print)
             if path.exists() and check_shard(path, job, args.overwrite):
@@ -166,6 +186,9 @@ def main() -> None:
             shard = extract_shard(dataset, indices, vae, vac, device, args.batch_size, args.workers, args.flip, progress)
             with atomic_path(path) as temp:
                 np.savez(temp, **shard, job=json.dumps(job))
+    wait_for_all(accelerator)
+    if not main_process:
+        return  # the main process merges
     merged = merge_shards(sorted(shard_dir.glob("shard-*.npz")), len(shard_ranges))
     merged.update(vae=args.vae, vac=args.vac, image_size=args.image_size, downscale=vae_downscale(vae),
                   scaling_factor=vae.config.scaling_factor, vae_fingerprint=vae_print, vac_fingerprint=vac_print)
@@ -176,6 +199,16 @@ def main() -> None:
     shard_dir.rmdir()
     print(f"wrote {final}: {len(merged['latents'])} items, latents {merged['latents'].shape[1:]}, "
           f"tokens {merged['tokens'].shape[1:]}")
+
+
+def wait_for_all(accelerator) -> None:
+    """A barrier of all processes; if another one failed (its one-line error is printed too), this one ends with
+    a one-line error rather than a traceback. A no-op for a single process."""
+    try:
+        accelerator.wait_for_everyone()
+    except Exception:  # gloo: "Connection closed by peer"; NCCL waits until the launcher ends it
+        raise UserError("another process stopped with an error (see its message); fix that and run again, which "
+                        "resumes from the finished shards") from None
 
 
 @contextlib.contextmanager

@@ -7,7 +7,8 @@ The UNet sees the noisy colour latent concatenated with the unshuffled grayscale
 tokens (dropped with probability --cond-dropout, which enables classifier-free guidance at sampling time). Each
 checkpoint-<step>/ folder is a complete model (EMA weights in unet/, colorizer.json naming the VAE, VAC and noise
 schedule) plus the training state (state/) that --resume continues from. Built on Accelerate: the same script
-runs on CPU, one GPU, or several (`accelerate launch train_diffusion.py ...`).
+runs on CPU, one GPU, or several processes (`accelerate launch train_diffusion.py ...`, or torchrun), which split
+each global batch evenly; N processes follow the same loss curve as one (the random draws are made per global batch).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -50,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float, default=0, help="stop (with a checkpoint) after this long; 0: no limit")
     parser.add_argument("--checkpoint-every", type=int, default=1000)
     parser.add_argument("--keep-checkpoints", type=int, default=2)
+    parser.add_argument("--log-every", type=int, default=50, help="steps per train_loss.jsonl line (their mean loss)")
     parser.add_argument("--validate-every", type=int, default=1000)
     parser.add_argument("--val-fraction", type=float, default=0.05, help="videos held out for validation loss")
     parser.add_argument("--ema-decay", type=float, default=0.999)
@@ -166,18 +169,28 @@ def batch_indices(step: int, batch_size: int, count: int, seed: int) -> np.ndarr
     return order[offset : offset + batch_size]
 
 
+def step_generator(seed: int, step: int, device) -> torch.Generator:
+    """The random draws of global step `step` (noise, timesteps, dropout): like its batch, a function of --seed and
+    the step alone, the same in every process and after --resume (no saved RNG state needed)."""
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+
+
 def diffusion_loss(unet, batch: dict, scheduler, cond_dropout: float, downscale: int, snr_gamma: float = 0.0,
-                   generator=None) -> torch.Tensor:
+                   generator=None, part: tuple[int, int] | None = None) -> torch.Tensor:
     """The denoising loss of one batch; with snr_gamma > 0, Min-SNR weighting (Hang et al. 2023), which keeps the
-    many easy low-noise timesteps from dominating and converges several times faster."""
+    many easy low-noise timesteps from dominating and converges several times faster. part=(start, total): `batch`
+    is rows start.. of a global batch of `total` rows split across processes; the noise, timesteps and dropout are
+    drawn for the whole global batch and sliced, so N processes draw what one process would."""
     from diffusers.training_utils import compute_snr
 
     latents, tokens, gray = batch["latents"], batch["tokens"], batch["gray"]
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator,
-                              device=latents.device)
+    start, total = part or (0, len(latents))
+    rows, device = slice(start, start + len(latents)), latents.device
+    noise = torch.randn((total, *latents.shape[1:]), generator=generator, device=device)[rows]
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (total,), generator=generator,
+                              device=device)[rows]
     if cond_dropout > 0:
-        keep = torch.rand(len(latents), 1, 1, generator=generator, device=latents.device) >= cond_dropout
+        keep = torch.rand(total, 1, 1, generator=generator, device=device)[rows] >= cond_dropout
         tokens = tokens * keep
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(torch.cat([noisy, spatial_gray(gray, downscale)], dim=1), timesteps,
@@ -224,19 +237,28 @@ def save_sample_grid(colorizer: Colorizer, dataset, indices, path: Path) -> None
 
 def main() -> None:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
     from tqdm import tqdm
 
     args = parse_args()
-    for name in ("net_dimension", "batch_size", "max_steps", "checkpoint_every", "keep_checkpoints", "validate_every"):
+    for name in ("net_dimension", "batch_size", "max_steps", "checkpoint_every", "keep_checkpoints", "validate_every",
+                 "log_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    # split_batches: each step's global batch is split across the processes, so the learning-rate schedule steps
+    # once per step (by default Accelerate steps it once per process, and N processes would run through it N times
+    # faster)
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if args.batch_size % accelerator.num_processes:
+        raise UserError(f"--batch-size {args.batch_size}: must be a multiple of the {accelerator.num_processes} "
+                        f"processes, which take equal shares of it; e.g. "
+                        f"{math.ceil(args.batch_size / accelerator.num_processes) * accelerator.num_processes}")
     set_seed(args.seed)
     data_path = args.data or (args.data_dir / (args.dataset_name or "") / "latent.npz")
     if not args.data and not args.dataset_name:
@@ -252,15 +274,16 @@ def main() -> None:
     fingerprints = {"vae_fingerprint": vae_fingerprint(vae), "vac_fingerprint": vac_fingerprint(vac)}
     run_dir = args.output_dir / args.run_name
     check_writable(run_dir, "an --output-dir")
-    existing = checkpoints_of(run_dir) if run_dir.exists() else []
     if run_dir.exists() and any(run_dir.iterdir()) and not (args.resume or args.overwrite):
         raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or --overwrite to restart")
-    if args.overwrite and accelerator.is_main_process and run_dir.exists():
-        discard(run_dir)
-    accelerator.wait_for_everyone()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()  # every process has looked at the run folder before the main one changes it
     if accelerator.is_main_process:
+        if args.overwrite and run_dir.exists():
+            discard(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir, "checkpoint-*")  # half-written checkpoints of a killed run
+    accelerator.wait_for_everyone()
+    existing = checkpoints_of(run_dir)
     downscale = int(2 ** (len(vae.config.block_out_channels) - 1))
     latent_channels, latent_size = dataset.latents.shape[1], dataset.latents.shape[-1]
     unet = build_unet(latent_channels, downscale, dataset.tokens.shape[-1], args.net_dimension, latent_size)
@@ -308,16 +331,21 @@ def main() -> None:
     accelerator.print(f"UNet {parameter_count(unet) / 1e6:.2f}M parameters; {len(train_ids)} train / {len(val_ids)} "
                       f"val items; {accelerator.num_processes} process(es) on {accelerator.device}")
 
-    stop_requested = []
+    stop_requested, launched = [], "TORCHELASTIC_RUN_ID" in os.environ  # torchrun or accelerate launch
 
     def request_stop(number: int, frame) -> None:
         """The first Ctrl-C / SIGTERM stops after this step with a checkpoint; a second one stops at once (the
-        newest complete checkpoint is never touched by a checkpoint being written)."""
+        newest complete checkpoint is never touched by a checkpoint being written). Under a launcher, a Ctrl-C
+        reaches each process twice within milliseconds (from the terminal, then passed on by the launcher): a
+        repeat within 2 s is that one signal."""
         if stop_requested:
+            if launched and time.time() - stop_requested[1] < 2:
+                return
             raise Interrupted(number)
-        stop_requested.append(number)
-        accelerator.print(f"\n{signal.Signals(number).name}: stopping after this step with a checkpoint "
-                          f"(send it again to stop at once)")
+        stop_requested.extend((number, time.time()))
+        who = f"process {accelerator.process_index}: " if accelerator.num_processes > 1 else ""
+        print(f"\n{who}{signal.Signals(number).name}: stopping after this step with a checkpoint (send it again to "
+              f"stop at once)", flush=True)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
@@ -354,16 +382,17 @@ def main() -> None:
             log.write(json.dumps({"step": step, "val_loss": loss}) + "\n")
         accelerator.print(f"step {step}: validation loss {loss:.4f}")
 
-    per_process = math.ceil(args.batch_size / accelerator.num_processes)
-    start, losses = time.time(), []
+    per_process = args.batch_size // accelerator.num_processes
+    part = (accelerator.process_index * per_process, args.batch_size)  # this process's rows of each global batch
+    start, losses, signum = time.time(), [], 0
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_main_process, desc="training")
     unet.train()
     while step < args.max_steps:
         indices = np.array(train_ids)[batch_indices(step, args.batch_size, len(train_ids), args.seed)]
-        mine = indices[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
+        mine = indices[part[0] : part[0] + per_process]
         with accelerator.autocast():
             loss = diffusion_loss(unet, stack(dataset, mine, accelerator.device), scheduler, args.cond_dropout, downscale,
-                                  args.snr_gamma)
+                                  args.snr_gamma, step_generator(args.seed, step, accelerator.device), part)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
@@ -371,27 +400,34 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         ema.step(unet.parameters())
         step += 1
-        losses.append(accelerator.gather(loss.detach()).mean().item())
+        # One collective per step: the loss, and whether any process got a signal or ran out of time, so that
+        # all of them checkpoint and stop together (a process stopping alone would leave the others waiting).
+        out_of_time = bool(args.max_minutes) and time.time() - start > args.max_minutes * 60
+        flags = torch.tensor([stop_requested[0] if stop_requested else 0, out_of_time], device=accelerator.device)
+        shared = accelerator.gather(torch.cat([loss.detach().float().reshape(1), flags.float()])).reshape(-1, 3)
+        losses.append(shared[:, 0].mean().item())
+        signum, out_of_time = int(shared[:, 1].max().item()), bool(shared[:, 2].max().item())
         if not math.isfinite(losses[-1]):
             raise UserError(f"{run_dir}: the loss became {losses[-1]} at step {step}; resume from the last checkpoint "
                             f"with a lower --lr (or --mixed-precision no)")
         progress.update(1)
-        if step % 50 == 0:
-            progress.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if step % args.log_every == 0:
+            progress.set_postfix(loss=f"{np.mean(losses[-args.log_every:]):.4f}")
             if accelerator.is_main_process:
                 with open(run_dir / "train_loss.jsonl", "a") as log:
-                    log.write(json.dumps({"step": step, "loss": float(np.mean(losses[-50:]))}) + "\n")
-        out_of_time = args.max_minutes and time.time() - start > args.max_minutes * 60
-        if stop_requested or out_of_time or step % args.checkpoint_every == 0 or step == args.max_steps:
+                    log.write(json.dumps({"step": step, "loss": float(np.mean(losses[-args.log_every:]))}) + "\n")
+        if signum or out_of_time or step % args.checkpoint_every == 0 or step == args.max_steps:
             save_checkpoint()
         if step % args.validate_every == 0 or step == args.max_steps:
             validate()
-        if stop_requested or out_of_time:
+        if signum or out_of_time:
             accelerator.print(f"stopped at step {step} with checkpoint-{step}; continue with --resume")
             break
     progress.close()
-    if stop_requested and step < args.max_steps:
-        sys.exit(128 + stop_requested[0])  # interrupted, not finished: the shell convention for a signal
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if signum and step < args.max_steps:
+        sys.exit(128 + signum)  # interrupted, not finished: the shell convention for a signal
 
 
 if __name__ == "__main__":

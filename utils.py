@@ -54,6 +54,17 @@ def run_cli(main: Callable[[], None]) -> None:
         signum = getattr(error, "signum", signal.SIGINT)
         print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         sys.exit(128 + signum)
+    finally:
+        end_distributed()
+
+
+def end_distributed() -> None:
+    """Close the process group of a multi-process run (torchrun, accelerate launch) before Python exits: gloo
+    aborts a process that exits with its threads still running ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------------------
