@@ -28,7 +28,7 @@ from colorizer import load_colorizer
 from utils import UserError, choose_device, iter_clip_frames, rgb_to_gray, run_cli
 from video_colorization import DEFAULT_MODEL, colorize_frames, demo_frames, parse_args as colorization_args
 
-PAPER = ["--sampler", "ddpm", "--steps", "1000", "--no-shared-noise", "--propagation", "0"]
+PAPER = ["--sampler", "ddpm", "--steps", "1000", "--guidance", "1", "--no-shared-noise", "--propagation", "0"]
 
 
 def parse_args() -> argparse.Namespace:

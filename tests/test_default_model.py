@@ -1,0 +1,53 @@
+"""The shipped default model (unet_model/default): present, loadable offline, and actually colorizing."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, panning_clip
+
+DEFAULT = REPO / "unet_model" / "default"
+
+
+def test_default_model_is_complete_and_small():
+    for part in ("colorizer.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                 "vac/vac_config.json", "vac/vac.safetensors"):
+        assert (DEFAULT / part).is_file(), f"unet_model/default/{part} is missing"
+    size = sum(p.stat().st_size for p in DEFAULT.rglob("*") if p.is_file())
+    assert size <= 60 * 2**20
+
+
+def test_default_model_colorizes_a_frame_offline(monkeypatch):
+    from colorizer import load_colorizer
+    from utils import rgb_to_chroma, rgb_to_gray
+    from video_colorization import colorize_frames, parse_args
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    colorizer = load_colorizer(DEFAULT, torch.device("cpu"))
+    frames = [np.repeat(rgb_to_gray(f)[..., None], 3, axis=2) for f in panning_clip(2, (96, 128))]
+    args = parse_args(["--input", "unused", "--steps", "4"])
+    output = list(colorize_frames(colorizer, iter(frames), args, (96, 128)))
+    assert len(output) == 2 and output[0].shape == (96, 128, 3)
+    assert np.abs(rgb_to_chroma(output[0])).mean() > 1.0  # really coloured, not gray
+    assert np.abs(rgb_to_gray(output[0]).astype(int) - frames[0][..., 0]).max() <= 1
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_damaged_default_weights_give_a_one_line_error(tmp_path, damage):
+    from colorizer import load_colorizer
+    from utils import UserError
+
+    copy = tmp_path / "default"
+    shutil.copytree(DEFAULT, copy)
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError) as error:
+        load_colorizer(copy, torch.device("cpu"))
+    assert "\n" not in str(error.value) and str(copy) in str(error.value)
