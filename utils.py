@@ -119,6 +119,10 @@ def atomic_path(final: Path, overwrite: bool = False, is_dir: bool = False) -> I
         raise UserError(f"{final.parent}: cannot write there ({error.strerror}); choose a writable output") from None
     try:
         yield temp
+        # mkstemp/mkdtemp create private (0600/0700) paths; the output gets the permissions a plain write would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, (0o777 if temp.is_dir() else 0o666) & ~umask)
         if final.exists():
             discard(final)
         os.replace(temp, final)

@@ -179,3 +179,20 @@ def test_chroma_round_trip_restores_the_frame():
 
     frame = panning_clip(1)[0]
     assert np.abs(luma_chroma_to_rgb(rgb_to_gray(frame), rgb_to_chroma(frame)).astype(int) - frame).max() <= 2
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    import os
+
+    from utils import atomic_path
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "out.txt") as temp:
+            temp.write_text("x")
+        with atomic_path(tmp_path / "frames", is_dir=True) as temp:
+            (temp / "00000.png").write_text("x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "frames").stat().st_mode & 0o777 == 0o755
