@@ -118,7 +118,8 @@ def load_colorizer(path: Path, device: torch.device, vae_spec: str | None = None
         missing = [key for key in ("vae", "vac", "image_size", "scheduler") if key not in config]
         if missing:
             raise UserError(f"{folder / CONFIG_NAME}: lacks {', '.join(missing)}; re-export the model")
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+        # float32 compute, whatever precision the weights are stored in (the shipped model stores fp16)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
     except UserError:
         raise
     except Exception as error:  # json, diffusers, safetensors and torch each raise their own kinds

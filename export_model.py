@@ -1,6 +1,6 @@
 """Turn a training checkpoint into a self-contained model folder (what `--model` takes, and what ships as
 unet_model/default): the EMA UNet, colorizer.json, and copies of the local VAE and VAC it names. The optimizer and
-training state are left behind.
+training state are left behind; the UNet is stored in fp16.
 
   python export_model.py --checkpoint unet_model/corpus --out unet_model/default --overwrite
 """
@@ -25,10 +25,13 @@ def parse_args() -> argparse.Namespace:
 
 
 def export(checkpoint: Path, out: Path, overwrite: bool) -> Path:
+    from diffusers import UNet2DConditionModel
+
     folder = resolve_model_folder(checkpoint)
     config = json.loads((folder / CONFIG_NAME).read_text())
     with atomic_path(out, overwrite=overwrite, is_dir=True) as temp:
-        shutil.copytree(folder / "unet", temp / "unet")
+        # fp16 storage halves the shipped size; load_colorizer computes in float32 whatever the stored precision.
+        UNet2DConditionModel.from_pretrained(folder / "unet").half().save_pretrained(temp / "unet")
         for name in ("vae", "vac"):
             source = Path(resolve_component(config[name], folder))
             if source.is_dir():
