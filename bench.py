@@ -12,6 +12,7 @@ The clip is colour: it is the ground truth, and its grayscale version is what th
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import statistics
@@ -52,11 +53,7 @@ def load_clip(args: argparse.Namespace) -> list[np.ndarray]:
     if args.clip is None:
         frames = list(demo_frames(args.frames, (args.height, round(args.height * 854 / 480))))
     else:
-        frames = []
-        for frame in iter_clip_frames(args.clip):
-            frames.append(frame)
-            if len(frames) == args.frames:
-                break
+        frames = list(itertools.islice(iter_clip_frames(args.clip), args.frames))
     if not frames:
         raise UserError(f"{args.clip}: no frames; pass a colour video or frame folder")
     return [f if f.shape[0] == args.height else resize_to_height(f, args.height) for f in frames]

@@ -10,6 +10,7 @@ PNG plot and a JSON table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -34,15 +35,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("docs") / "sampler_sweep.png")
     parser.add_argument("--device", default="auto")
     return parser.parse_args()
-
-
-def first_frames(clip: Path, count: int) -> list[np.ndarray]:
-    frames = []
-    for frame in iter_clip_frames(clip):
-        frames.append(frame)
-        if len(frames) == count:
-            break
-    return frames
 
 
 def score(colorizer, clips: dict[str, list[np.ndarray]], flags: list[str]) -> dict:
@@ -86,7 +78,7 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> None:
     args = parse_args()
     colorizer = load_colorizer(args.model, choose_device(args.device))
-    clips = {clip.name: first_frames(clip, args.frames) for clip in list_clips(args.clips)}
+    clips = {clip.name: list(itertools.islice(iter_clip_frames(clip), args.frames)) for clip in list_clips(args.clips)}
     results = []
     for sampler in args.samplers:
         for steps in args.steps:
