@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from dataset import RandomCropDataset, gray_batch
 from modules import build_vac, build_vae, load_vac, load_vae, parameter_count, save_vac, vae_input
-from utils import UserError, atomic_path, check_writable, rgb_to_lab, run_cli, seed_everything
+from utils import atomic_path, check_writable, rgb_to_lab, run_cli, seed_everything
 
 LAB_CHROMA_LIMIT = 80.0  # Lab a/b beyond +-80 are rare in natural footage; they fall into the outer bins
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from colorizer import SAMPLERS, load_colorizer
 from evaluate import evaluate_clip
