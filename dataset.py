@@ -39,19 +39,47 @@ def to_model_square(image: np.ndarray, image_size: int) -> np.ndarray:
     return center_crop(resize_short_side(image, image_size), image_size)
 
 
-class FrameFolderDataset(Dataset):
-    """Colour frames (from scan_frame_folders), each as an `image_size` square (short side resized, centre crop)."""
+def random_square_view(image: np.ndarray, image_size: int, rng: np.random.Generator,
+                       min_fraction: float = 0.5) -> np.ndarray:
+    """A random square covering `min_fraction` to all of the short side, anywhere in the frame, mirrored half of the
+    time, resized to `image_size`: new compositions and scales of the same scene, so the denoiser cannot learn a
+    frame's colours by heart."""
+    import cv2
 
-    def __init__(self, records: list[FrameRecord], image_size: int):
+    height, width = image.shape[:2]
+    side = int(round(min(height, width) * rng.uniform(min_fraction, 1.0)))
+    top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
+    crop = image[top : top + side, left : left + side]
+    interpolation = cv2.INTER_AREA if side > image_size else cv2.INTER_CUBIC
+    view = cv2.resize(crop, (image_size, image_size), interpolation=interpolation)
+    return np.ascontiguousarray(view[:, ::-1]) if rng.random() < 0.5 else view
+
+
+class FrameFolderDataset(Dataset):
+    """Colour frames (from scan_frame_folders), each as `views` squares of `image_size`: the centre square (short side
+    resized), or with `random_crops` that many random_square_view crops, drawn from (seed, frame) so a rerun or
+    another process makes the same ones."""
+
+    def __init__(self, records: list[FrameRecord], image_size: int, random_crops: int = 0, seed: int = 0):
         self.records = records
         self.image_size = image_size
+        self.random_crops = random_crops
+        self.seed = seed
+
+    @property
+    def views(self) -> int:
+        return max(1, self.random_crops)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        record = self.records[i]
-        return {"rgb": to_model_square(read_image_rgb(record.path), self.image_size), "index": i}
+        image = read_image_rgb(self.records[i].path)
+        if not self.random_crops:
+            return {"rgb": to_model_square(image, self.image_size)[None], "index": i}
+        rng = np.random.default_rng([self.seed, i])
+        return {"rgb": np.stack([random_square_view(image, self.image_size, rng) for _ in range(self.random_crops)]),
+                "index": i}
 
 
 class RandomCropDataset(Dataset):

@@ -39,6 +39,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vae", default="unet_model/default/vae", help="VAE folder or hub id (e.g. stabilityai/sd-vae-ft-mse)")
     parser.add_argument("--vac", default="unet_model/default/vac", help="VAC folder or torchvision:vit_b_32")
     parser.add_argument("--flip", action="store_true", help="also store each frame mirrored (doubles the data)")
+    parser.add_argument("--random-crops", type=int, default=0,
+                        help="store N random crops of each frame (50-100%% of its short side, randomly mirrored) "
+                        "instead of its centre square: the augmentation that keeps the denoiser from memorizing scenes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random crops")
     parser.add_argument("--shard-size", type=int, default=1024, help="frames per resumable shard")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -66,7 +70,9 @@ def extract_shard(dataset: FrameFolderDataset, indices: list[int], vae, vac, dev
     parts: dict[str, list[np.ndarray]] = {}
     try:
         for rgb in loader:
-            views = [rgb, np.ascontiguousarray(rgb[:, :, ::-1])] if flip else [rgb]
+            views = [rgb[:, v] for v in range(rgb.shape[1])]
+            if flip:
+                views += [np.ascontiguousarray(view[:, :, ::-1]) for view in views]
             for view in views:
                 for key, value in extract_batch(view, vae, vac, device).items():
                     parts.setdefault(key, []).append(value)
@@ -74,8 +80,8 @@ def extract_shard(dataset: FrameFolderDataset, indices: list[int], vae, vac, dev
     except UserError as error:  # from a DataLoader worker, the message carries the worker's traceback
         raise UserError(str(error).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
     records = [dataset.records[i] for i in indices]
-    repeat = 2 if flip else 1
-    # Batches interleave [frames, mirrored frames]; index arrays follow the same order.
+    repeat = dataset.views * (2 if flip else 1)
+    # Batches interleave [view 1 of the frames, view 2, ..., mirrored views]; index arrays follow the same order.
     order = [r for start in range(0, len(records), batch_size) for _ in range(repeat)
              for r in records[start : start + batch_size]]
     shard = {key: np.concatenate(values) for key, values in parts.items()}
@@ -95,8 +101,10 @@ def shard_job(records: list[FrameRecord], args: argparse.Namespace, vae_print: s
     import hashlib
 
     frames = hashlib.sha256("\n".join(f"{r.video}\t{r.index}\t{r.path.name}" for r in records).encode()).hexdigest()[:16]
+    interleaved = args.flip or args.random_crops > 0
     return {"vae": vae_print, "vac": vac_print, "image_size": args.image_size, "flip": args.flip,
-            "batch_size": args.batch_size if args.flip else None, "frames": frames}
+            "random_crops": args.random_crops, "seed": args.seed if args.random_crops else None,
+            "batch_size": args.batch_size if interleaved else None, "frames": frames}
 
 
 def check_shard(path: Path, job: dict, overwrite: bool) -> bool:
@@ -115,6 +123,7 @@ def check_shard(path: Path, job: dict, overwrite: bool) -> bool:
         path.unlink()
         return False
     names = {"vae": "VAE (--vae)", "vac": "VAC (--vac)", "image_size": "--image-size", "flip": "--flip",
+             "random_crops": "--random-crops", "seed": "--seed",
              "batch_size": "--batch-size", "frames": "set of frames under --dataroot"}
     changed = [names[key] for key in job if stored.get(key) != job[key]] if "damaged" not in stored else ["damaged"]
     what = "is damaged" if changed == ["damaged"] else f"was made with another {', '.join(changed)}"
@@ -126,6 +135,8 @@ def main() -> None:
     from tqdm import tqdm
 
     args = parse_args()
+    if args.random_crops < 0:
+        raise UserError(f"--random-crops {args.random_crops}: must be 0 (centre squares) or more")
     for name in ("image_size", "batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
@@ -150,7 +161,7 @@ def main() -> None:
         # With several roots, the same folder name under two of them must stay two videos.
         prefix = f"{root.name}/" if len(args.dataroot) > 1 else ""
         records += [FrameRecord(prefix + r.video, r.index, r.path) for r in scan_frame_folders(root)]
-    dataset = FrameFolderDataset(records, args.image_size)
+    dataset = FrameFolderDataset(records, args.image_size, args.random_crops, args.seed)
     shard_dir = out_dir / "shards"
     shard_ranges = [list(range(start, min(start + args.shard_size, len(records))))
                     for start in range(0, len(records), args.shard_size)]

@@ -236,9 +236,10 @@ def spatial_gray(gray: torch.Tensor, downscale: int) -> torch.Tensor:
     return F.pixel_unshuffle(gray * 2.0 - 1.0, downscale)
 
 
-def build_unet(latent_channels: int, downscale: int, token_dim: int, net_dimension: int = 64, sample_size: int = 16):
+def build_unet(latent_channels: int, downscale: int, token_dim: int, net_dimension: int = 64, sample_size: int = 16,
+               dropout: float = 0.0):
     """UNet2DConditionModel: input = noisy colour latent ++ unshuffled grayscale frame; cross-attention on VAC
-    tokens. `net_dimension` is the width of the first block, as in the paper."""
+    tokens. `net_dimension` is the width of the first block, as in the paper; `dropout` is that of its ResNet blocks."""
     from diffusers import UNet2DConditionModel
 
     width = net_dimension
@@ -253,6 +254,7 @@ def build_unet(latent_channels: int, downscale: int, token_dim: int, net_dimensi
         cross_attention_dim=token_dim,
         attention_head_dim=max(8, width // 4),
         norm_num_groups=min(32, width),
+        dropout=dropout,
     )
 
 

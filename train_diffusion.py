@@ -45,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--run-name", default="run", help="writes unet_model/<run-name>/")
     parser.add_argument("--output-dir", type=Path, default=Path("unet_model"))
     parser.add_argument("--net-dimension", type=int, default=64, help="width of the UNet's first block")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout in the UNet's ResNet blocks (regularizes small corpora)")
     parser.add_argument("--batch-size", type=int, default=16, help="global batch (split across processes)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup-steps", type=int, default=500)
@@ -248,6 +249,8 @@ def main() -> None:
                  "log_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
     if args.threads:
         torch.set_num_threads(args.threads)
     # split_batches: each step's global batch is split across the processes, so the learning-rate schedule steps
@@ -286,7 +289,8 @@ def main() -> None:
     existing = checkpoints_of(run_dir)
     downscale = int(2 ** (len(vae.config.block_out_channels) - 1))
     latent_channels, latent_size = dataset.latents.shape[1], dataset.latents.shape[-1]
-    unet = build_unet(latent_channels, downscale, dataset.tokens.shape[-1], args.net_dimension, latent_size)
+    unet = build_unet(latent_channels, downscale, dataset.tokens.shape[-1], args.net_dimension, latent_size,
+                      args.dropout)
     scheduler = DDPMScheduler(num_train_timesteps=args.train_timesteps, beta_schedule=args.beta_schedule,
                               prediction_type=args.prediction_type, clip_sample=False)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=type(unet), model_config=unet.config)
@@ -324,6 +328,7 @@ def main() -> None:
         "image_size": int(dataset.meta.get("image_size", 64)),
         "scheduler": dict(scheduler.config),
         "net_dimension": args.net_dimension,
+        "dropout": args.dropout,
         "cond_dropout": args.cond_dropout,
         "dataset": str(data_path),
         "train_frames": len(train_ids),

@@ -322,6 +322,14 @@ def test_colorization_output_problems(tmp_path, frame_root, model, inputs, monke
     assert files_under(tmp_path / "stopped") == []
 
 
+@pytest.mark.parametrize("flag, value", [("--saturation", "-1"), ("--propagation", "1.5"), ("--propagation", "-0.1")])
+def test_colorization_rejects_out_of_range_settings(tmp_path, frame_root, model, flag, value):
+    result = run_main("video_colorization", "--input", frame_root / "pan", "--output", tmp_path / "out.mp4",
+                      "--model", model, flag, value, cwd=tmp_path)
+    assert result.code == 2 and f"{flag} {value}" in result.error
+    assert files_under(tmp_path) == []
+
+
 def test_colorization_script_reports_one_line(tmp_path, inputs, model):
     """The real script, as a user runs it: exit code 2, a single line on stderr, no output."""
     result = run_script("video_colorization", "--input", inputs / "corrupt_jpeg",

@@ -26,3 +26,25 @@ def test_bench_quick_compare_reports_speed_and_quality(tiny_model, tmp_path):
         assert run["seconds_per_frame_by_stage"]["denoise (UNet)"] > 0
         assert 0 < run["psnr"] < 100 and run["gt_colorfulness"] > 0
     assert data["peak_rss_mib"] > 0
+
+
+def test_bench_memory_reads_each_runs_own_peak(tiny_model, tmp_path):
+    report = tmp_path / "memory.json"
+    result = subprocess.run([sys.executable, str(REPO / "bench_memory.py"), "--frames", "12", "4", "--height", "48",
+                             "--width", "64", "--settings", f"--model {tiny_model} --steps 1", "--json", str(report)],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(report.read_text())
+    assert [run["frames"] for run in data["results"]] == [4, 12]
+    peaks = [run["peak_rss_mib"] for run in data["results"]]
+    assert all(100 < peak < 8192 for peak in peaks)  # a real process's RSS in MiB, not KiB or bytes
+    assert abs(data["ratio"] - peaks[1] / peaks[0]) < 1e-9
+    assert "peak RSS, 12 vs 4 frames" in result.stdout
+
+
+def test_bench_memory_reports_a_failing_run_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "bench_memory.py"), "--frames", "2", "3", "--height", "48",
+                             "--width", "64", "--settings", f"--model {tmp_path / 'missing'}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "video_colorization.py failed" in result.stderr

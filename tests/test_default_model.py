@@ -51,3 +51,17 @@ def test_damaged_default_weights_give_a_one_line_error(tmp_path, damage):
     with pytest.raises(UserError) as error:
         load_colorizer(copy, torch.device("cpu"))
     assert "\n" not in str(error.value) and str(copy) in str(error.value)
+
+
+def test_default_decoder_leaves_no_corner_blotch():
+    """The shipped VAE's decoder paints a blotch into an image's first pixels; decode_chroma's margin keeps it out."""
+    from colorizer import load_colorizer
+
+    colorizer = load_colorizer(DEFAULT, torch.device("cpu"))
+    latents = torch.zeros((1, *colorizer.latent_shape(64, 112)))
+    chroma = colorizer.decode_chroma(latents)[0]
+    assert chroma.shape == (64, 112, 2)
+    magnitude = np.sqrt((chroma**2).sum(axis=2))
+    assert magnitude[:8, :8].mean() < 2 * np.median(magnitude)
+    plain = colorizer.vae.decode(latents / colorizer.vae.config.scaling_factor).sample  # without the margin
+    assert plain[0, :, :8, :8].abs().mean() > 5 * plain[0, :, 24:40, 40:72].abs().mean()  # the blotch is real

@@ -34,6 +34,13 @@ def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_vid
         assert np.bincount(data["video_ids"]).tolist() in ([12, 8], [8, 12])
     assert not (tmp_path / "data" / "tiny" / "shards").exists()
 
+    run_script("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "crops", "--image-size", "32",
+               "--vae", str(tiny_components["vae"]), "--vac", str(tiny_components["vac"]), "--random-crops", "3",
+               cwd=tmp_path)
+    with np.load(tmp_path / "data" / "crops" / "latent.npz") as data:
+        assert data["latents"].shape == (60, 4, 8, 8) and sorted(np.bincount(data["video_ids"]).tolist()) == [24, 36]
+        assert len({g.tobytes() for g in data["gray"]}) == 60  # three different views of every frame
+
     train = ["train_diffusion.py", "--dataset-name", "tiny", "--run-name", "tiny", "--net-dimension", "8",
              "--batch-size", "4", "--checkpoint-every", "5", "--validate-every", "10", "--warmup-steps", "2"]
     run_script(*train, "--max-steps", "10", cwd=tmp_path)

@@ -135,6 +135,24 @@ def test_scan_frame_folders_keeps_video_and_order(frame_root):
     assert [r.path.name for r in pan][:3] == ["00000.jpg", "00001.jpg", "00002.jpg"]
 
 
+def test_random_crops_are_reproducible_varied_crops_of_the_frame(frame_root):
+    from dataset import FrameFolderDataset, scan_frame_folders
+    from utils import read_image_rgb
+
+    records = scan_frame_folders(frame_root)
+    views = FrameFolderDataset(records, 32, random_crops=6, seed=1)[0]["rgb"]
+    assert views.shape == (6, 32, 32, 3) and views.dtype == np.uint8
+    assert np.array_equal(views, FrameFolderDataset(records, 32, random_crops=6, seed=1)[0]["rgb"])
+    assert not np.array_equal(views, FrameFolderDataset(records, 32, random_crops=6, seed=2)[0]["rgb"])
+    assert len({view.tobytes() for view in views}) == 6
+    # each view shows the frame's own colours, not padding or another frame's
+    frame = read_image_rgb(records[0].path).reshape(-1, 3).astype(float)
+    for view in views:
+        assert np.abs(view.reshape(-1, 3).mean(0) - frame.mean(0)).max() < 60
+    centre = FrameFolderDataset(records, 32)[0]["rgb"]
+    assert centre.shape == (1, 32, 32, 3)
+
+
 def test_batch_indices_cover_each_epoch_once_and_repeat():
     from train_diffusion import batch_indices
 

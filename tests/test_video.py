@@ -113,6 +113,23 @@ def test_shared_noise_and_propagation_each_reduce_flicker(colorizer):
     assert shared < independent and propagated < independent
 
 
+def test_saturation_scales_the_chroma_and_zero_gives_the_gray_input(colorizer):
+    from utils import rgb_to_chroma, rgb_to_gray
+
+    frames = panning_clip(2)
+    plain = [rgb_to_chroma(f) for f in colorize(colorizer, frames, propagation=0.0)]
+    doubled = [rgb_to_chroma(f) for f in colorize(colorizer, frames, propagation=0.0, saturation=2.0)]
+    # where doubled colours stay inside the RGB cube (elsewhere chroma is scaled back in, keeping the luma)
+    luma = rgb_to_gray(frames[0])
+    in_gamut = (luma > 64) & (luma < 192) & (np.abs(plain[0]).max(axis=2) < 8)
+    assert in_gamut.sum() >= 50 and np.abs(plain[0][in_gamut]).mean() > 1.0  # the check below is not vacuous
+    assert np.abs(doubled[0][in_gamut] - 2 * plain[0][in_gamut]).mean() < 1.0
+    assert np.abs(doubled[0]).mean() > 1.3 * np.abs(plain[0]).mean()
+    gray = colorize(colorizer, frames, saturation=0.0)
+    for frame, out in zip(frames, gray):
+        assert np.abs(out.astype(int) - rgb_to_gray(frame)[..., None]).max() <= 1
+
+
 def test_audio_is_copied_and_timing_kept(colorizer, tmp_path):
     import av
     from utils import probe_clip
