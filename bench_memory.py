@@ -22,10 +22,8 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
-
-from utils import UserError, VideoWriter, rgb_to_gray, run_cli
-from video_colorization import demo_frames
+from utils import UserError, run_cli
+from video_colorization import make_demo_clip
 
 REPO = Path(__file__).resolve().parent
 
@@ -38,12 +36,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--settings", default="", help="extra video_colorization.py flags, quoted")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args()
-
-
-def write_gray_clip(path: Path, frame_count: int, height: int, width: int) -> None:
-    with VideoWriter(path, width, height, Fraction(30000, 1001)) as writer:
-        for frame in demo_frames(frame_count, (height, width)):
-            writer.write(np.repeat(rgb_to_gray(frame)[..., None], 3, axis=2))
 
 
 def peak_memory_of_colorization(clip: Path, output: Path, settings: list[str]) -> tuple[float, float]:
@@ -71,7 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for frame_count in sorted(args.frames):
             clip = Path(folder) / f"gray_{frame_count}.mp4"
-            write_gray_clip(clip, frame_count, args.height, args.width)
+            make_demo_clip(clip, frame_count, (args.height, args.width), Fraction(30000, 1001))
             peak, seconds = peak_memory_of_colorization(clip, Path(folder) / f"color_{frame_count}.mp4", settings)
             results.append({"frames": frame_count, "peak_rss_mib": peak, "seconds": seconds})
             print(f"{frame_count:6d} frames: peak RSS {peak:7.1f} MiB, {seconds:6.1f} s ({frame_count / seconds:.2f} "

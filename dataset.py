@@ -58,28 +58,33 @@ def random_square_view(image: np.ndarray, image_size: int, rng: np.random.Genera
 class FrameFolderDataset(Dataset):
     """Colour frames (from scan_frame_folders), each as `views` squares of `image_size`: the centre square (short side
     resized), or with `random_crops` that many random_square_view crops, drawn from (seed, frame) so a rerun or
-    another process makes the same ones."""
+    another process makes the same ones; with `flip`, followed by the same squares mirrored."""
 
-    def __init__(self, records: list[FrameRecord], image_size: int, random_crops: int = 0, seed: int = 0):
+    def __init__(self, records: list[FrameRecord], image_size: int, random_crops: int = 0, seed: int = 0,
+                 flip: bool = False):
         self.records = records
         self.image_size = image_size
         self.random_crops = random_crops
         self.seed = seed
+        self.flip = flip
 
     @property
     def views(self) -> int:
-        return max(1, self.random_crops)
+        return max(1, self.random_crops) * (2 if self.flip else 1)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
         image = read_image_rgb(self.records[i].path)
-        if not self.random_crops:
-            return {"rgb": to_model_square(image, self.image_size)[None], "index": i}
-        rng = np.random.default_rng([self.seed, i])
-        return {"rgb": np.stack([random_square_view(image, self.image_size, rng) for _ in range(self.random_crops)]),
-                "index": i}
+        if self.random_crops:
+            rng = np.random.default_rng([self.seed, i])
+            views = np.stack([random_square_view(image, self.image_size, rng) for _ in range(self.random_crops)])
+        else:
+            views = to_model_square(image, self.image_size)[None]
+        if self.flip:
+            views = np.concatenate([views, views[:, :, ::-1]])
+        return {"rgb": np.ascontiguousarray(views), "index": i}
 
 
 class RandomCropDataset(Dataset):

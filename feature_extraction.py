@@ -64,25 +64,21 @@ def extract_batch(rgb: np.ndarray, vae, vac, device: torch.device) -> dict[str, 
 
 
 def extract_shard(dataset: FrameFolderDataset, indices: list[int], vae, vac, device, batch_size: int,
-                  workers: int, flip: bool, progress) -> dict[str, np.ndarray]:
+                  workers: int, progress) -> dict[str, np.ndarray]:
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers,
                         collate_fn=lambda items: np.stack([item["rgb"] for item in items]))
     parts: dict[str, list[np.ndarray]] = {}
     try:
         for rgb in loader:
-            views = [rgb[:, v] for v in range(rgb.shape[1])]
-            if flip:
-                views += [np.ascontiguousarray(view[:, :, ::-1]) for view in views]
-            for view in views:
+            for view in rgb.transpose(1, 0, 2, 3, 4):  # B x views x H x W x 3 -> one batch per view
                 for key, value in extract_batch(view, vae, vac, device).items():
                     parts.setdefault(key, []).append(value)
             progress.update(len(rgb))
     except UserError as error:  # from a DataLoader worker, the message carries the worker's traceback
         raise UserError(str(error).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
     records = [dataset.records[i] for i in indices]
-    repeat = dataset.views * (2 if flip else 1)
     # Batches interleave [view 1 of the frames, view 2, ..., mirrored views]; index arrays follow the same order.
-    order = [r for start in range(0, len(records), batch_size) for _ in range(repeat)
+    order = [r for start in range(0, len(records), batch_size) for _ in range(dataset.views)
              for r in records[start : start + batch_size]]
     shard = {key: np.concatenate(values) for key, values in parts.items()}
     shard["frame_indices"] = np.array([r.index for r in order], dtype=np.int32)
@@ -161,7 +157,7 @@ def main() -> None:
         # With several roots, the same folder name under two of them must stay two videos.
         prefix = f"{root.name}/" if len(args.dataroot) > 1 else ""
         records += [FrameRecord(prefix + r.video, r.index, r.path) for r in scan_frame_folders(root)]
-    dataset = FrameFolderDataset(records, args.image_size, args.random_crops, args.seed)
+    dataset = FrameFolderDataset(records, args.image_size, args.random_crops, args.seed, args.flip)
     shard_dir = out_dir / "shards"
     shard_ranges = [list(range(start, min(start + args.shard_size, len(records))))
                     for start in range(0, len(records), args.shard_size)]
@@ -194,7 +190,7 @@ def main() -> None:
             if path.exists() and check_shard(path, job, args.overwrite):
                 progress.update(len(indices))
                 continue
-            shard = extract_shard(dataset, indices, vae, vac, device, args.batch_size, args.workers, args.flip, progress)
+            shard = extract_shard(dataset, indices, vae, vac, device, args.batch_size, args.workers, progress)
             with atomic_path(path) as temp:
                 np.savez(temp, **shard, job=json.dumps(job))
     wait_for_all(accelerator)

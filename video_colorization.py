@@ -228,11 +228,12 @@ def demo_frames(frame_count: int = 48, size: tuple[int, int] = (360, 640)) -> It
             yield cv2.resize(photo[top : top + crop_h, left : left + crop_w], (width, height), interpolation=cv2.INTER_AREA)
 
 
-def make_demo_clip(path: Path) -> Path:
-    """The demo input: a grayscale version of demo_frames() at 24 fps."""
-    frames = list(demo_frames())
-    with atomic_path(path, overwrite=True) as temp, VideoWriter(temp, frames[0].shape[1], frames[0].shape[0], Fraction(24)) as writer:
-        for frame in frames:
+def make_demo_clip(path: Path, frame_count: int = 48, size: tuple[int, int] = (360, 640),
+                   fps: Fraction = Fraction(24)) -> Path:
+    """The demo input: a grayscale version of demo_frames(), streamed to an mp4."""
+    height, width = size
+    with atomic_path(path, overwrite=True) as temp, VideoWriter(temp, width, height, fps) as writer:
+        for frame in demo_frames(frame_count, size):
             writer.write(np.repeat(rgb_to_gray(frame)[..., None], 3, axis=2))
     return path
 
