@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-shared-noise", dest="shared_noise", action="store_false",
                         help="draw fresh noise for every frame (the paper's behaviour) instead of one per shot")
-    parser.add_argument("--propagation", type=float, default=0.98,
+    parser.add_argument("--propagation", type=float, default=0.99,
                         help="weight of the previous output's flow-warped chroma where the flow is reliable; 0: off")
     parser.add_argument("--no-scene-cuts", dest="scene_cuts", action="store_false",
                         help="never start a new shot (new noise, no propagation) at a detected cut")
