@@ -158,13 +158,16 @@ def output_path(clip: Path, output: Path | None, several: bool, png: bool) -> Pa
 
 def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse.Namespace) -> int:
     """Colorize one clip into `output` (.mp4 or a PNG folder), written to a temporary path and renamed at the end."""
+    from tqdm import tqdm
+
     info = probe_clip(clip)
     if info.frame_count == 0:
         raise UserError(f"{clip}: has no frames; pass a video with at least one frame")
     written = 0
     as_video = output.suffix.lower() == ".mp4"
     with atomic_path(output, overwrite=args.overwrite, is_dir=not as_video) as temp:
-        colorized = colorize_frames(colorizer, iter_clip_frames(clip), args, (info.height, info.width))
+        colorized = tqdm(colorize_frames(colorizer, iter_clip_frames(clip), args, (info.height, info.width)),
+                         total=info.frame_count, desc=clip.name, unit="frame", leave=False)
         if as_video:
             audio = has_audio(clip)
             video_path = temp.with_name(temp.stem + ".video.mp4") if audio else temp
