@@ -60,7 +60,7 @@ def plot(results: list[dict], path: Path) -> None:
         steps = [r["steps"] for r in rows]
         for axis, key in zip(axes, ("psnr", "colorfulness", "cdc")):
             axis.plot(steps, [r[key] for r in rows], marker="o", label=sampler)
-    for axis, key, label in zip(axes, ("psnr", "colorfulness", "cdc"), ("PSNR (dB)", "colorfulness", "CDC")):
+    for axis, label in zip(axes, ("PSNR (dB)", "colorfulness", "CDC")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("denoising steps")
         axis.set_title(label)

@@ -23,9 +23,8 @@ import torch
 
 from colorizer import SAMPLERS, Colorizer, combine, load_colorizer, prepare_gray
 from utils import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, UserError, VideoWriter, atomic_path, check_writable,
-                   choose_device, has_audio, iter_clip_frames, list_clips,
-                   mux_audio, probe_clip,
-                   reliable_flow, rgb_to_gray, run_cli, seed_everything, warp, write_image_rgb)
+                   choose_device, has_audio, iter_clip_frames, list_clips, mux_audio, probe_clip, reliable_flow,
+                   rgb_to_gray, run_cli, seed_everything, warp, write_image_rgb)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "unet_model" / "default"
 
