@@ -3,6 +3,7 @@ grayscale frames. Shared by training-time validation, video_colorization.py and 
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,10 +81,15 @@ class Colorizer:
 
     @torch.inference_mode()
     def sample_latents(self, gray: torch.Tensor, noise: torch.Tensor, sampler: str = "ddim", steps: int = 20,
-                       guidance: float = 1.0, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """gray: Bx1xhxw in [0, 1] at the working size; noise: B x C x h/d x w/d. Returns scaled latents."""
+                       guidance: float = 1.0, tokens: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """gray: Bx1xhxw in [0, 1] at the working size; noise: B x C x h/d x w/d. Returns scaled latents.
+
+        `generator` draws the noise that stochastic samplers (DDPM, Euler ancestral-style steps) add at each step, so
+        a seed reproduces their output; without it they draw from torch's global generator."""
         scheduler = make_scheduler(sampler, self.config["scheduler"])
         scheduler.set_timesteps(steps, device=self.device)
+        step_options = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         gray = gray.to(self.device)
         condition = spatial_gray(gray, self.downscale)
         tokens = self.vac(gray) if tokens is None else tokens.to(self.device)
@@ -98,7 +104,7 @@ class Colorizer:
             if guidance != 1.0:
                 conditional, unconditional = prediction.chunk(2)
                 prediction = unconditional + guidance * (conditional - unconditional)
-            latents = scheduler.step(prediction, t, latents).prev_sample
+            latents = scheduler.step(prediction, t, latents, **step_options).prev_sample
         return latents
 
     @torch.inference_mode()

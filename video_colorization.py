@@ -116,6 +116,8 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ar
     latent_shape = colorizer.latent_shape(height, width)
     shot, previous_gray, previous_chroma = 0, None, None
     noise_generator = torch.Generator().manual_seed(args.seed)
+    # A stream of its own (not seed + k, which the shots use) for the noise stochastic samplers add at each step.
+    step_generator = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, 1]).generate_state(1)[0]))
     shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed))
     for batch in batched(frames, args.batch_size):
         gray = np.stack([rgb_to_gray(resize_if_needed(frame, height, width)) for frame in batch])
@@ -129,7 +131,7 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ar
                 shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed + shot))
             noise.append(shot_noise if args.shared_noise else torch.randn(latent_shape, generator=noise_generator))
         latents = colorizer.sample_latents(prepare_gray(gray, size), torch.stack(noise), args.sampler, args.steps,
-                                           args.guidance)
+                                           args.guidance, generator=step_generator)
         for g, g_small, chroma, cut in zip(gray, small, colorizer.decode_chroma(latents) * args.saturation, cuts):
             if previous_chroma is not None and not cut and args.propagation > 0:
                 chroma = propagate_chroma(previous_gray, g_small, previous_chroma, chroma, args.propagation)

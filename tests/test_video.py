@@ -113,6 +113,16 @@ def test_shared_noise_and_propagation_each_reduce_flicker(colorizer):
     assert shared < independent and propagated < independent
 
 
+def test_a_seed_reproduces_stochastic_sampling(colorizer):
+    frames = panning_clip(3)
+    ddpm = {"sampler": "ddpm", "steps": 3, "propagation": 0.0}
+    first = colorize(colorizer, frames, **ddpm)
+    torch.manual_seed(123)  # the state of torch's global generator must not matter
+    again = colorize(colorizer, frames, **ddpm)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    other = colorize(colorizer, frames, **ddpm, seed=1)
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+
 def test_saturation_scales_the_chroma_and_zero_gives_the_gray_input(colorizer):
     from utils import rgb_to_chroma, rgb_to_gray
 
