@@ -166,9 +166,10 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
         raise UserError(f"{clip}: has no frames; pass a video with at least one frame")
     written = 0
     as_video = output.suffix.lower() == ".mp4"
-    with atomic_path(output, overwrite=args.overwrite, is_dir=not as_video) as temp:
-        colorized = tqdm(colorize_frames(colorizer, iter_clip_frames(clip), args, (info.height, info.width)),
-                         total=info.frame_count, desc=clip.name, unit="frame", leave=False)
+    # The bar shows only on a terminal and is cleared when the clip ends or fails, so an error stays one line.
+    with atomic_path(output, overwrite=args.overwrite, is_dir=not as_video) as temp, \
+            tqdm(total=info.frame_count, desc=clip.name, unit="frame", leave=False, disable=None) as progress:
+        colorized = colorize_frames(colorizer, iter_clip_frames(clip), args, (info.height, info.width))
         if as_video:
             audio = has_audio(clip)
             video_path = temp.with_name(temp.stem + ".video.mp4") if audio else temp
@@ -177,6 +178,7 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
                     for frame in colorized:
                         writer.write(frame)
                         written += 1
+                        progress.update()
                 if audio:
                     mux_audio(video_path, clip, temp)
             finally:
@@ -186,6 +188,7 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
             for frame in colorized:
                 write_image_rgb(temp / f"{written:05d}.png", frame)
                 written += 1
+                progress.update()
         if written < info.frame_count:  # inside the block: a short output is thrown away, never kept
             raise UserError(f"{clip}: only {written} of its {info.frame_count} frames could be read; re-encode or "
                             f"replace it")
