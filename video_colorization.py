@@ -167,9 +167,9 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
     written = 0
     as_video = output.suffix.lower() == ".mp4"
     # The bar shows only on a terminal and is cleared when the clip ends or fails, so an error stays one line.
+    frames = colorize_frames(colorizer, iter_clip_frames(clip), args, (info.height, info.width))
     with atomic_path(output, overwrite=args.overwrite, is_dir=not as_video) as temp, \
-            tqdm(total=info.frame_count, desc=clip.name, unit="frame", leave=False, disable=None) as progress:
-        colorized = colorize_frames(colorizer, iter_clip_frames(clip), args, (info.height, info.width))
+            tqdm(frames, total=info.frame_count, desc=clip.name, unit="frame", leave=False, disable=None) as colorized:
         if as_video:
             audio = has_audio(clip)
             video_path = temp.with_name(temp.stem + ".video.mp4") if audio else temp
@@ -178,7 +178,6 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
                     for frame in colorized:
                         writer.write(frame)
                         written += 1
-                        progress.update()
                 if audio:
                     mux_audio(video_path, clip, temp)
             finally:
@@ -188,7 +187,6 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
             for frame in colorized:
                 write_image_rgb(temp / f"{written:05d}.png", frame)
                 written += 1
-                progress.update()
         if written < info.frame_count:  # inside the block: a short output is thrown away, never kept
             raise UserError(f"{clip}: only {written} of its {info.frame_count} frames could be read; re-encode or "
                             f"replace it")

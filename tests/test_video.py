@@ -123,6 +123,7 @@ def test_a_seed_reproduces_stochastic_sampling(colorizer):
     other = colorize(colorizer, frames, **ddpm, seed=1)
     assert not all(np.array_equal(a, b) for a, b in zip(first, other))
 
+
 def test_saturation_scales_the_chroma_and_zero_gives_the_gray_input(colorizer):
     from utils import rgb_to_chroma, rgb_to_gray
 
