@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from guidance import no_hints, spatial_hints
 from modules import (first_line, load_vac, load_vae, model_multiple, round_to_multiple, spatial_gray, vac_fingerprint,
                      vae_downscale, vae_fingerprint, vae_output_to_chroma)
 from utils import UserError, luma_chroma_to_rgb
@@ -69,6 +70,11 @@ class Colorizer:
     def downscale(self) -> int:
         return vae_downscale(self.vae)
 
+    @property
+    def takes_hints(self) -> bool:
+        """Models trained with train_diffusion.py --hints have a colour-hint input; older ones colorize automatically."""
+        return bool(self.config.get("hint_channels"))
+
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         """The model's input size for a frame: short side near image_size, aspect ratio kept."""
         multiple = model_multiple(self.vae)
@@ -82,16 +88,23 @@ class Colorizer:
     @torch.inference_mode()
     def sample_latents(self, gray: torch.Tensor, noise: torch.Tensor, sampler: str = "ddim", steps: int = 20,
                        guidance: float = 1.0, tokens: torch.Tensor | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, hints: torch.Tensor | None = None) -> torch.Tensor:
         """gray: Bx1xhxw in [0, 1] at the working size; noise: B x C x h/d x w/d. Returns scaled latents.
 
         `generator` draws the noise that stochastic samplers (DDPM, Euler ancestral-style steps) add at each step, so
-        a seed reproduces their output; without it they draw from torch's global generator."""
+        a seed reproduces their output; without it they draw from torch's global generator. `hints` (Bx3xhxw, see
+        guidance.py) guide a model that takes them; None means no hint."""
         scheduler = make_scheduler(sampler, self.config["scheduler"])
         scheduler.set_timesteps(steps, device=self.device)
         step_options = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         gray = gray.to(self.device)
         condition = spatial_gray(gray, self.downscale)
+        if self.takes_hints:
+            hints = no_hints(len(gray), *gray.shape[-2:]) if hints is None else hints
+            condition = torch.cat([condition, spatial_hints(hints.to(self.device), self.downscale)], dim=1)
+        elif hints is not None:
+            raise UserError("this model has no colour-hint input (trained without --hints); colorize without "
+                            "--reference / --hints, or use a model trained with them")
         tokens = self.vac(gray) if tokens is None else tokens.to(self.device)
         if guidance != 1.0:
             tokens = torch.cat([tokens, torch.zeros_like(tokens)])
@@ -142,16 +155,16 @@ def load_colorizer(path: Path, device: torch.device, vae_spec: str | None = None
         raise UserError(f"{folder}: incomplete or corrupt model ({first_line(error)}); re-export it") from None
     vae = load_vae(vae_spec or resolve_component(config["vae"], folder))
     vac = load_vac(vac_spec or resolve_component(config["vac"], folder))
-    check_compatible(unet, vae, vac, folder)
+    check_compatible(unet, vae, vac, folder, int(config.get("hint_channels", 0)))
     check_trained_components(config, folder, vae, vac, vae_spec, vac_spec)
     for module in (unet, vae, vac):
         module.to(device).eval().requires_grad_(False)
     return Colorizer(unet, vae, vac, config, device)
 
 
-def check_compatible(unet, vae, vac, folder: Path) -> None:
+def check_compatible(unet, vae, vac, folder: Path, hint_input: int = 0) -> None:
     """A UNet only works with the VAE and VAC it was trained on: catch a mismatch before it produces garbage."""
-    expected_in = vae.config.latent_channels + vae_downscale(vae) ** 2
+    expected_in = vae.config.latent_channels + vae_downscale(vae) ** 2 * (1 + hint_input)
     if unet.config.in_channels != expected_in or unet.config.out_channels != vae.config.latent_channels:
         raise UserError(f"{folder}: the UNet does not match this VAE (latent channels / downscale); use the VAE it "
                         f"was trained with")

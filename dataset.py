@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils import UserError, center_crop, list_frames, natural_key, read_image_rgb, resize_short_side, rgb_to_gray
+from utils import UserError, list_frames, natural_key, read_image_rgb, resize_short_side, rgb_to_gray
 
 
 @dataclass(frozen=True)
@@ -34,39 +34,46 @@ def scan_frame_folders(root: Path) -> list[FrameRecord]:
     return records
 
 
-def to_model_square(image: np.ndarray, image_size: int) -> np.ndarray:
-    """Resize the short side to `image_size` and keep the centre square: the training view of a frame."""
-    return center_crop(resize_short_side(image, image_size), image_size)
+Window = tuple[int, int, int, bool]  # top, left, side, mirrored
 
 
-def random_square_view(image: np.ndarray, image_size: int, rng: np.random.Generator,
-                       min_fraction: float = 0.5) -> np.ndarray:
+def random_square_window(height: int, width: int, rng: np.random.Generator, min_fraction: float = 0.5) -> Window:
     """A random square covering `min_fraction` to all of the short side, anywhere in the frame, mirrored half of the
-    time, resized to `image_size`: new compositions and scales of the same scene, so the denoiser cannot learn a
-    frame's colours by heart."""
-    import cv2
-
-    height, width = image.shape[:2]
+    time: new compositions and scales of the same scene, so the denoiser cannot learn a frame's colours by heart."""
     side = int(round(min(height, width) * rng.uniform(min_fraction, 1.0)))
     top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
+    return int(top), int(left), side, bool(rng.random() < 0.5)
+
+
+def square_view(image: np.ndarray, window: Window, image_size: int) -> np.ndarray:
+    """The window's square of `image`, resized to `image_size` (and mirrored if the window says so)."""
+    import cv2
+
+    top, left, side, mirrored = window
     crop = image[top : top + side, left : left + side]
     interpolation = cv2.INTER_AREA if side > image_size else cv2.INTER_CUBIC
     view = cv2.resize(crop, (image_size, image_size), interpolation=interpolation)
-    return np.ascontiguousarray(view[:, ::-1]) if rng.random() < 0.5 else view
+    return np.ascontiguousarray(view[:, ::-1]) if mirrored else view
 
 
 class FrameFolderDataset(Dataset):
     """Colour frames (from scan_frame_folders), each as `views` squares of `image_size`: the centre square (short side
-    resized), or with `random_crops` that many random_square_view crops, drawn from (seed, frame) so a rerun or
-    another process makes the same ones; with `flip`, followed by the same squares mirrored."""
+    resized), or with `random_crops` that many random squares, drawn from (seed, frame) so a rerun or another
+    process makes the same ones; with `flip`, followed by the same squares mirrored.
+
+    With `partner_distance` > 0, every frame of a video named in `clips` (folders of consecutive frames, not photo
+    collections) also gets a partner: the same squares of another frame of its clip, at most that many frames away,
+    which training warps onto the frame as dense colour hints. Other items get an all-zero partner."""
 
     def __init__(self, records: list[FrameRecord], image_size: int, random_crops: int = 0, seed: int = 0,
-                 flip: bool = False):
+                 flip: bool = False, partner_distance: int = 0, clips: frozenset[str] = frozenset()):
         self.records = records
         self.image_size = image_size
         self.random_crops = random_crops
         self.seed = seed
         self.flip = flip
+        self.partner_distance = partner_distance
+        self.clips = clips
 
     @property
     def views(self) -> int:
@@ -75,16 +82,43 @@ class FrameFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def windows(self, i: int, height: int, width: int) -> list[Window]:
+        if not self.random_crops:
+            side = min(height, width)
+            return [((height - side) // 2, (width - side) // 2, side, False)]
+        rng = np.random.default_rng([self.seed, i])
+        return [random_square_window(height, width, rng) for _ in range(self.random_crops)]
+
+    def partner(self, i: int) -> int | None:
+        """The record of another frame of i's clip, drawn from (seed, frame), or None."""
+        record = self.records[i]
+        if not self.partner_distance or record.video not in self.clips:
+            return None
+        rng = np.random.default_rng([self.seed, i, 1])
+        candidates = [j for j in range(i - self.partner_distance, i + self.partner_distance + 1)
+                      if j != i and 0 <= j < len(self.records) and self.records[j].video == record.video]
+        return int(rng.choice(candidates)) if candidates else None
+
     def __getitem__(self, i: int) -> dict:
         image = read_image_rgb(self.records[i].path)
-        if self.random_crops:
-            rng = np.random.default_rng([self.seed, i])
-            views = np.stack([random_square_view(image, self.image_size, rng) for _ in range(self.random_crops)])
-        else:
-            views = to_model_square(image, self.image_size)[None]
+        windows = self.windows(i, *image.shape[:2])
+        views = np.stack([square_view(image, window, self.image_size) for window in windows])
+        item = {"rgb": views, "index": i}
+        if self.partner_distance:
+            j = self.partner(i)
+            partner = np.zeros_like(views)
+            if j is not None:
+                other = read_image_rgb(self.records[j].path)
+                if other.shape != image.shape:
+                    import cv2
+
+                    other = cv2.resize(other, image.shape[1::-1], interpolation=cv2.INTER_AREA)
+                partner = np.stack([square_view(other, window, self.image_size) for window in windows])
+            item["partner"] = partner
         if self.flip:
-            views = np.concatenate([views, views[:, :, ::-1]])
-        return {"rgb": np.ascontiguousarray(views), "index": i}
+            item = {key: np.concatenate([value, value[:, :, ::-1]]) if key != "index" else value
+                    for key, value in item.items()}
+        return {key: np.ascontiguousarray(value) if key != "index" else value for key, value in item.items()}
 
 
 class RandomCropDataset(Dataset):
@@ -116,12 +150,15 @@ def gray_batch(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(gray).float().unsqueeze(1) / 255.0
 
 
-LATENT_KEYS = ("latents", "tokens", "gray", "video_ids", "frame_indices", "videos")
+LATENT_KEYS = ("latents", "gray", "video_ids", "frame_indices", "videos")
+HINT_KEYS = ("chroma", "partner_chroma", "partner_mask")  # written with --hints; training draws colour hints from them
 LATENT_META = ("vae", "vac", "image_size", "downscale", "scaling_factor", "vae_fingerprint", "vac_fingerprint")
 
 
 class LatentDataset(Dataset):
-    """The cached features of `feature_extraction.py`: one item = colour latent, VAC tokens, grayscale frame."""
+    """The cached features of `feature_extraction.py`: one item = colour latent, grayscale frame, and, when stored,
+    the VAC tokens and what colour hints are drawn from (the item's chroma, its partner frame's warped chroma and
+    that warp's reliability)."""
 
     def __init__(self, path: Path):
         path = Path(path)
@@ -133,11 +170,12 @@ class LatentDataset(Dataset):
                 if missing:
                     raise UserError(f"{path}: missing {', '.join(missing)}; re-run feature_extraction.py")
                 self.latents = data["latents"]
-                self.tokens = data["tokens"]
                 self.gray = data["gray"]
                 self.video_ids = data["video_ids"]
                 self.frame_indices = data["frame_indices"]
                 self.videos = [str(v) for v in data["videos"]]
+                self.tokens = data["tokens"] if "tokens" in data.files else None
+                self.hint_sources = {k: data[k] for k in HINT_KEYS} if set(HINT_KEYS) <= set(data.files) else None
                 self.meta = {k: str(data[k]) for k in LATENT_META if k in data.files}
         except UserError:
             raise
@@ -150,26 +188,39 @@ class LatentDataset(Dataset):
         rerun = "re-run feature_extraction.py with --overwrite"
         if len(self.latents) == 0:
             raise UserError(f"{path}: holds no frames; {rerun} on a folder with frames")
-        counts = {len(a) for a in (self.latents, self.tokens, self.gray, self.video_ids, self.frame_indices)}
-        if len(counts) > 1 or self.latents.ndim != 4 or self.tokens.ndim != 3 or self.gray.ndim != 3:
+        arrays = [self.latents, self.gray, self.video_ids, self.frame_indices, *self.optional_arrays().values()]
+        if len({len(a) for a in arrays}) > 1 or self.latents.ndim != 4 or self.gray.ndim != 3 or \
+                (self.tokens is not None and self.tokens.ndim != 3):
             raise UserError(f"{path}: its arrays do not fit together (damaged or edited); {rerun}")
         if len(self.video_ids) and (self.video_ids.min() < 0 or self.video_ids.max() >= len(self.videos)):
             raise UserError(f"{path}: its video ids do not fit its video list (damaged or edited); {rerun}")
-        for name, array in (("latents", self.latents), ("tokens", self.tokens)):
+        for name, array in (("latents", self.latents), ("tokens", self.tokens if self.tokens is not None else [])):
             for start in range(0, len(array), 4096):  # in chunks: bounded memory on large corpora
                 if not np.isfinite(array[start : start + 4096]).all():
                     raise UserError(f"{path}: its {name} contain NaN or inf (a broken VAE or VAC, or float16 "
                                     f"overflow); {rerun} after checking the components")
 
+    def optional_arrays(self) -> dict[str, np.ndarray]:
+        return {**({"tokens": self.tokens} if self.tokens is not None else {}), **(self.hint_sources or {})}
+
     def __len__(self) -> int:
         return len(self.latents)
 
     def __getitem__(self, i: int) -> dict:
-        return {
-            "latents": torch.from_numpy(self.latents[i].astype(np.float32)),
-            "tokens": torch.from_numpy(self.tokens[i].astype(np.float32)),
-            "gray": torch.from_numpy(self.gray[i]).float().unsqueeze(0) / 255.0,
-        }
+        """Tensors for the model; the hint sources stay numpy arrays (hints are drawn from them with numpy)."""
+        item = {"latents": torch.from_numpy(self.latents[i].astype(np.float32)),
+                "gray": torch.from_numpy(self.gray[i]).float().unsqueeze(0) / 255.0}
+        if self.tokens is not None:
+            item["tokens"] = torch.from_numpy(self.tokens[i].astype(np.float32))
+        if self.hint_sources is not None:
+            item.update({key: value[i].astype(np.float32) for key, value in self.hint_sources.items()})
+        return item
+
+    def sources(self) -> np.ndarray:
+        """Each item's source: its video folder's parent (`images/intel_scenes` for `images/intel_scenes/forest`;
+        `videos` for every clip under `videos/`; `.` for top-level folders)."""
+        parents = [str(Path(video).parent) for video in self.videos]
+        return np.array(parents)[self.video_ids]
 
     def split_by_video(self, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
         """Hold out whole videos, up to `val_fraction` of the frames (neighbouring frames are near-duplicates, so a

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+import flow as motion
 import utils
 
 PSNR_CAP_DB = 100.0  # identical frames have infinite PSNR; a cap keeps clip means finite and comparable
@@ -129,7 +130,7 @@ def warped_chroma_difference(prev_ab: np.ndarray, ab: np.ndarray, flow: np.ndarr
     """Mean a/b distance between `ab` and `prev_ab` warped onto it, over the mask; NaN if the mask is empty."""
     if not mask.any():
         return math.nan
-    difference = ab.astype(np.float64) - utils.warp(prev_ab, flow).astype(np.float64)
+    difference = ab.astype(np.float64) - motion.warp(prev_ab, flow).astype(np.float64)
     return float(np.sqrt(np.sum(difference**2, axis=2))[mask].mean())
 
 
@@ -139,7 +140,7 @@ def _chroma(frame: np.ndarray) -> np.ndarray:
 
 def warp_error(prev_pred: np.ndarray, pred: np.ndarray, prev_gt: np.ndarray, gt: np.ndarray) -> float:
     """Warp error of one pair of output frames, with the flow taken from the ground truth's luminance."""
-    flow, mask = utils.reliable_flow(utils.rgb_to_gray(prev_gt), utils.rgb_to_gray(gt))
+    flow, mask = motion.reliable_flow(utils.rgb_to_gray(prev_gt), utils.rgb_to_gray(gt))
     return warped_chroma_difference(_chroma(prev_pred), _chroma(pred), flow, mask)
 
 
@@ -151,6 +152,22 @@ def gray_baseline(gt_frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
     """The grayscale input a colorizer sees, as a 3-channel 'prediction'."""
     for frame in gt_frames:
         yield np.repeat(utils.rgb_to_gray(frame)[..., None], 3, axis=2)
+
+
+def flow_reference_baseline(gt_frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """The floor of reference-guided colorization: the first ground-truth frame's chroma carried frame to frame along
+    the optical flow of the luma (no learning, no reliability mask), on each frame's own luma."""
+    from guidance import carry
+
+    previous_gray = chroma = None
+    for frame in gt_frames:
+        gray = utils.rgb_to_gray(frame)
+        chroma = utils.rgb_to_chroma(frame) if chroma is None else carry(previous_gray, gray, chroma)[0]
+        previous_gray = gray
+        yield utils.luma_chroma_to_rgb(gray, chroma)
+
+
+BASELINES = {"gray": gray_baseline, "flow-reference": flow_reference_baseline}
 
 
 def _count_mismatch(name: str, pred_count: int, gt_count: int) -> utils.UserError:
@@ -219,7 +236,7 @@ def evaluate_clip(pred_frames: Iterable[np.ndarray], gt_frames: Iterable[np.ndar
         gt_histograms.append(channel_histograms(gt))
         current = (_chroma(pred), _chroma(gt), utils.rgb_to_gray(gt))
         if previous is not None:
-            flow, mask = utils.reliable_flow(previous[2], current[2])
+            flow, mask = motion.reliable_flow(previous[2], current[2])
             warp.append(warped_chroma_difference(previous[0], current[0], flow, mask))
             gt_warp.append(warped_chroma_difference(previous[1], current[1], flow, mask))
         previous = current
@@ -421,8 +438,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pred", type=Path, help="colorized output: a video, a frame folder, or a folder of clips")
     parser.add_argument("--gt", type=Path, required=True,
                         help="ground truth in the same layouts; clips pair by name (x.mp4 = x/)")
-    parser.add_argument("--baseline", choices=["gray"],
-                        help="also score the grayscale input as a prediction (a reference row)")
+    parser.add_argument("--baseline", choices=sorted(BASELINES),
+                        help="also score a baseline as a prediction (a reference row): the grayscale input, or the "
+                        "first ground-truth frame's colours carried along the optical flow (flow-reference)")
     parser.add_argument("--out", type=Path, help="output folder (default runs/eval/<prediction name, or 'gray'>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     parser.add_argument("--max-frames", type=int, help="score only the first N frames of each clip (quick runs)")
@@ -441,8 +459,8 @@ def main() -> None:
     skipped = {"lpips": deep_metric_status("LPIPS", args.lpips_weights),
                "fid": deep_metric_status("FID", args.fid_weights)}
     pairs = match_clips(args.pred, args.gt)
-    methods = (["prediction"] if args.pred is not None else []) + (["gray"] if args.baseline == "gray" else [])
-    out = args.out or Path("runs/eval") / (clip_name(args.pred) if args.pred is not None else "gray")
+    methods = (["prediction"] if args.pred is not None else []) + ([args.baseline] if args.baseline else [])
+    out = args.out or Path("runs/eval") / (clip_name(args.pred) if args.pred is not None else args.baseline)
 
     def frames(path: Path) -> Iterator[np.ndarray]:
         return itertools.islice(utils.iter_clip_frames(path), args.max_frames)
@@ -453,8 +471,8 @@ def main() -> None:
             frame_count = min(utils.probe_clip(gt_path).frame_count, args.max_frames or math.inf)
             samples, clip_results = {}, {}
             for method in methods:
-                pred_frames = frames(pred_path) if method == "prediction" else gray_baseline(frames(gt_path))
-                name = f"{pred_path if method == 'prediction' else 'gray baseline'} vs {gt_path}"
+                pred_frames = frames(pred_path) if method == "prediction" else BASELINES[method](frames(gt_path))
+                name = f"{pred_path if method == 'prediction' else method + ' baseline'} vs {gt_path}"
                 result = evaluate_clip(pred_frames, frames(gt_path), sample_indices(frame_count), name)
                 samples[method] = result.pop("samples")
                 clip_results[method] = results[method][clip] = result

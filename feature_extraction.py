@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
 import json
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from torch.utils.data import DataLoader, Subset
 from dataset import FrameFolderDataset, FrameRecord, gray_batch, scan_frame_folders
 from modules import (load_vac, load_vae, model_multiple, round_to_multiple, vac_fingerprint, vae_downscale,
                      vae_fingerprint, vae_input)
-from utils import UserError, atomic_path, check_writable, choose_device, remove_stale_temporaries, run_cli
+from guidance import partner_hints
+from utils import UserError, atomic_path, check_writable, choose_device, remove_stale_temporaries, rgb_to_chroma, run_cli
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,6 +45,16 @@ def parse_args() -> argparse.Namespace:
                         help="store N random crops of each frame (50-100%% of its short side, randomly mirrored) "
                         "instead of its centre square: the augmentation that keeps the denoiser from memorizing scenes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random crops")
+    parser.add_argument("--hints", action="store_true",
+                        help="also store what training draws colour hints from: each item's chroma and, for frames "
+                        "of clips, another frame of the clip warped onto it by the optical flow, with its reliability")
+    parser.add_argument("--partner-distance", type=int, default=8,
+                        help="with --hints: the other frame lies at most this many frames away")
+    parser.add_argument("--clips", nargs="+", default=["*"],
+                        help="with --hints: video folders (patterns relative to --dataroot) whose images are "
+                        "consecutive frames, not a photo collection, e.g. 'videos/*'")
+    parser.add_argument("--no-tokens", dest="tokens", action="store_false",
+                        help="do not store VAC tokens (train_diffusion.py then computes them, and can train the VAC)")
     parser.add_argument("--shard-size", type=int, default=1024, help="frames per resumable shard")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -52,26 +64,41 @@ def parse_args() -> argparse.Namespace:
 
 
 @torch.inference_mode()
-def extract_batch(rgb: np.ndarray, vae, vac, device: torch.device) -> dict[str, np.ndarray]:
+def extract_batch(rgb: np.ndarray, vae, vac, device: torch.device, partner: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Features of a batch of colour views; `vac` None stores no tokens; with `partner` (the views' partner frames,
+    all-zero where there is none), the hint sources too."""
     gray = gray_batch(rgb)
     latents = vae.encode(vae_input(rgb, vae).to(device)).latent_dist.mean * vae.config.scaling_factor
-    tokens = vac(gray.to(device))
-    return {
-        "latents": latents.cpu().numpy().astype(np.float16),
-        "tokens": tokens.cpu().numpy().astype(np.float16),
-        "gray": (gray[:, 0] * 255).round().byte().numpy(),
-    }
+    features = {"latents": latents.cpu().numpy().astype(np.float16), "gray": (gray[:, 0] * 255).round().byte().numpy()}
+    if vac is not None:
+        features["tokens"] = vac(gray.to(device)).cpu().numpy().astype(np.float16)
+    if partner is not None:
+        features.update(hint_sources(rgb, features["gray"], partner))
+    return features
+
+
+def hint_sources(rgb: np.ndarray, gray: np.ndarray, partner: np.ndarray) -> dict[str, np.ndarray]:
+    """Chroma (int8: BT.601 Cb/Cr lie within +-128) of each view, and its partner's chroma warped onto it with the
+    flow's reliability (zero where there is no partner)."""
+    chroma = np.stack([rgb_to_chroma(view) for view in rgb])
+    partner_chroma, partner_mask = np.zeros_like(chroma), np.zeros(chroma.shape[:3], np.uint8)
+    for i in np.flatnonzero(partner.reshape(len(partner), -1).any(axis=1)):
+        carried, reliable = partner_hints(gray[i], partner[i])
+        partner_chroma[i], partner_mask[i] = carried, reliable > 0.5
+    to_int8 = lambda c: np.clip(np.round(c), -128, 127).astype(np.int8)  # noqa: E731
+    return {"chroma": to_int8(chroma), "partner_chroma": to_int8(partner_chroma), "partner_mask": partner_mask}
 
 
 def extract_shard(dataset: FrameFolderDataset, indices: list[int], vae, vac, device, batch_size: int,
                   workers: int, progress) -> dict[str, np.ndarray]:
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers,
-                        collate_fn=lambda items: np.stack([item["rgb"] for item in items]))
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers, collate_fn=stack_views)
     parts: dict[str, list[np.ndarray]] = {}
     try:
-        for rgb in loader:
-            for view in rgb.transpose(1, 0, 2, 3, 4):  # B x views x H x W x 3 -> one batch per view
-                for key, value in extract_batch(view, vae, vac, device).items():
+        for batch in loader:
+            rgb, partners = batch["rgb"], batch.get("partner")
+            for v in range(rgb.shape[1]):  # B x views x H x W x 3 -> one batch per view
+                partner = partners[:, v] if partners is not None else None
+                for key, value in extract_batch(rgb[:, v], vae, vac, device, partner).items():
                     parts.setdefault(key, []).append(value)
             progress.update(len(rgb))
     except UserError as error:  # from a DataLoader worker, the message carries the worker's traceback
@@ -84,12 +111,16 @@ def extract_shard(dataset: FrameFolderDataset, indices: list[int], vae, vac, dev
     shard["frame_indices"] = np.array([r.index for r in order], dtype=np.int32)
     shard["video_names"] = np.array([r.video for r in order])
     for key in ("latents", "tokens"):
-        if not np.isfinite(shard[key]).all():
+        if key in shard and not np.isfinite(shard[key]).all():
             bad = order[int(np.flatnonzero(~np.isfinite(shard[key]).reshape(len(order), -1).all(axis=1))[0])]
             component = "VAE" if key == "latents" else "VAC"
             raise UserError(f"{bad.path}: the {component} gives NaN or inf for this frame; check the {component}'s "
                             f"weights (or its float16 range)")
     return shard
+
+
+def stack_views(items: list[dict]) -> dict[str, np.ndarray]:
+    return {key: np.stack([item[key] for item in items]) for key in items[0] if key != "index"}
 
 
 def shard_job(records: list[FrameRecord], args: argparse.Namespace, vae_print: str, vac_print: str) -> dict:
@@ -98,9 +129,12 @@ def shard_job(records: list[FrameRecord], args: argparse.Namespace, vae_print: s
 
     frames = hashlib.sha256("\n".join(f"{r.video}\t{r.index}\t{r.path.name}" for r in records).encode()).hexdigest()[:16]
     interleaved = args.flip or args.random_crops > 0
-    return {"vae": vae_print, "vac": vac_print, "image_size": args.image_size, "flip": args.flip,
-            "random_crops": args.random_crops, "seed": args.seed if args.random_crops else None,
-            "batch_size": args.batch_size if interleaved else None, "frames": frames}
+    job = {"vae": vae_print, "vac": vac_print if args.tokens else None, "image_size": args.image_size,
+           "flip": args.flip, "random_crops": args.random_crops, "seed": args.seed if args.random_crops else None,
+           "batch_size": args.batch_size if interleaved else None, "frames": frames}
+    if args.hints:  # recorded only when used, so shards of earlier runs without it still resume
+        job.update(hints=True, partner_distance=args.partner_distance, clips=sorted(args.clips))
+    return job
 
 
 def check_shard(path: Path, job: dict, overwrite: bool) -> bool:
@@ -118,10 +152,12 @@ def check_shard(path: Path, job: dict, overwrite: bool) -> bool:
     if overwrite:
         path.unlink()
         return False
-    names = {"vae": "VAE (--vae)", "vac": "VAC (--vac)", "image_size": "--image-size", "flip": "--flip",
-             "random_crops": "--random-crops", "seed": "--seed",
+    names = {"vae": "VAE (--vae)", "vac": "VAC (--vac) or --no-tokens", "image_size": "--image-size", "flip": "--flip",
+             "random_crops": "--random-crops", "seed": "--seed", "hints": "--hints",
+             "partner_distance": "--partner-distance", "clips": "--clips",
              "batch_size": "--batch-size", "frames": "set of frames under --dataroot"}
-    changed = [names[key] for key in job if stored.get(key) != job[key]] if "damaged" not in stored else ["damaged"]
+    changed = [names[key] for key in {**stored, **job} if stored.get(key) != job.get(key)] \
+        if "damaged" not in stored else ["damaged"]
     what = "is damaged" if changed == ["damaged"] else f"was made with another {', '.join(changed)}"
     raise UserError(f"{path}: {what} by an earlier, interrupted run; repeat that run's options to resume it, or pass "
                     f"--overwrite to discard its shards")
@@ -149,6 +185,8 @@ def main() -> None:
         device = accelerator.device  # each process its own device (cuda:<local rank>), or the CPU
     rank, world, main_process = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     vae, vac = load_vae(args.vae).to(device).eval(), load_vac(args.vac).to(device).eval()
+    vac_print = vac_fingerprint(vac)
+    vac = vac if args.tokens else None
     if args.image_size % model_multiple(vae):
         raise UserError(f"--image-size {args.image_size}: must be a multiple of {model_multiple(vae)} for this VAE "
                         f"(its downscale x 4), e.g. {round_to_multiple(args.image_size, model_multiple(vae))}")
@@ -157,11 +195,13 @@ def main() -> None:
         # With several roots, the same folder name under two of them must stay two videos.
         prefix = f"{root.name}/" if len(args.dataroot) > 1 else ""
         records += [FrameRecord(prefix + r.video, r.index, r.path) for r in scan_frame_folders(root)]
-    dataset = FrameFolderDataset(records, args.image_size, args.random_crops, args.seed, args.flip)
+    clips = frozenset(r.video for r in records if any(fnmatch.fnmatch(r.video, p) for p in args.clips))
+    dataset = FrameFolderDataset(records, args.image_size, args.random_crops, args.seed, args.flip,
+                                 args.partner_distance if args.hints else 0, clips)
     shard_dir = out_dir / "shards"
     shard_ranges = [list(range(start, min(start + args.shard_size, len(records))))
                     for start in range(0, len(records), args.shard_size)]
-    vae_print, vac_print = vae_fingerprint(vae), vac_fingerprint(vac)
+    vae_print = vae_fingerprint(vae)
     extras = sorted(shard_dir.glob("shard-*.npz"))[len(shard_ranges) :]
     if extras and not args.overwrite:
         raise UserError(f"{extras[0]}: an earlier, interrupted run had more frames under --dataroot; repeat its "
@@ -204,8 +244,9 @@ def main() -> None:
     for path in shard_dir.glob("shard-*.npz"):
         path.unlink()
     shard_dir.rmdir()
-    print(f"wrote {final}: {len(merged['latents'])} items, latents {merged['latents'].shape[1:]}, "
-          f"tokens {merged['tokens'].shape[1:]}")
+    tokens = f"tokens {merged['tokens'].shape[1:]}" if "tokens" in merged else "no tokens"
+    print(f"wrote {final}: {len(merged['latents'])} items, latents {merged['latents'].shape[1:]}, {tokens}"
+          + (", hint sources" if args.hints else ""))
 
 
 def wait_for_all(accelerator) -> None:

@@ -237,15 +237,16 @@ def spatial_gray(gray: torch.Tensor, downscale: int) -> torch.Tensor:
 
 
 def build_unet(latent_channels: int, downscale: int, token_dim: int, net_dimension: int = 64, sample_size: int = 16,
-               dropout: float = 0.0):
-    """UNet2DConditionModel: input = noisy colour latent ++ unshuffled grayscale frame; cross-attention on VAC
-    tokens. `net_dimension` is the width of the first block, as in the paper; `dropout` is that of its ResNet blocks."""
+               dropout: float = 0.0, extra_channels: int = 0):
+    """UNet2DConditionModel: input = noisy colour latent ++ unshuffled grayscale frame (++ `extra_channels`, the
+    unshuffled colour hints of guidance.py); cross-attention on VAC tokens. `net_dimension` is the width of the
+    first block, as in the paper; `dropout` is that of its ResNet blocks."""
     from diffusers import UNet2DConditionModel
 
     width = net_dimension
     return UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=latent_channels + gray_channels(downscale),
+        in_channels=latent_channels + gray_channels(downscale) + extra_channels,
         out_channels=latent_channels,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),

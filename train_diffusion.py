@@ -14,6 +14,8 @@ each global batch evenly; N processes follow the same loss curve as one (the ran
 from __future__ import annotations
 
 import argparse
+import copy
+import fnmatch
 import json
 import math
 import os
@@ -29,8 +31,9 @@ import torch.nn.functional as F
 
 from colorizer import CONFIG_NAME, Colorizer, combine
 from dataset import LatentDataset
-from modules import (build_unet, first_line, load_vac, load_vae, parameter_count, spatial_gray, vac_fingerprint,
-                     vae_fingerprint)
+from guidance import HINT_CHANNELS, draw_training_hints, hint_channels, spatial_hints
+from modules import (build_unet, first_line, load_vac, load_vae, parameter_count, save_vac, spatial_gray,
+                     vac_fingerprint, vae_fingerprint)
 from utils import (Interrupted, UserError, atomic_path, check_writable, discard, remove_stale_temporaries,
                    run_cli, write_image_rgb)
 
@@ -56,6 +59,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=50, help="steps per train_loss.jsonl line (their mean loss)")
     parser.add_argument("--validate-every", type=int, default=1000)
     parser.add_argument("--val-fraction", type=float, default=0.05, help="videos held out for validation loss")
+    parser.add_argument("--holdout", nargs="+", default=[],
+                        help="hold out these videos (patterns of their folder names) instead of a random --val-fraction")
+    parser.add_argument("--source-power", type=float, default=0.5,
+                        help="sample each source (a video folder's parent: images/intel_scenes, videos, ...) in "
+                        "proportion to its item count to this power: 1 samples every item alike, 0 every source alike")
+    parser.add_argument("--hints", action="store_true", help="give the UNet a colour-hint input, trained with hints "
+                        "drawn from the data (needs latent.npz made with feature_extraction.py --hints)")
+    parser.add_argument("--hint-none-fraction", type=float, default=0.5,
+                        help="with --hints: items trained without any hint (automatic colorization)")
+    parser.add_argument("--train-vac", action="store_true",
+                        help="train the VAC with the UNet (tokens computed each step; the checkpoint holds the VAC)")
+    parser.add_argument("--vac-lr-scale", type=float, default=0.3, help="with --train-vac: the VAC's learning rate "
+                        "as a fraction of --lr (it starts pretrained)")
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--cond-dropout", type=float, default=0.1, help="probability of dropping the VAC tokens")
     parser.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting; 0: plain MSE")
@@ -104,9 +120,11 @@ def check_components(dataset: LatentDataset, data_path: Path, vae, vac, vae_spec
         problems["vae"].append(f"downscale {meta['downscale']}, not {vae_downscale(vae)}")
     if dataset.latents.shape[1] != vae.config.latent_channels:
         problems["vae"].append(f"{dataset.latents.shape[1]} latent channels, not {vae.config.latent_channels}")
-    if meta.get("vac_fingerprint", vac_fingerprint(vac)) != vac_fingerprint(vac):
+    if dataset.tokens is None:
+        pass  # tokens are computed with this VAC during training: any VAC fits
+    elif meta.get("vac_fingerprint", vac_fingerprint(vac)) != vac_fingerprint(vac):
         problems["vac"].append("other weights")
-    if tuple(dataset.tokens.shape[1:]) != (vac.token_count, vac.token_dim):
+    elif tuple(dataset.tokens.shape[1:]) != (vac.token_count, vac.token_dim):
         problems["vac"].append(f"tokens of {tuple(dataset.tokens.shape[1:])}, not {(vac.token_count, vac.token_dim)}")
     for name, spec in (("vae", vae_spec), ("vac", vac_spec)):
         if problems[name]:
@@ -131,8 +149,11 @@ def check_resumable(checkpoint: Path, args: argparse.Namespace, fingerprints: di
              ("--prediction-type", scheduler.get("prediction_type"), args.prediction_type),
              ("--beta-schedule", scheduler.get("beta_schedule"), args.beta_schedule),
              ("--train-timesteps", scheduler.get("num_train_timesteps"), args.train_timesteps),
-             ("VAE", saved.get("vae_fingerprint"), fingerprints["vae_fingerprint"]),
-             ("VAC", saved.get("vac_fingerprint"), fingerprints["vac_fingerprint"])]
+             ("--hints", bool(saved.get("hint_channels")), args.hints),
+             ("--train-vac", bool(saved.get("train_vac")), args.train_vac),
+             ("VAE", saved.get("vae_fingerprint"), fingerprints["vae_fingerprint"])]
+    if not args.train_vac:  # a trained VAC has moved on from the one the run started with
+        pairs.append(("VAC", saved.get("vac_fingerprint"), fingerprints["vac_fingerprint"]))
     for name, before, now in pairs:
         if before is not None and before != now:
             what = f"{name} {before}" if name.startswith("--") else f"another {name} (its latents are not this data's)"
@@ -161,13 +182,37 @@ def truncate_log(path: Path, step: int) -> None:
             temp.write_text("".join(line + "\n" for line in kept))
 
 
-def batch_indices(step: int, batch_size: int, count: int, seed: int) -> np.ndarray:
-    """The examples of global step `step`: epochs are seeded permutations, so the data order survives --resume."""
+def batch_indices(step: int, batch_size: int, count: int, seed: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """The examples of global step `step`: epochs are seeded permutations, so the data order survives --resume; with
+    `weights` (a probability per example), a seeded weighted draw of the step instead."""
+    if weights is not None:
+        return np.random.default_rng([seed, step, 3]).choice(count, size=batch_size, p=weights)
     start = step * batch_size
     epoch_first, epoch_last = start // count, (start + batch_size - 1) // count
     order = np.concatenate([np.random.default_rng([seed, e]).permutation(count) for e in range(epoch_first, epoch_last + 1)])
     offset = start - epoch_first * count
     return order[offset : offset + batch_size]
+
+
+def source_weights(sources: np.ndarray, power: float) -> np.ndarray | None:
+    """A sampling probability per example: each source drawn in proportion to its size ** power (None: uniform)."""
+    names, inverse, counts = np.unique(sources, return_inverse=True, return_counts=True)
+    if power == 1 or len(names) == 1:
+        return None
+    weights = counts.astype(np.float64) ** power / counts
+    return weights[inverse] / weights[inverse].sum()
+
+
+def split(dataset: LatentDataset, args: argparse.Namespace) -> tuple[list[int], list[int]]:
+    """Train and held-out items: the videos --holdout names, or a random --val-fraction of whole videos."""
+    if not args.holdout:
+        return dataset.split_by_video(args.val_fraction, args.seed)
+    held = {i for i, name in enumerate(dataset.videos) if any(fnmatch.fnmatch(name, p) for p in args.holdout)}
+    if not held:
+        raise UserError(f"--holdout {' '.join(args.holdout)}: matches no video of the data; use folder names such "
+                        f"as {dataset.videos[0]}")
+    is_held = np.isin(dataset.video_ids, sorted(held))
+    return np.flatnonzero(~is_held).tolist(), np.flatnonzero(is_held).tolist()
 
 
 def step_generator(seed: int, step: int, device) -> torch.Generator:
@@ -194,8 +239,10 @@ def diffusion_loss(unet, batch: dict, scheduler, cond_dropout: float, downscale:
         keep = torch.rand(total, 1, 1, generator=generator, device=device)[rows] >= cond_dropout
         tokens = tokens * keep
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = unet(torch.cat([noisy, spatial_gray(gray, downscale)], dim=1), timesteps,
-                      encoder_hidden_states=tokens).sample
+    inputs = [noisy, spatial_gray(gray, downscale)]
+    if "hints" in batch:
+        inputs.append(spatial_hints(batch["hints"], downscale))
+    prediction = unet(torch.cat(inputs, dim=1), timesteps, encoder_hidden_states=tokens).sample
     if scheduler.config.prediction_type == "epsilon":
         target = noise
     elif scheduler.config.prediction_type == "v_prediction":
@@ -212,15 +259,41 @@ def diffusion_loss(unet, batch: dict, scheduler, cond_dropout: float, downscale:
 
 
 def stack(dataset: LatentDataset, indices, device) -> dict:
+    """A batch: tensors on `device`; numpy arrays (the hint sources) stay numpy."""
     items = [dataset[int(i)] for i in indices]
-    return {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
+    return {key: torch.stack([item[key] for item in items]).to(device) if torch.is_tensor(items[0][key])
+            else np.stack([item[key] for item in items]) for key in items[0]}
+
+
+def complete_batch(batch: dict, vac, hint_rngs: list[np.random.Generator] | None, none_fraction: float = 1.0) -> dict:
+    """The model's inputs for a batch: VAC tokens when latent.npz has none (with gradients when the VAC trains),
+    and colour hints when the UNet takes them (`hint_rngs`: one generator per row, None for a UNet without hints)."""
+    batch = {key: value for key, value in batch.items() if torch.is_tensor(value)} | \
+        {key: value for key, value in batch.items() if not torch.is_tensor(value) and hint_rngs is not None}
+    if "tokens" not in batch:
+        batch["tokens"] = vac(batch["gray"])
+    if hint_rngs is not None:
+        hints = draw_training_hints(batch.pop("chroma"), batch.pop("partner_chroma"), batch.pop("partner_mask"),
+                                    hint_rngs, none_fraction)
+        batch["hints"] = hints.to(batch["gray"].device)
+    return batch
+
+
+def hint_generators(seed: int, step: int, rows: range) -> list[np.random.Generator]:
+    """The hint draws of rows `rows` of global step `step`: a function of --seed, the step and the row alone."""
+    return [np.random.default_rng([seed, step, 2, row]) for row in rows]
 
 
 @torch.no_grad()
-def validation_loss(unet, dataset, indices, scheduler, downscale, device, batch_size: int) -> float:
+def validation_loss(unet, vac, dataset, indices, scheduler, downscale, device, batch_size: int, hints: bool) -> float:
+    """Plain v-MSE of held-out items without hints: automatic colorization, comparable between runs."""
     generator = torch.Generator(device=device).manual_seed(1234)
-    losses = [diffusion_loss(unet, stack(dataset, indices[i : i + batch_size], device), scheduler, 0.0, downscale,
-                             generator=generator).item() for i in range(0, min(len(indices), 256), batch_size)]
+    losses = []
+    for i in range(0, min(len(indices), 256), batch_size):
+        batch = stack(dataset, indices[i : i + batch_size], device)
+        rows = range(len(batch["latents"]))
+        batch = complete_batch(batch, vac, hint_generators(0, 0, rows) if hints else None, none_fraction=1.0)
+        losses.append(diffusion_loss(unet, batch, scheduler, 0.0, downscale, generator=generator).item())
     return float(np.mean(losses))
 
 
@@ -228,7 +301,7 @@ def save_sample_grid(colorizer: Colorizer, dataset, indices, path: Path) -> None
     """A PNG for people: grayscale | sampled colours | ground truth, one row per held-out frame."""
     batch = stack(dataset, indices[:: max(1, len(indices) // 6)][:6], colorizer.device)
     noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(0))
-    latents = colorizer.sample_latents(batch["gray"], noise, "ddim", 20, tokens=batch["tokens"])
+    latents = colorizer.sample_latents(batch["gray"], noise, "ddim", 20, tokens=batch.get("tokens"))
     predicted, truth = colorizer.decode_chroma(latents), colorizer.decode_chroma(batch["latents"])
     gray = (batch["gray"][:, 0].cpu().numpy() * 255).round().astype(np.uint8)
     rows = [np.concatenate([np.repeat(g[..., None], 3, 2), combine(g, p), combine(g, t)], 1)
@@ -272,8 +345,13 @@ def main() -> None:
         raise UserError(f"{data_path}: does not name the VAE and VAC that made it; pass --vae and --vac, or re-run "
                         f"feature_extraction.py --overwrite")
     vae = load_vae(vae_spec).eval().requires_grad_(False)
-    vac = load_vac(vac_spec).eval().requires_grad_(False)
+    vac = load_vac(vac_spec).eval().requires_grad_(args.train_vac)
     check_components(dataset, data_path, vae, vac, vae_spec, vac_spec)
+    if args.hints and dataset.hint_sources is None:
+        raise UserError(f"{data_path}: holds no hint sources for --hints; re-run feature_extraction.py with --hints")
+    if args.train_vac and dataset.tokens is not None:
+        print(f"note: {data_path} holds VAC tokens; --train-vac computes them anew each step", file=sys.stderr)
+        dataset.tokens = None
     fingerprints = {"vae_fingerprint": vae_fingerprint(vae), "vac_fingerprint": vac_fingerprint(vac)}
     run_dir = args.output_dir / args.run_name
     check_writable(run_dir, "an --output-dir")
@@ -289,16 +367,33 @@ def main() -> None:
     existing = checkpoints_of(run_dir)
     downscale = int(2 ** (len(vae.config.block_out_channels) - 1))
     latent_channels, latent_size = dataset.latents.shape[1], dataset.latents.shape[-1]
-    unet = build_unet(latent_channels, downscale, dataset.tokens.shape[-1], args.net_dimension, latent_size,
-                      args.dropout)
+    unet = build_unet(latent_channels, downscale, vac.token_dim, args.net_dimension, latent_size, args.dropout,
+                      hint_channels(downscale) if args.hints else 0)
     scheduler = DDPMScheduler(num_train_timesteps=args.train_timesteps, beta_schedule=args.beta_schedule,
                               prediction_type=args.prediction_type, clip_sample=False)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=type(unet), model_config=unet.config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
+    groups = [{"params": list(unet.parameters())}]
+    if args.train_vac:
+        groups.append({"params": list(vac.parameters()), "lr": args.lr * args.vac_lr_scale})
+        ema_vac, vac_copy = EMAModel(vac.parameters(), decay=args.ema_decay), copy.deepcopy(vac)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
-    unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+    if args.train_vac:
+        unet, vac, optimizer, lr_schedule = accelerator.prepare(unet, vac, optimizer, lr_schedule)
+        accelerator.register_for_checkpointing(ema_vac)
+        ema_vac.to(accelerator.device)
+    else:
+        unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+        vac.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
     ema.to(accelerator.device)
+
+    def averaged_vac():
+        """The VAC inference uses: the EMA weights when it trains."""
+        if not args.train_vac:
+            return vac
+        ema_vac.copy_to(vac_copy.parameters())
+        return vac_copy.to(accelerator.device).eval()
 
     step = 0
     if args.resume and existing:
@@ -318,7 +413,8 @@ def main() -> None:
     if step >= args.max_steps:
         accelerator.print(f"already at step {step}; pass a larger --max-steps to train on")
         return
-    train_ids, val_ids = dataset.split_by_video(args.val_fraction, args.seed)
+    train_ids, val_ids = split(dataset, args)
+    weights = source_weights(dataset.sources()[train_ids], args.source_power)
     config = {
         "vae": copy_local_component(vae_spec, run_dir, "vae") if accelerator.is_main_process else None,
         "vac": copy_local_component(vac_spec, run_dir, "vac") if accelerator.is_main_process else None,
@@ -330,6 +426,8 @@ def main() -> None:
         "net_dimension": args.net_dimension,
         "dropout": args.dropout,
         "cond_dropout": args.cond_dropout,
+        **({"hint_channels": HINT_CHANNELS} if args.hints else {}),
+        **({"train_vac": True, "vac": "vac"} if args.train_vac else {}),
         "dataset": str(data_path),
         "train_frames": len(train_ids),
     }
@@ -366,7 +464,11 @@ def main() -> None:
                     ema_unet = type(accelerator.unwrap_model(unet)).from_config(accelerator.unwrap_model(unet).config)
                 ema.copy_to(ema_unet.parameters())
                 ema_unet.save_pretrained(temp / "unet")
-                (temp / CONFIG_NAME).write_text(json.dumps({**config, "step": step}, indent=2))
+                saved = {**config, "step": step}
+                if args.train_vac:
+                    save_vac(averaged_vac(), temp / "vac")
+                    saved["vac_fingerprint"] = vac_fingerprint(averaged_vac())
+                (temp / CONFIG_NAME).write_text(json.dumps(saved, indent=2))
             for old in checkpoints_of(run_dir)[: -args.keep_checkpoints]:
                 discard(old)
         accelerator.wait_for_everyone()
@@ -378,8 +480,9 @@ def main() -> None:
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
         model.eval()
-        loss = validation_loss(model, dataset, val_ids, scheduler, downscale, accelerator.device, args.batch_size)
-        colorizer = Colorizer(model, vae.to(accelerator.device), vac.to(accelerator.device), config, accelerator.device)
+        loss = validation_loss(model, averaged_vac(), dataset, val_ids, scheduler, downscale, accelerator.device,
+                               args.batch_size, args.hints)
+        colorizer = Colorizer(model, vae.to(accelerator.device), averaged_vac(), config, accelerator.device)
         save_sample_grid(colorizer, dataset, val_ids, run_dir / f"samples-{step:07d}.png")
         model.train()
         ema.restore(model.parameters())
@@ -393,17 +496,23 @@ def main() -> None:
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_main_process, desc="training")
     unet.train()
     while step < args.max_steps:
-        indices = np.array(train_ids)[batch_indices(step, args.batch_size, len(train_ids), args.seed)]
+        indices = np.array(train_ids)[batch_indices(step, args.batch_size, len(train_ids), args.seed, weights)]
         mine = indices[part[0] : part[0] + per_process]
+        rows = range(part[0], part[0] + per_process)
         with accelerator.autocast():
-            loss = diffusion_loss(unet, stack(dataset, mine, accelerator.device), scheduler, args.cond_dropout, downscale,
-                                  args.snr_gamma, step_generator(args.seed, step, accelerator.device), part)
+            batch = complete_batch(stack(dataset, mine, accelerator.device), vac,
+                                   hint_generators(args.seed, step, rows) if args.hints else None,
+                                   args.hint_none_fraction)
+            loss = diffusion_loss(unet, batch, scheduler, args.cond_dropout, downscale, args.snr_gamma,
+                                  step_generator(args.seed, step, accelerator.device), part)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+        accelerator.clip_grad_norm_([p for group in groups for p in group["params"]], 1.0)
         optimizer.step()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         ema.step(unet.parameters())
+        if args.train_vac:
+            ema_vac.step(vac.parameters())
         step += 1
         # One collective per step: the loss, and whether any process got a signal or ran out of time, so that
         # all of them checkpoint and stop together (a process stopping alone would leave the others waiting).

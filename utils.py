@@ -206,7 +206,29 @@ def captured_native_stderr() -> Iterator[list[str]]:
 
 
 def read_image_rgb(path: Path) -> np.ndarray:
-    """Read an image as HxWx3 uint8 RGB, whatever its channels (gray, RGBA) or depth (8 or 16 bit).
+    """Read an image as HxWx3 uint8 RGB, whatever its channels (gray, RGBA) or depth (8 or 16 bit)."""
+    import cv2
+
+    image = decode_image_8bit(path)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_image_rgba(path: Path) -> np.ndarray:
+    """Read an image with an alpha channel as HxWx4 uint8 RGBA (8 or 16 bit); an image without one is an error."""
+    import cv2
+
+    image = decode_image_8bit(path)
+    if image.ndim == 2 or image.shape[2] != 4:
+        raise UserError(f"{path}: has no alpha channel; save it as an RGBA PNG, hints opaque on a transparent background")
+    return cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+
+
+def decode_image_8bit(path: Path) -> np.ndarray:
+    """An image file as OpenCV decodes it (BGR or BGRA or gray), brought to 8 bits.
 
     A damaged file is an error naming it: libjpeg decodes a truncated or corrupt JPEG into a half-gray picture with
     only a warning on stderr, so those warnings are caught and turned into the error."""
@@ -231,11 +253,7 @@ def read_image_rgb(path: Path) -> np.ndarray:
         image = (image.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
     elif image.dtype != np.uint8:
         raise UserError(f"{path}: unsupported pixel type {image.dtype}; convert it to 8 or 16-bit PNG/JPEG")
-    if image.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    if image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
 
 
 def write_image_rgb(path: Path, image: np.ndarray) -> None:
@@ -302,12 +320,6 @@ def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
     return cv2.resize(image, size, interpolation=interpolation)
-
-
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    height, width = image.shape[:2]
-    top, left = (height - size) // 2, (width - size) // 2
-    return image[top : top + size, left : left + size]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -458,40 +470,6 @@ def mux_audio(video_only: Path, audio_source: Path, output: Path) -> None:
             if packet.dts is not None:
                 packet.stream = targets[id(packet.stream)]
                 out.mux(packet)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Motion
-
-
-def warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
-    """image sampled at x + flow(x) (bilinear)."""
-    import cv2
-
-    height, width = flow.shape[:2]
-    grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
-    map_x, map_y = grid_x + flow[..., 0], grid_y + flow[..., 1]
-    return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-
-
-def reliable_flow(prev_gray: np.ndarray, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flow b with gray(x) ~ prev_gray(x + b(x)), and the mask of pixels where it can be trusted.
-
-    Trusted: the forward flow at x + b(x) brings the pixel back (Sundaram et al. 2010, as in Ruder et al. 2016), so
-    occluded and badly matched pixels drop out, and x + b(x) lies inside the frame.
-    """
-    import cv2
-
-    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-    backward = dis.calc(gray, prev_gray, None)
-    forward_there = warp(dis.calc(prev_gray, gray, None), backward)
-    round_trip = np.sum((backward + forward_there) ** 2, axis=2)
-    tolerance = 0.01 * (np.sum(backward**2, axis=2) + np.sum(forward_there**2, axis=2)) + 0.5
-    height, width = gray.shape
-    grid_y, grid_x = np.mgrid[0:height, 0:width]
-    target_x, target_y = grid_x + backward[..., 0], grid_y + backward[..., 1]
-    inside = (target_x >= 0) & (target_x <= width - 1) & (target_y >= 0) & (target_y <= height - 1)
-    return backward, (round_trip <= tolerance) & inside
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ carried along the optical flow, so colours do not flicker; a scene cut starts a 
 from __future__ import annotations
 
 import argparse
+import itertools
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -22,9 +23,11 @@ import numpy as np
 import torch
 
 from colorizer import SAMPLERS, Colorizer, combine, load_colorizer, prepare_gray
+from guidance import (GuidePropagator, hint_tensor, load_hint_image, load_reference, model_hints, parse_guide_spec,
+                      paste_dense, propagate_chroma, propagation_size)
 from utils import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, UserError, VideoWriter, atomic_path, check_writable,
-                   choose_device, has_audio, iter_clip_frames, list_clips, mux_audio, probe_clip, reliable_flow,
-                   rgb_to_gray, run_cli, seed_everything, warp, write_image_rgb)
+                   choose_device, has_audio, iter_clip_frames, list_clips, mux_audio, probe_clip, rgb_to_gray, run_cli,
+                   seed_everything, write_image_rgb)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "unet_model" / "default"
 
@@ -67,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-scene-cuts", dest="scene_cuts", action="store_false",
                         help="never start a new shot (new noise, no propagation) at a detected cut")
     parser.add_argument("--cut-threshold", type=float, default=0.35, help="Bhattacharyya distance of gray histograms")
+    parser.add_argument("--reference", action="append", default=[], metavar="[N=]IMAGE",
+                        help="a colour version of frame N (default 0): its colours travel along the motion to the "
+                        "frames before and after it; repeat for several keyframes (any size; only chroma is used)")
+    parser.add_argument("--hints", action="append", default=[], metavar="[N=]IMAGE",
+                        help="an RGBA image of frame N (default 0) whose opaque pixels are colour hints, painted "
+                        "dots or strokes on a transparent background (any size); repeatable")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="frames denoised together")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -93,26 +102,63 @@ def is_scene_cut(previous_gray: np.ndarray, gray: np.ndarray, threshold: float) 
     return cv2.compareHist(histograms[0], histograms[1], cv2.HISTCMP_BHATTACHARYYA) > threshold
 
 
-def propagate_chroma(previous_gray: np.ndarray, gray: np.ndarray, previous_chroma: np.ndarray,
-                     chroma: np.ndarray, weight: float) -> np.ndarray:
-    """Blend the previous output's chroma, carried along the optical flow, into this frame's prediction where the
-    flow passes the forward-backward check: colours follow the motion instead of being re-drawn every frame."""
+def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     import cv2
 
-    flow, reliable = reliable_flow(previous_gray, gray)
-    soft = cv2.GaussianBlur(reliable.astype(np.float32), (0, 0), 1.0)[..., None] * weight
-    return soft * warp(previous_chroma, flow) + (1.0 - soft) * chroma
+    if image.shape[:2] == size:
+        return image
+    interpolation = cv2.INTER_AREA if image.shape[0] > size[0] else cv2.INTER_LINEAR
+    return cv2.resize(image, (size[1], size[0]), interpolation=interpolation)
+
+
+def load_guides(clip: Path, info, args: argparse.Namespace, colorizer: Colorizer) -> GuidePropagator | None:
+    """--reference and --hints for this clip, checked against its frame count, with their backward propagation
+    done (it reads the frames up to the last guided one once more)."""
+    size = propagation_size(info.height, info.width)
+    guides = []
+    for option, load in (("--reference", load_reference), ("--hints", load_hint_image)):
+        for spec in getattr(args, option[2:]):
+            index, path = parse_guide_spec(spec)
+            if index >= info.frame_count:
+                raise UserError(f"{option} {spec}: {clip} has no frame {index} (it has {info.frame_count}, numbered "
+                                f"from 0); give a frame number below {info.frame_count}")
+            guides.append(load(path, index, size))
+    if not guides:
+        return None
+    if args.hints and not colorizer.takes_hints:
+        raise UserError(f"--hints: the model {args.model} has no colour-hint input (trained without --hints); use "
+                        f"the default model or one trained with --hints")
+    propagator = GuidePropagator(guides)
+    if propagator.last_guided_frame > 0:
+        working = colorizer.working_size(info.height, info.width)
+        grays, small = [], []
+        for frame in itertools.islice(iter_clip_frames(clip), propagator.last_guided_frame + 1):
+            gray = rgb_to_gray(resize_if_needed(frame, info.height, info.width))
+            grays.append(resize_to(gray, size))
+            small.append(working_gray(gray, working))
+        cuts = [False] + [args.scene_cuts and is_scene_cut(a, b, args.cut_threshold) for a, b in zip(small, small[1:])]
+        propagator.backward_pass(grays, cuts)
+    return propagator
+
+
+def working_gray(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A frame's luma at the model's working size, as uint8 (what scene cuts and propagation look at)."""
+    return (prepare_gray(gray[None], size)[0, 0].numpy() * 255).round().astype(np.uint8)
 
 
 def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: argparse.Namespace,
-                    first_frame_shape: tuple[int, int]) -> Iterator[np.ndarray]:
+                    first_frame_shape: tuple[int, int], guides: GuidePropagator | None = None) -> Iterator[np.ndarray]:
     """Yield the colorized frames of one clip, streaming in batches of --batch-size.
 
     Temporal consistency, each part switchable for comparison: one initial noise per shot (--no-shared-noise
     draws fresh noise per frame), flow-guided propagation of the previous output's chroma (--propagation 0 turns
-    it off), and scene-cut detection that starts a new shot (--no-scene-cuts)."""
+    it off), and scene-cut detection that starts a new shot (--no-scene-cuts). With `guides` (keyframes and
+    painted hints), their colour carried to each frame is the model's hint input, and a keyframe's colour is kept
+    wherever it was carried reliably."""
     height, width = first_frame_shape
     size = colorizer.working_size(height, width)
+    guide_size = propagation_size(height, width)
+    frame_number = 0
     latent_shape = colorizer.latent_shape(height, width)
     shot, previous_gray, previous_chroma = 0, None, None
     noise_generator = torch.Generator().manual_seed(args.seed)
@@ -121,9 +167,15 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ar
     shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed))
     for batch in batched(frames, args.batch_size):
         gray = np.stack([rgb_to_gray(resize_if_needed(frame, height, width)) for frame in batch])
-        small = (prepare_gray(gray, size)[:, 0].numpy() * 255).round().astype(np.uint8)
+        small = np.stack([working_gray(g, size) for g in gray])
         cuts = [previous is not None and args.scene_cuts and is_scene_cut(previous, current, args.cut_threshold)
                 for previous, current in zip([previous_gray, *small[:-1]], small)]
+        frame_guides = [guides.step(frame_number + i, resize_to(g, guide_size), cut) if guides else (None, None)
+                        for i, (g, cut) in enumerate(zip(gray, cuts))]
+        frame_number += len(batch)
+        hints = None
+        if guides and colorizer.takes_hints:
+            hints = hint_tensor(*map(np.stack, zip(*(model_hints(d, s, size) for d, s in frame_guides))))
         noise = []
         for cut in cuts:
             if cut:
@@ -131,11 +183,14 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ar
                 shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed + shot))
             noise.append(shot_noise if args.shared_noise else torch.randn(latent_shape, generator=noise_generator))
         latents = colorizer.sample_latents(prepare_gray(gray, size), torch.stack(noise), args.sampler, args.steps,
-                                           args.guidance, generator=step_generator)
-        for g, g_small, chroma, cut in zip(gray, small, colorizer.decode_chroma(latents) * args.saturation, cuts):
+                                           args.guidance, generator=step_generator, hints=hints)
+        predicted = colorizer.decode_chroma(latents) * args.saturation
+        for g, g_small, chroma, cut, (dense, _) in zip(gray, small, predicted, cuts, frame_guides):
             if previous_chroma is not None and not cut and args.propagation > 0:
                 chroma = propagate_chroma(previous_gray, g_small, previous_chroma, chroma, args.propagation)
-            previous_gray, previous_chroma = g_small, chroma
+            if dense is not None:
+                chroma = paste_dense(resize_to(chroma, guide_size), dense)
+            previous_gray, previous_chroma = g_small, resize_to(chroma, size)
             yield combine(g, chroma)
 
 
@@ -167,7 +222,8 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
     written = 0
     as_video = output.suffix.lower() == ".mp4"
     # The bar shows only on a terminal and is cleared when the clip ends or fails, so an error stays one line.
-    frames = colorize_frames(colorizer, iter_clip_frames(clip), args, (info.height, info.width))
+    guides = load_guides(clip, info, args, colorizer)
+    frames = colorize_frames(colorizer, iter_clip_frames(clip), args, (info.height, info.width), guides)
     with atomic_path(output, overwrite=args.overwrite, is_dir=not as_video) as temp, \
             tqdm(frames, total=info.frame_count, desc=clip.name, unit="frame", leave=False, disable=None) as colorized:
         if as_video:
@@ -257,6 +313,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     clips = list_clips(args.input)
+    if (args.reference or args.hints) and len(clips) > 1:
+        raise UserError(f"{args.input}: holds {len(clips)} clips, and --reference / --hints colour one clip; pass a "
+                        f"single video or frame folder")
     plan = plan_outputs(clips, args)
     device = choose_device(args.device)
     if not args.model.exists():

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import evaluate  # noqa: E402
+import flow as motion  # noqa: E402
 import utils  # noqa: E402
 
 VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "val"
@@ -148,7 +149,7 @@ def test_reliable_flow_tracks_a_moving_object_and_masks_what_it_uncovers():
     prev, current = background.copy(), background.copy()
     prev[28:68, 30:70] = square
     current[28:68, 38:78] = square  # the square moves 8 px right, uncovering background at columns 30-37
-    flow, mask = utils.reliable_flow(cv2.cvtColor(prev, cv2.COLOR_RGB2GRAY), cv2.cvtColor(current, cv2.COLOR_RGB2GRAY))
+    flow, mask = motion.reliable_flow(cv2.cvtColor(prev, cv2.COLOR_RGB2GRAY), cv2.cvtColor(current, cv2.COLOR_RGB2GRAY))
     inside_square = (slice(32, 64), slice(48, 68))
     assert np.median(flow[inside_square][..., 0]) == pytest.approx(-8, abs=0.3)
     assert mask[inside_square].mean() > 0.9
@@ -161,7 +162,7 @@ def test_reliable_flow_masks_pixels_that_come_from_outside_the_frame():
 
     texture = smooth_texture(96, 128)
     prev, current = texture[:, 8:-8], texture[:, 5:-11]  # the view pans: current(x) = prev(x - 3)
-    flow, mask = utils.reliable_flow(cv2.cvtColor(prev, cv2.COLOR_RGB2GRAY), cv2.cvtColor(current, cv2.COLOR_RGB2GRAY))
+    flow, mask = motion.reliable_flow(cv2.cvtColor(prev, cv2.COLOR_RGB2GRAY), cv2.cvtColor(current, cv2.COLOR_RGB2GRAY))
     assert np.median(flow[mask][:, 0]) == pytest.approx(-3, abs=0.2)
     assert not mask[:, :3].any()  # their source lies left of the previous frame
     assert mask[:, 3:].mean() > 0.9

@@ -1,0 +1,280 @@
+"""Colour hints: the UNet's hint input, the random hints training draws, and chroma carried along the optical flow.
+
+A hint is a chroma value (BT.601 Cb, Cr) at some pixels of the working-size frame plus a mask saying which pixels
+carry one. The UNet receives them pixel-unshuffled beside the grayscale frame, so a single hinted pixel stays
+exact. Where they come from:
+- training: none (half of the items, so automatic colorization stays the main task), a few random points and small
+  patches of the true colour (Zhang et al. 2017), or dense hints: another frame of the same clip warped onto this one
+  by the optical flow and masked by its reliability, what propagation feeds the model at inference;
+- inference: a keyframe's chroma carried frame to frame along the flow (propagation), and painted hint images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flow import reliable_flow, warp
+from modules import CHROMA_RANGE
+
+HINT_CHANNELS = 3  # Cb and Cr (divided by CHROMA_RANGE, zero where no hint) and the mask
+PROPAGATION_SHORT_SIDE = 480  # keyframe colour travels at most at this size (cost of the flow grows with area)
+
+
+def hint_channels(downscale: int) -> int:
+    """Channels the hints add to the UNet's input once pixel-unshuffled."""
+    return HINT_CHANNELS * downscale * downscale
+
+
+def hint_tensor(chroma: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+    """BxHxWx2 chroma and BxHxW mask in [0, 1] -> Bx3xHxW (chroma/128 where hinted, the mask)."""
+    mask = np.asarray(mask, np.float32)[..., None]
+    stacked = np.concatenate([np.asarray(chroma, np.float32) / CHROMA_RANGE * mask, mask], axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(stacked)).permute(0, 3, 1, 2)
+
+
+def no_hints(batch: int, height: int, width: int) -> torch.Tensor:
+    return torch.zeros(batch, HINT_CHANNELS, height, width)
+
+
+def spatial_hints(hints: torch.Tensor, downscale: int) -> torch.Tensor:
+    """Bx3xHxW hints -> B x 3*downscale^2 x H/downscale x W/downscale, losslessly (pixel-unshuffle)."""
+    return F.pixel_unshuffle(hints, downscale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training hints
+
+
+def point_hints(chroma: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A geometric number of points (mean 8) and small square patches, each holding its patch's mean true colour:
+    what a user paints with a brush."""
+    height, width = chroma.shape[:2]
+    hinted, mask = np.zeros_like(chroma), np.zeros((height, width), np.float32)
+    for _ in range(min(64, int(rng.geometric(1 / 8)))):
+        side = int(rng.integers(1, 4))
+        top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
+        patch = (slice(top, top + side), slice(left, left + side))
+        hinted[patch] = chroma[patch].reshape(-1, 2).mean(axis=0)
+        mask[patch] = 1.0
+    return hinted, mask
+
+
+def region_hints(chroma: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The true colour over one to three random rectangles covering large parts of the frame: dense hints for
+    items without a second frame (photos)."""
+    height, width = chroma.shape[:2]
+    mask = np.zeros((height, width), np.float32)
+    for _ in range(int(rng.integers(1, 4))):
+        h, w = int(rng.integers(height // 4, height + 1)), int(rng.integers(width // 4, width + 1))
+        top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+        mask[top : top + h, left : left + w] = 1.0
+    return chroma * mask[..., None], mask
+
+
+def draw_training_hints(chroma: np.ndarray, partner_chroma: np.ndarray, partner_mask: np.ndarray,
+                        rngs: list[np.random.Generator], none_fraction: float = 0.5) -> torch.Tensor:
+    """One hint set per item of a batch (BxHxWx2 true chroma; the partner frame's warped chroma and reliability,
+    an all-zero mask for items without a partner; a generator per item) -> Bx3xHxW. Of the hinted items, half get
+    points and half dense hints (the partner's where it has one, else rectangles of the true colour)."""
+    hints = np.zeros((*chroma.shape[:3], 2), np.float32), np.zeros(chroma.shape[:3], np.float32)
+    for i, rng in enumerate(rngs):
+        draw = rng.random()
+        if draw < none_fraction:
+            continue
+        if draw < none_fraction + (1 - none_fraction) / 2:
+            hinted, mask = point_hints(chroma[i], rng)
+        elif partner_mask[i].any():
+            hinted, mask = partner_chroma[i], partner_mask[i]
+        else:
+            hinted, mask = region_hints(chroma[i], rng)
+        hints[0][i], hints[1][i] = hinted, mask
+    return hint_tensor(*hints)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Propagation along the flow
+
+
+def carry(previous_gray: np.ndarray, gray: np.ndarray, previous_chroma: np.ndarray,
+          blur: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The previous frame's chroma warped onto this frame, and a soft mask in [0, 1] of where the flow is reliable
+    (the forward-backward check, feathered so that seams do not show)."""
+    import cv2
+
+    flow, reliable = reliable_flow(previous_gray, gray)
+    soft = cv2.GaussianBlur(reliable.astype(np.float32), (0, 0), blur) if blur else reliable.astype(np.float32)
+    return warp(previous_chroma, flow), soft
+
+
+def blend(carried: np.ndarray, mask: np.ndarray, chroma: np.ndarray, weight: float) -> np.ndarray:
+    """Carried chroma where the mask (times `weight`) says so, the new prediction elsewhere."""
+    soft = mask[..., None] * weight
+    return soft * carried + (1.0 - soft) * chroma
+
+
+def propagate_chroma(previous_gray: np.ndarray, gray: np.ndarray, previous_chroma: np.ndarray,
+                     chroma: np.ndarray, weight: float) -> np.ndarray:
+    """Blend the previous output's chroma, carried along the optical flow, into this frame's prediction where the
+    flow passes the forward-backward check: colours follow the motion instead of being re-drawn every frame."""
+    carried, mask = carry(previous_gray, gray, previous_chroma)
+    return blend(carried, mask, chroma, weight)
+
+
+def partner_hints(gray: np.ndarray, partner_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Another frame of the same clip (same crop) -> its chroma warped onto this frame and the flow's reliability:
+    the dense hints training draws, made the way inference makes them."""
+    from utils import rgb_to_chroma, rgb_to_gray
+
+    return carry(rgb_to_gray(partner_rgb), gray, rgb_to_chroma(partner_rgb), blur=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Keyframes and painted hints at inference
+
+
+@dataclass
+class Guide:
+    """Colour given for a frame and carried to others: a reference keyframe (dense: every pixel; pasted into the
+    output where it is carried reliably) or painted hints (sparse: only the model sees them). `weighted` is the
+    chroma times the mask, so that warping and merging never mix hinted colour with the zeros around it."""
+
+    origin: int  # the frame the colour was given for
+    weighted: np.ndarray  # HxWx2 float32: Cb/Cr x mask, at the propagation size
+    mask: np.ndarray  # HxW float32 in [0, 1]: how much of the given colour reached each pixel
+    dense: bool
+
+    @property
+    def chroma(self) -> np.ndarray:
+        return self.weighted / np.maximum(self.mask, 1e-6)[..., None]
+
+
+def parse_guide_spec(spec: str) -> tuple[int, Path]:
+    """`IMAGE` (frame 0) or `N=IMAGE` (frame N, 0-based)."""
+    number, separator, rest = spec.partition("=")
+    if separator and number.strip().isdigit():
+        return int(number), Path(rest)
+    return 0, Path(spec)
+
+
+def propagation_size(height: int, width: int, short_side: int = PROPAGATION_SHORT_SIDE) -> tuple[int, int]:
+    """Keyframe colour travels at the frame's own size, or at a short side of `short_side` for larger frames."""
+    scale = min(1.0, short_side / min(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def load_reference(path: Path, index: int, size: tuple[int, int]) -> Guide:
+    """A colour image of the frame (any size; only its chroma is used, so its luma may differ a little)."""
+    import cv2
+
+    from utils import read_image_rgb, rgb_to_chroma
+
+    rgb = cv2.resize(read_image_rgb(path), (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    return Guide(index, rgb_to_chroma(rgb), np.ones(size, np.float32), dense=True)
+
+
+def load_hint_image(path: Path, index: int, size: tuple[int, int]) -> Guide:
+    """An RGBA image (any size, resized with nearest neighbour): opaque pixels are colour hints."""
+    import cv2
+
+    from utils import UserError, read_image_rgba, rgb_to_chroma
+
+    rgba = cv2.resize(read_image_rgba(path), (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+    mask = (rgba[..., 3] >= 128).astype(np.float32)
+    if not mask.any():
+        raise UserError(f"{path}: has no opaque pixel, so no hint; paint hints opaque on a transparent background")
+    return Guide(index, rgb_to_chroma(np.ascontiguousarray(rgba[..., :3])) * mask[..., None], mask, dense=False)
+
+
+def carry_guide(guide: Guide, from_gray: np.ndarray, to_gray: np.ndarray) -> Guide:
+    """A guide moved from the frame of `from_gray` onto the frame of `to_gray` along the flow, kept only where the
+    flow passes the forward-backward check."""
+    flow, reliable = reliable_flow(from_gray, to_gray)
+    reliable = reliable.astype(np.float32)
+    weighted = warp(guide.weighted.astype(np.float32), flow) * reliable[..., None]
+    return Guide(guide.origin, weighted, warp(guide.mask.astype(np.float32), flow) * reliable, guide.dense)
+
+
+def merge(guides: list[Guide], t: int) -> Guide | None:
+    """Several guides reaching frame t -> one: each weighs its mask / (1 + frames it travelled), so between two
+    keyframes the nearer one dominates and a fresh hint overrides an old one."""
+    if not guides:
+        return None
+    weights = [1.0 / (1 + abs(t - g.origin)) for g in guides]
+    total = sum(w * g.mask for w, g in zip(weights, guides))
+    chroma = sum(w * g.weighted for w, g in zip(weights, guides)) / np.maximum(total, 1e-6)[..., None]
+    mask = np.maximum.reduce([g.mask for g in guides])
+    return Guide(t, chroma * mask[..., None], mask, guides[0].dense)
+
+
+class GuidePropagator:
+    """Carries every guide's colour along the optical flow, forward through the frames after its own and backward
+    through those before it, each step masked by the flow's reliability, so colour fades out where the motion cannot
+    be followed (occlusions, new content); a scene cut stops it. Call `backward_pass` first with the frames up to
+    the last guide, then `step(t, gray)` for t = 0, 1, ... in order; each returns the frame's (dense, sparse) guides.
+    The backward results wait in float16 until their frame comes: memory grows with the frames before the last
+    keyframe, not with the clip."""
+
+    def __init__(self, guides: list[Guide]):
+        self.guides = guides
+        self.forward: list[Guide] = []
+        self.previous_gray: np.ndarray | None = None
+        self.backward: dict[int, list[Guide]] = {}
+
+    @property
+    def last_guided_frame(self) -> int:
+        return max((g.origin for g in self.guides), default=-1)
+
+    def backward_pass(self, grays: list[np.ndarray], cuts: list[bool]) -> None:
+        """grays: frames 0 .. last_guided_frame at the propagation size; cuts[t]: frame t starts a new shot."""
+        for guide in self.guides:
+            carried = guide
+            for t in range(guide.origin - 1, -1, -1):
+                if cuts[t + 1]:
+                    break
+                carried = carry_guide(carried, grays[t + 1], grays[t])
+                if not carried.mask.any():
+                    break
+                self.backward.setdefault(t, []).append(Guide(carried.origin, carried.weighted.astype(np.float16),
+                                                             carried.mask.astype(np.float16), carried.dense))
+
+    def step(self, t: int, gray: np.ndarray, cut: bool = False) -> tuple[Guide | None, Guide | None]:
+        if cut:
+            self.forward = []
+        elif self.previous_gray is not None and self.forward:
+            self.forward = [g for g in (carry_guide(g, self.previous_gray, gray) for g in self.forward) if g.mask.any()]
+        self.forward += [g for g in self.guides if g.origin == t]
+        self.previous_gray = gray
+        backward = [Guide(g.origin, g.weighted.astype(np.float32), g.mask.astype(np.float32), g.dense)
+                    for g in self.backward.pop(t, [])]
+        reaching = self.forward + backward
+        return merge([g for g in reaching if g.dense], t), merge([g for g in reaching if not g.dense], t)
+
+
+def model_hints(dense: Guide | None, sparse: Guide | None, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A frame's guides -> the model's hint chroma and binary mask at the working size: dense colour where at least
+    half of a working pixel is reliably covered, a painted hint wherever any of it lands (a one-pixel dot of a large
+    frame still reaches the model); painted hints win where both are present."""
+    import cv2
+
+    chroma, mask = np.zeros((*size, 2), np.float32), np.zeros(size, np.float32)
+    for guide, threshold in ((dense, 0.5), (sparse, 0.0)):
+        if guide is None:
+            continue
+        weighted = cv2.resize(guide.weighted.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_AREA)
+        coverage = cv2.resize(guide.mask.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_AREA)
+        hinted = coverage > threshold
+        chroma[hinted] = (weighted / np.maximum(coverage, 1e-6)[..., None])[hinted]
+        mask[hinted] = 1.0
+    return chroma, mask
+
+
+def paste_dense(chroma: np.ndarray, dense: Guide | None) -> np.ndarray:
+    """The model's chroma (at the propagation size) with the keyframe colour where it was carried reliably."""
+    if dense is None:
+        return chroma
+    return blend(dense.chroma, dense.mask, chroma, 1.0)

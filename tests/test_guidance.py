@@ -1,0 +1,210 @@
+"""Colour guidance: the hints training draws, keyframes and painted hints carried along the flow, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import panning_clip
+from test_bad_input import files_under, run_main
+
+
+def chroma_of(frames: list[np.ndarray]) -> np.ndarray:
+    from utils import rgb_to_chroma
+
+    return np.stack([rgb_to_chroma(f) for f in frames])
+
+
+def test_training_hints_keep_half_the_items_unhinted_and_copy_true_colours():
+    from guidance import draw_training_hints
+
+    frames = panning_clip(64, (32, 32))
+    chroma = chroma_of(frames)
+    partner_mask = np.zeros(chroma.shape[:3], np.float32)
+    partner_mask[::2, 8:24, 8:24] = 1  # even items have a partner covering the middle
+    partner_chroma = chroma + 5.0
+    rngs = [np.random.default_rng([0, i]) for i in range(len(chroma))]
+    hints = draw_training_hints(chroma, partner_chroma, partner_mask, rngs, none_fraction=0.5).numpy()
+    mask = hints[:, 2]
+    hinted = mask.reshape(len(mask), -1).any(axis=1)
+    assert 20 <= (~hinted).sum() <= 44  # about half without any hint
+    assert set(np.unique(mask)) <= {0.0, 1.0}
+    assert np.all(hints[:, :2][np.broadcast_to(mask[:, None] == 0, hints[:, :2].shape)] == 0)  # no colour unhinted
+    for i in np.flatnonzero(hinted):
+        given = hints[i, :2].transpose(1, 2, 0) * 128
+        inside = mask[i] > 0
+        if np.array_equal(inside, partner_mask[i] > 0):  # the partner's warped colours, as they are
+            assert np.allclose(given[inside], partner_chroma[i][inside], atol=1e-3)
+        else:  # points, patches or regions of the true colour: within the range of their patch
+            assert np.abs(given[inside] - chroma[i][inside]).mean() < 6
+    assert any(np.array_equal(mask[i] > 0, partner_mask[i] > 0) for i in np.flatnonzero(hinted))
+    # the same generators draw the same hints (a resumed run trains on the same ones)
+    again = draw_training_hints(chroma, partner_chroma, partner_mask, [np.random.default_rng([0, i]) for i in range(64)])
+    assert torch.equal(again, torch.from_numpy(hints))
+
+
+def test_a_keyframe_travels_forward_and_backward_along_the_motion():
+    from guidance import GuidePropagator, load_reference
+    from utils import rgb_to_gray, write_image_rgb
+
+    frames = panning_clip(12, (72, 96))
+    grays = [rgb_to_gray(f) for f in frames]
+    truth = chroma_of(frames)
+    gray_error = np.abs(truth).mean()
+
+    def propagated_errors(keyframe: int, tmp_path) -> list[float]:
+        write_image_rgb(tmp_path / f"key{keyframe}.png", frames[keyframe])
+        propagator = GuidePropagator([load_reference(tmp_path / f"key{keyframe}.png", keyframe, (72, 96))])
+        propagator.backward_pass(grays[: keyframe + 1], [False] * (keyframe + 1))
+        errors = []
+        for t, gray in enumerate(grays):
+            dense, sparse = propagator.step(t, gray)
+            assert sparse is None and dense is not None
+            reliable = dense.mask > 0.5
+            assert reliable.mean() > 0.5
+            errors.append(float(np.abs(dense.chroma - truth[t])[reliable].mean()))
+        return errors
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        forward = propagated_errors(0, Path(folder))
+        middle = propagated_errors(6, Path(folder))
+    assert forward[0] < 1.0 and middle[6] < 1.0  # the keyframe itself, to within JPEG-free rounding
+    assert max(forward) < gray_error / 4 and max(middle) < gray_error / 4
+
+
+def test_a_scene_cut_stops_a_keyframe():
+    from guidance import Guide, GuidePropagator
+
+    gray = panning_clip(1, (32, 32))[0][..., 0]
+    guide = Guide(0, np.full((32, 32, 2), 10.0, np.float32), np.ones((32, 32), np.float32), dense=True)
+    propagator = GuidePropagator([guide])
+    assert propagator.step(0, gray)[0] is not None
+    assert propagator.step(1, gray)[0] is not None
+    assert propagator.step(2, 255 - gray, cut=True) == (None, None)
+
+
+def test_model_hints_keep_a_one_pixel_dot_of_a_large_frame():
+    from guidance import Guide, model_hints
+
+    weighted, mask = np.zeros((480, 640, 2), np.float32), np.zeros((480, 640), np.float32)
+    weighted[100, 200], mask[100, 200] = (30.0, -20.0), 1.0
+    chroma, hinted = model_hints(None, Guide(0, weighted, mask, dense=False), (48, 64))
+    assert hinted.sum() == 1 and hinted[10, 20] == 1
+    assert np.allclose(chroma[10, 20], (30.0, -20.0))
+
+
+def test_flow_reference_baseline_beats_gray_and_starts_from_the_truth():
+    from evaluate import flow_reference_baseline, gray_baseline, psnr
+
+    frames = panning_clip(10)
+    carried = list(flow_reference_baseline(iter(frames)))
+    gray = list(gray_baseline(iter(frames)))
+    assert psnr(carried[0], frames[0]) > 45
+    assert np.mean([psnr(c, f) for c, f in zip(carried, frames)]) > np.mean([psnr(g, f) for g, f in zip(gray, frames)]) + 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# video_colorization.py --reference / --hints
+
+
+@pytest.fixture(scope="module")
+def colour_clip(tmp_path_factory):
+    """A colour frame folder, its grayscale version, and a transparent hint image with a red dot."""
+    from utils import rgb_to_gray, write_image_rgb
+
+    folder = tmp_path_factory.mktemp("guided")
+    frames = panning_clip(8)
+    (folder / "clips").mkdir()
+    for name, images in (("colour", frames), ("gray", [np.repeat(rgb_to_gray(f)[..., None], 3, 2) for f in frames])):
+        (folder / name).mkdir()
+        for i, image in enumerate(images):
+            write_image_rgb(folder / name / f"{i:05d}.png", image)
+        (folder / "clips" / name).symlink_to(folder / name)
+    import cv2
+
+    dot = np.zeros((72, 96, 4), np.uint8)
+    dot[30:34, 40:44] = (0, 0, 255, 255)  # BGRA: an opaque red square
+    cv2.imwrite(str(folder / "dot.png"), dot)
+    cv2.imwrite(str(folder / "transparent.png"), np.zeros((72, 96, 4), np.uint8))
+    cv2.imwrite(str(folder / "opaque.png"), np.zeros((72, 96, 3), np.uint8))
+    (folder / "broken.png").write_bytes(b"not an image")
+    return folder, frames
+
+
+def test_a_reference_frame_colours_the_clip(tmp_path, tiny_model, colour_clip):
+    from evaluate import psnr
+    from utils import iter_clip_frames
+
+    folder, frames = colour_clip
+    scores = {}
+    for name, extra in (("automatic", []), ("first", ["--reference", folder / "colour" / "00000.png"]),
+                        ("middle", ["--reference", f"4={folder / 'colour' / '00004.png'}"])):
+        out = tmp_path / name
+        result = run_main("video_colorization", "--input", folder / "gray", "--output", out, "--model", tiny_model,
+                          "--steps", "1", *extra, cwd=tmp_path)
+        assert result.code == 0, result.stderr[-2000:]
+        scores[name] = np.mean([psnr(o, f) for o, f in zip(iter_clip_frames(out), frames)])
+    assert scores["first"] > scores["automatic"] + 8
+    assert scores["middle"] > scores["automatic"] + 8
+
+
+GUIDE_ERRORS = [  # (flags, what the message says, given the clip folder)
+    (["--reference", "8={colour}/00000.png"], "has no frame 8 (it has 8, numbered from 0)"),
+    (["--reference", "{folder}/broken.png"], "broken.png: cannot be decoded as an image"),
+    (["--hints", "{folder}/transparent.png"], "transparent.png: has no opaque pixel"),
+    (["--hints", "{folder}/opaque.png"], "opaque.png: has no alpha channel"),
+    (["--hints", "{folder}/dot.png"], "has no colour-hint input"),
+]
+
+
+@pytest.mark.parametrize("flags, says", GUIDE_ERRORS, ids=["frame", "undecodable", "no_opaque", "no_alpha", "model"])
+def test_bad_guides_are_one_line_errors(tmp_path, tiny_model, colour_clip, flags, says):
+    folder, _ = colour_clip
+    flags = [f.format(folder=folder, colour=folder / "colour") for f in flags]
+    out = tmp_path / "out"
+    result = run_main("video_colorization", "--input", folder / "gray", "--output", out, "--model", tiny_model,
+                      "--steps", "1", *flags, cwd=tmp_path)
+    assert result.code == 2 and says in result.error and "; " in result.error
+    assert files_under(out) == []
+
+
+def test_a_reference_needs_a_single_clip(tmp_path, tiny_model, colour_clip):
+    folder, _ = colour_clip
+    result = run_main("video_colorization", "--input", folder / "clips", "--output", tmp_path / "out", "--model", tiny_model,
+                      "--reference", folder / "colour" / "00000.png", cwd=tmp_path)
+    assert result.code == 2 and "--reference / --hints colour one clip" in result.error
+
+
+@pytest.fixture(scope="module")
+def hint_model(tiny_model, tmp_path_factory):
+    """The tiny model with an (untrained) hint input."""
+    import shutil
+
+    from guidance import hint_channels
+    from modules import build_unet
+
+    folder = tmp_path_factory.mktemp("hint_model")
+    shutil.copytree(tiny_model, folder, dirs_exist_ok=True)
+    build_unet(4, 4, 32, net_dimension=8, sample_size=8, extra_channels=hint_channels(4)).save_pretrained(folder / "unet")
+    config = json.loads((folder / "colorizer.json").read_text())
+    (folder / "colorizer.json").write_text(json.dumps({**config, "hint_channels": 3}))
+    return folder
+
+
+def test_painted_hints_reach_a_model_with_a_hint_input(tmp_path, hint_model, colour_clip):
+    from utils import iter_clip_frames
+
+    folder, _ = colour_clip
+    outputs = {}
+    for name, extra in (("plain", []), ("hinted", ["--hints", f"0={folder / 'dot.png'}"])):
+        result = run_main("video_colorization", "--input", folder / "gray", "--output", tmp_path / name, "--model",
+                          hint_model, "--steps", "1", *extra, cwd=tmp_path)
+        assert result.code == 0, result.stderr[-2000:]
+        outputs[name] = np.stack(list(iter_clip_frames(tmp_path / name))).astype(int)
+    assert np.abs(outputs["plain"] - outputs["hinted"]).max() > 0  # an untrained model: only that it is used
