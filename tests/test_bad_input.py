@@ -633,3 +633,16 @@ def test_data_order_depends_only_on_seed_and_step():
     for step in range(12):
         assert np.array_equal(batch_indices(step, batch, count, seed=0), epochs[step * batch : (step + 1) * batch])
     assert not np.array_equal(batch_indices(0, batch, count, seed=0), batch_indices(0, batch, count, seed=1))
+
+
+def test_sources_are_sampled_by_size_to_a_power():
+    from train_diffusion import batch_indices, source_weights
+
+    sources = np.array(["images/big"] * 900 + ["videos"] * 100)
+    assert source_weights(sources, 1.0) is None  # every item alike: the seeded epochs above
+    weights = source_weights(sources, 0.5)
+    assert weights.sum() == pytest.approx(1.0)
+    assert weights[:900].sum() == pytest.approx(30 / 40)  # 900 ** 0.5 against 100 ** 0.5
+    drawn = np.concatenate([batch_indices(step, 16, 1000, 0, weights) for step in range(200)])
+    assert 0.2 < (drawn >= 900).mean() < 0.3
+    assert np.array_equal(batch_indices(7, 16, 1000, 0, weights), batch_indices(7, 16, 1000, 0, weights))

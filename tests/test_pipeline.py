@@ -68,3 +68,36 @@ def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_vid
                "--output", str(frames_out), "--steps", "2", cwd=tmp_path)
     assert sorted(p.name for p in frames_out.iterdir())[:2] == ["00000.png", "00001.png"]
     assert len(list(frames_out.iterdir())) == 12
+
+
+def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_root):
+    """--hints data -> a UNet with a hint input and a VAC trained with it, both in every checkpoint."""
+    import torch
+    from colorizer import load_colorizer
+    from modules import load_vac, vac_fingerprint
+
+    run_script("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "guided", "--image-size", "32",
+               "--vae", str(tiny_components["vae"]), "--vac", str(tiny_components["vac"]), "--hints", "--clips", "pan",
+               "--no-tokens", "--partner-distance", "2", cwd=tmp_path)
+    with np.load(tmp_path / "data" / "guided" / "latent.npz") as data:
+        assert "tokens" not in data.files and data["chroma"].shape == (20, 32, 32, 2)
+        has_partner = data["partner_mask"].reshape(20, -1).any(axis=1)
+        clip = np.array([data["videos"][v] == "pan" for v in data["video_ids"]])
+        assert np.array_equal(has_partner, clip)  # partners only within the clip --clips names
+        reliable = data["partner_mask"] > 0
+        difference = np.abs(data["partner_chroma"].astype(float) - data["chroma"])[reliable]
+        assert difference.mean() < 0.25 * np.abs(data["chroma"][reliable].astype(float)).mean()
+
+    train = ["train_diffusion.py", "--dataset-name", "guided", "--run-name", "guided", "--net-dimension", "8",
+             "--batch-size", "4", "--checkpoint-every", "4", "--validate-every", "8", "--warmup-steps", "2", "--hints",
+             "--train-vac", "--holdout", "pan_small"]
+    run_script(*train, "--max-steps", "4", cwd=tmp_path)
+    resumed = run_script(*train, "--max-steps", "8", "--resume", cwd=tmp_path)
+    assert "resumed" in resumed.stdout and "step 4" in resumed.stdout
+    checkpoint = tmp_path / "unet_model" / "guided" / "checkpoint-8"
+    config = json.loads((checkpoint / "colorizer.json").read_text())
+    assert config["hint_channels"] == 3 and config["vac"] == "vac" and config["train_vac"]
+    trained_vac = load_vac(str(checkpoint / "vac"))
+    assert vac_fingerprint(trained_vac) == config["vac_fingerprint"] != vac_fingerprint(load_vac(str(tiny_components["vac"])))
+    colorizer = load_colorizer(checkpoint, torch.device("cpu"))
+    assert colorizer.takes_hints and colorizer.unet.config.in_channels == 4 + 16 + 48
