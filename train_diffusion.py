@@ -31,8 +31,8 @@ from colorizer import CONFIG_NAME, Colorizer, combine
 from dataset import LatentDataset
 from modules import (build_unet, first_line, load_vac, load_vae, parameter_count, spatial_gray, vac_fingerprint,
                      vae_fingerprint)
-from utils import (Interrupted, UserError, atomic_path, check_writable, discard, remove_stale_temporaries,
-                   run_cli, write_image_rgb)
+from utils import Interrupted, UserError, atomic_path, check_writable, discard, remove_stale_temporaries, run_cli
+from video_io import write_image_rgb
 
 
 def parse_args() -> argparse.Namespace:

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from colorizer import SAMPLERS, Colorizer, combine, load_colorizer, prepare_gray
-from utils import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, UserError, VideoWriter, atomic_path, check_writable,
-                   choose_device, has_audio, iter_clip_frames, list_clips, mux_audio, probe_clip, reliable_flow,
-                   rgb_to_gray, run_cli, seed_everything, warp, write_image_rgb)
+from utils import (UserError, atomic_path, check_writable, choose_device, reliable_flow, rgb_to_gray, run_cli,
+                   seed_everything, warp)
+from video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoWriter, has_audio, iter_clip_frames, list_clips,
+                      mux_audio, probe_clip, write_image_rgb)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "unet_model" / "default"
 
