@@ -142,7 +142,8 @@ def check_writable(folder: Path, what: str = "an output folder") -> None:
 
 
 def rgb_to_gray(image: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 RGB -> HxW uint8 luma (ITU-R BT.601, as OpenCV and most grayscale footage use)."""
+    """HxWx3 RGB -> HxW luma of the same type, uint8 or uint16 (ITU-R BT.601, as OpenCV and most grayscale footage
+    use)."""
     import cv2
 
     return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
@@ -176,18 +177,21 @@ def rgb_to_chroma(image: np.ndarray) -> np.ndarray:
 
 
 def luma_chroma_to_rgb(luma: np.ndarray, chroma: np.ndarray) -> np.ndarray:
-    """HxW luma + HxWx2 (Cb, Cr) -> HxWx3 uint8 RGB whose luma is `luma` to within rounding.
+    """HxW luma (uint8, or uint16 at 16-bit scale) + HxWx2 (Cb, Cr) on the 8-bit scale of rgb_to_chroma -> HxWx3
+    RGB of the luma's type whose luma is `luma` to within rounding.
 
     Where the colour would leave the RGB cube, its chroma is scaled down rather than the channels clipped:
     clipping would change the brightness, and the input's brightness is the one thing we know is right."""
+    peak = float(np.iinfo(luma.dtype).max)
     y = luma.astype(np.float32)[..., None]
+    chroma = chroma * np.float32(peak / 255.0)
     offsets = np.stack([chroma[..., 1] / CR_SCALE,
                         -(LUMA[0] * chroma[..., 1] / CR_SCALE + LUMA[2] * chroma[..., 0] / CB_SCALE) / LUMA[1],
                         chroma[..., 0] / CB_SCALE], axis=2)
     with np.errstate(divide="ignore", invalid="ignore"):
-        room = np.where(offsets > 0, (255.0 - y) / offsets, np.where(offsets < 0, -y / offsets, np.inf))
+        room = np.where(offsets > 0, (peak - y) / offsets, np.where(offsets < 0, -y / offsets, np.inf))
     scale = np.clip(room.min(axis=2, keepdims=True), 0.0, 1.0)
-    return np.clip(y + scale * offsets + 0.5, 0, 255).astype(np.uint8)
+    return np.clip(y + scale * offsets + 0.5, 0, peak).astype(luma.dtype)
 
 
 def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:

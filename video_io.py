@@ -133,14 +133,24 @@ def write_image_rgb(path: Path, image: np.ndarray) -> None:
 
 @dataclass
 class VideoInfo:
-    width: int
+    width: int  # as displayed: a phone video stored sideways with a rotation tag reports its upright size
     height: int
     fps: Fraction
     frame_count: int
+    bit_depth: int = 8  # of the luma samples
+    time_base: Fraction | None = None  # of the frame timestamps; None for frame folders
+    variable_rate: bool = False  # frame durations differ: the output must copy the timestamps to stay in sync
+
+
+@dataclass
+class ClipFrame:
+    image: np.ndarray  # HxWx3 RGB as displayed (upright): uint8, or uint16 at 16-bit scale when read deep
+    pts: int | None  # presentation time in the stream's time base; None for frame folders
 
 
 def probe_clip(source: Path) -> VideoInfo:
-    """Size, frame rate and frame count of a video file or frame folder (frame folders are taken as 25 fps)."""
+    """Size (upright), frame rate, frame count, bit depth and timing of a video file or frame folder (frame folders
+    are taken as 25 fps, 8-bit)."""
     source = Path(source)
     if source.is_dir():
         frames = list_frames(source)
@@ -158,11 +168,48 @@ def probe_clip(source: Path) -> VideoInfo:
             fps = stream.average_rate or stream.guessed_rate or Fraction(25)
             count = stream.frames or sum(1 for _ in container.decode(video=0))
             width, height = stream.codec_context.width, stream.codec_context.height
+            bit_depth = max((c.bits for c in stream.format.components), default=8) if stream.format else 8
+            time_base = stream.time_base
     except av.error.FFmpegError as error:
         raise UserError(f"{source}: cannot be read as a video ({av_reason(error)}); re-encode or replace it") from None
     if not width or not height:
         raise UserError(f"{source}: its video stream has no frame size; re-encode or replace it")
-    return VideoInfo(width, height, Fraction(fps), count)
+    quarter_turns, timestamps = scan_rotation_and_timestamps(source)
+    if quarter_turns % 2:
+        width, height = height, width
+    return VideoInfo(width, height, Fraction(fps), count, bit_depth, time_base, is_variable_rate(timestamps))
+
+
+def scan_rotation_and_timestamps(source: Path) -> tuple[int, list[int]]:
+    """The quarter turns that show a video upright (from its first frame) and its frames' timestamps in
+    presentation order (from the packets: only the first frame is decoded). A damaged part ends the scan early: the
+    frame reader reports damage, naming the frame."""
+    import av
+
+    quarter_turns, timestamps, first = 0, [], None
+    with contextlib.suppress(av.error.FFmpegError), av.open(str(source)) as container:
+        for packet in container.demux(container.streams.video[0]):
+            if packet.pts is not None:
+                timestamps.append(packet.pts)
+            if first is None:
+                first = next(iter(packet.decode()), None)
+                quarter_turns = display_quarter_turns(first) if first is not None else 0
+    return quarter_turns, sorted(timestamps)
+
+
+def is_variable_rate(timestamps: list[int]) -> bool:
+    """Whether frame durations differ by more than one tick of the time base: one tick is how a constant rate that
+    the time base cannot represent is rounded (29.97 fps in milliseconds: 33, 34, 33 ms). Repeated timestamps
+    cannot be copied into an output (the encoder needs them increasing): such a clip is taken as constant-rate."""
+    durations = np.diff(timestamps)
+    return durations.size > 0 and durations.min() > 0 and durations.max() - durations.min() > 1
+
+
+def display_quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns (0-3) that show `frame` as intended: phones store portrait video sideways
+    with a display matrix saying how to turn it (PyAV's frame.rotation, counter-clockwise degrees; other angles than
+    quarter turns are rounded to the nearest one)."""
+    return round(frame.rotation / 90) % 4
 
 
 def av_reason(error: Exception) -> str:
@@ -171,14 +218,22 @@ def av_reason(error: Exception) -> str:
 
 
 def iter_clip_frames(source: Path) -> Iterator[np.ndarray]:
-    """Yield the frames of a video file or frame folder as HxWx3 uint8 RGB, one at a time (bounded memory).
+    """Yield the frames of a video file or frame folder as HxWx3 uint8 RGB, upright, one at a time (bounded memory).
+    See iter_timed_frames."""
+    return (frame.image for frame in iter_timed_frames(source))
+
+
+def iter_timed_frames(source: Path, deep: bool = False) -> Iterator[ClipFrame]:
+    """Yield the frames of a video file or frame folder with their timestamps, one at a time (bounded memory), as
+    HxWx3 RGB turned upright: uint8, or with `deep` uint16 at 16-bit scale (10-bit video keeps its depth).
 
     Damaged input is an error, never a shorter clip: an undecodable image or video packet, or a video that ends
     before the frame count in its header (a truncated download), raises UserError naming the file and frame."""
     source = Path(source)
     if source.is_dir():
         for path in list_frames(source):
-            yield read_image_rgb(path)
+            image = read_image_rgb(path)
+            yield ClipFrame(image.astype(np.uint16) * 257 if deep else image, None)  # 255 * 257 = 65535
         return
     import av
 
@@ -193,7 +248,8 @@ def iter_clip_frames(source: Path) -> Iterator[np.ndarray]:
                 raise UserError(f"{source}: has no video stream (no frames); pass a video with at least one frame")
             declared = container.streams.video[0].frames
             for frame in container.decode(video=0):
-                yield frame.to_ndarray(format="rgb24")
+                image = frame.to_ndarray(format="rgb48le" if deep else "rgb24")
+                yield ClipFrame(np.ascontiguousarray(np.rot90(image, display_quarter_turns(frame))), frame.pts)
                 count += 1
     except av.error.FFmpegError as error:
         raise UserError(f"{source}: frame {count} cannot be decoded ({av_reason(error)}); the video is damaged: "
@@ -204,22 +260,37 @@ def iter_clip_frames(source: Path) -> Iterator[np.ndarray]:
 
 
 class VideoWriter:
-    """Write RGB frames to an H.264 mp4 at an exact frame rate (for example 30000/1001)."""
+    """Write RGB frames (uint8, or uint16 at 16-bit scale) to an H.264 mp4 of 8 or 10 bits: at an exact constant
+    frame rate (for example 30000/1001), or, given a time base, at the timestamps passed with each frame (a
+    variable-rate input's own, so that its audio stays in sync)."""
 
-    def __init__(self, path: Path, width: int, height: int, fps: Fraction, crf: int = 18):
+    def __init__(self, path: Path, width: int, height: int, fps: Fraction, crf: int = 18, bit_depth: int = 8,
+                 time_base: Fraction | None = None):
         import av
 
+        if bit_depth not in (8, 10):
+            raise ValueError(f"bit_depth {bit_depth}: H.264 is written with 8 or 10 bits")
         self.container = av.open(str(path), mode="w", format="mp4")
         self.stream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100000))
         self.stream.width, self.stream.height = width, height
         # 4:2:0 needs even sizes; odd-sized frames keep full chroma instead of being cropped.
-        self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
-        self.stream.options = {"crf": str(crf)}
+        subsampling = "420" if width % 2 == 0 and height % 2 == 0 else "444"
+        self.stream.pix_fmt = f"yuv{subsampling}p" + ("10le" if bit_depth == 10 else "")
+        # x264's crf 0 is lossless only at 8 bits; qp 0 is lossless at any depth.
+        self.stream.options = {"qp": "0"} if crf == 0 else {"crf": str(crf)}
+        self.time_base = time_base
+        if time_base is not None:  # the encoder and the file count in the input's own ticks, so none is rounded
+            self.stream.codec_context.time_base = time_base
+            self.stream.time_base = time_base
 
-    def write(self, frame: np.ndarray) -> None:
+    def write(self, frame: np.ndarray, pts: int | None = None) -> None:
+        """Add a frame; `pts` (in the time base given) is used only when the writer was given one."""
         import av
 
-        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        pixel_format = "rgb48le" if frame.dtype == np.uint16 else "rgb24"
+        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=pixel_format)
+        if self.time_base is not None:
+            video_frame.pts, video_frame.time_base = pts, self.time_base
         try:
             self.container.mux(self.stream.encode(video_frame))
         except av.error.FFmpegError as error:

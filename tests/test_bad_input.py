@@ -322,7 +322,8 @@ def test_colorization_output_problems(tmp_path, frame_root, model, inputs, monke
     assert files_under(tmp_path / "stopped") == []
 
 
-@pytest.mark.parametrize("flag, value", [("--saturation", "-1"), ("--propagation", "1.5"), ("--propagation", "-0.1")])
+@pytest.mark.parametrize("flag, value", [("--saturation", "-1"), ("--propagation", "1.5"), ("--propagation", "-0.1"),
+                                         ("--crf", "52"), ("--crf", "-1")])
 def test_colorization_rejects_out_of_range_settings(tmp_path, frame_root, model, flag, value):
     result = run_main("video_colorization", "--input", frame_root / "pan", "--output", tmp_path / "out.mp4",
                       "--model", model, flag, value, cwd=tmp_path)
