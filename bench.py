@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from colorizer import load_colorizer
-from utils import UserError, choose_device, iter_clip_frames, rgb_to_gray, run_cli
+from utils import UserError, choose_device, rgb_to_gray, run_cli
+from video_io import iter_clip_frames
 from video_colorization import DEFAULT_MODEL, colorize_frames, demo_frames, parse_args as colorization_args
 
 PAPER = ["--sampler", "ddpm", "--steps", "1000", "--guidance", "1", "--no-shared-noise", "--propagation", "0"]
@@ -108,7 +109,7 @@ def time_codec(frames: list[np.ndarray], clock: StageClock, folder: Path) -> Non
     """Encode the frames to H.264 and decode them again, as the real pipeline does at both ends."""
     from fractions import Fraction
 
-    from utils import VideoWriter
+    from video_io import VideoWriter
 
     path = folder / "bench.mp4"
     with clock.measure("encode video"), VideoWriter(path, frames[0].shape[1], frames[0].shape[0], Fraction(25)) as writer:

@@ -197,16 +197,16 @@ def check_trained_components(config: dict, folder: Path, vae, vac, vae_spec: str
 
 
 def prepare_gray(gray_frames: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """BxHxW uint8 luma -> Bx1xhxw float in [0, 1] at the working size."""
+    """BxHxW uint8 or uint16 luma -> Bx1xhxw float in [0, 1] at the working size."""
     import cv2
 
     resized = np.stack([cv2.resize(g, (size[1], size[0]), interpolation=cv2.INTER_AREA) for g in gray_frames])
-    return torch.from_numpy(resized).float().unsqueeze(1) / 255.0
+    return torch.from_numpy(resized.astype(np.float32)).unsqueeze(1) / float(np.iinfo(gray_frames.dtype).max)
 
 
 def combine(gray: np.ndarray, chroma: np.ndarray) -> np.ndarray:
-    """The input's own luma (BT.601, as grayscale footage is made) with the predicted chroma, upsampled to the
-    input size if needed -> uint8 RGB."""
+    """The input's own luma (BT.601, as grayscale footage is made; uint8, or uint16 for deep video) with the
+    predicted chroma, upsampled to the input size if needed -> RGB of the luma's type."""
     import cv2
 
     height, width = gray.shape

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils import UserError, list_frames, natural_key, read_image_rgb, resize_short_side, rgb_to_gray
+from utils import UserError, resize_short_side, rgb_to_gray
+from video_io import list_frames, natural_key, read_image_rgb
 
 
 @dataclass(frozen=True)

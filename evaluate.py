@@ -23,6 +23,7 @@ import numpy as np
 
 import flow as motion
 import utils
+import video_io
 
 PSNR_CAP_DB = 100.0  # identical frames have infinite PSNR; a cap keeps clip means finite and comparable
 CDC_DILATIONS = (1, 2, 4)
@@ -280,7 +281,7 @@ def clip_name(path: Path) -> str:
 
 def _clips_by_name(root: Path) -> dict[str, Path]:
     clips: dict[str, Path] = {}
-    for path in utils.list_clips(root):
+    for path in video_io.list_clips(root):
         name = clip_name(path)
         if name in clips:
             raise utils.UserError(f"{root}: both {clips[name].name} and {path.name} are clip '{name}'; keep one")
@@ -463,12 +464,12 @@ def main() -> None:
     out = args.out or Path("runs/eval") / (clip_name(args.pred) if args.pred is not None else args.baseline)
 
     def frames(path: Path) -> Iterator[np.ndarray]:
-        return itertools.islice(utils.iter_clip_frames(path), args.max_frames)
+        return itertools.islice(video_io.iter_clip_frames(path), args.max_frames)
 
     results: dict[str, dict[str, dict]] = {method: {} for method in methods}
     with utils.atomic_path(out, overwrite=args.overwrite, is_dir=True) as folder:
         for clip, pred_path, gt_path in pairs:
-            frame_count = min(utils.probe_clip(gt_path).frame_count, args.max_frames or math.inf)
+            frame_count = min(video_io.probe_clip(gt_path).frame_count, args.max_frames or math.inf)
             samples, clip_results = {}, {}
             for method in methods:
                 pred_frames = frames(pred_path) if method == "prediction" else BASELINES[method](frames(gt_path))

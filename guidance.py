@@ -171,7 +171,8 @@ def load_reference(path: Path, index: int, size: tuple[int, int]) -> Guide:
     """A colour image of the frame (any size; only its chroma is used, so its luma may differ a little)."""
     import cv2
 
-    from utils import read_image_rgb, rgb_to_chroma
+    from utils import rgb_to_chroma
+    from video_io import read_image_rgb
 
     rgb = cv2.resize(read_image_rgb(path), (size[1], size[0]), interpolation=cv2.INTER_AREA)
     return Guide(index, rgb_to_chroma(rgb), np.ones(size, np.float32), dense=True)
@@ -181,7 +182,8 @@ def load_hint_image(path: Path, index: int, size: tuple[int, int]) -> Guide:
     """An RGBA image (any size, resized with nearest neighbour): opaque pixels are colour hints."""
     import cv2
 
-    from utils import UserError, read_image_rgba, rgb_to_chroma
+    from utils import UserError, rgb_to_chroma
+    from video_io import read_image_rgba
 
     rgba = cv2.resize(read_image_rgba(path), (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
     mask = (rgba[..., 3] >= 128).astype(np.float32)

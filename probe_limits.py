@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from colorizer import combine, load_colorizer, prepare_gray
 from evaluate import colorfulness, psnr
 from modules import CHROMA_RANGE
-from utils import choose_device, iter_clip_frames, rgb_to_chroma, rgb_to_gray, run_cli
+from utils import choose_device, rgb_to_chroma, rgb_to_gray, run_cli
+from video_io import iter_clip_frames
 from video_colorization import DEFAULT_MODEL
 
 VARIANTS = ("sample", "x0", "zero-tokens", "vac-letterbox", "vac-crop", "size-96", "pad-8", "pad-16", "oracle-vae",

@@ -19,7 +19,8 @@ import numpy as np
 
 from colorizer import SAMPLERS, load_colorizer
 from evaluate import evaluate_clip
-from utils import choose_device, iter_clip_frames, list_clips, run_cli
+from utils import choose_device, run_cli
+from video_io import iter_clip_frames, list_clips
 from video_colorization import DEFAULT_MODEL, colorize_frames, parse_args as colorization_args
 
 

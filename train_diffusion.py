@@ -34,8 +34,8 @@ from dataset import LatentDataset
 from guidance import HINT_CHANNELS, draw_training_hints, hint_channels, spatial_hints
 from modules import (build_unet, first_line, load_vac, load_vae, parameter_count, save_vac, spatial_gray,
                      vac_fingerprint, vae_fingerprint)
-from utils import (Interrupted, UserError, atomic_path, check_writable, discard, remove_stale_temporaries,
-                   run_cli, write_image_rgb)
+from utils import Interrupted, UserError, atomic_path, check_writable, discard, remove_stale_temporaries, run_cli
+from video_io import write_image_rgb
 
 
 def parse_args() -> argparse.Namespace:

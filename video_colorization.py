@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from collections import deque
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -25,9 +26,9 @@ import torch
 from colorizer import SAMPLERS, Colorizer, combine, load_colorizer, prepare_gray
 from guidance import (GuidePropagator, hint_tensor, load_hint_image, load_reference, model_hints, parse_guide_spec,
                       paste_dense, propagate_chroma, propagation_size)
-from utils import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, UserError, VideoWriter, atomic_path, check_writable,
-                   choose_device, has_audio, iter_clip_frames, list_clips, mux_audio, probe_clip, rgb_to_gray, run_cli,
-                   seed_everything, write_image_rgb)
+from utils import UserError, atomic_path, check_writable, choose_device, rgb_to_gray, run_cli, seed_everything
+from video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ClipFrame, VideoInfo, VideoWriter, has_audio,
+                      iter_clip_frames, iter_timed_frames, list_clips, mux_audio, probe_clip, write_image_rgb)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "unet_model" / "default"
 
@@ -79,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=positive_int, default=8, help="frames denoised together")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--crf", type=int, default=18, help="H.264 quality of the output video: lower is better and "
+                        "larger; 0 is lossless (the output's luma is then the input's, to within one level)")
+    parser.add_argument("--bit-depth", default="auto", choices=("auto", "8", "10"),
+                        help="bits per sample of the output video (PNG frames: 8 or 16); auto: 10 for inputs of more "
+                        "than 8 bits, else 8. 10-bit H.264 does not play in browsers or on most hardware decoders")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     return parser.parse_args(argv)
 
@@ -134,7 +140,7 @@ def load_guides(clip: Path, info, args: argparse.Namespace, colorizer: Colorizer
         grays, small = [], []
         for frame in itertools.islice(iter_clip_frames(clip), propagator.last_guided_frame + 1):
             gray = rgb_to_gray(resize_if_needed(frame, info.height, info.width))
-            grays.append(resize_to(gray, size))
+            grays.append(working_gray(gray, size))
             small.append(working_gray(gray, working))
         cuts = [False] + [args.scene_cuts and is_scene_cut(a, b, args.cut_threshold) for a, b in zip(small, small[1:])]
         propagator.backward_pass(grays, cuts)
@@ -142,13 +148,14 @@ def load_guides(clip: Path, info, args: argparse.Namespace, colorizer: Colorizer
 
 
 def working_gray(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A frame's luma at the model's working size, as uint8 (what scene cuts and propagation look at)."""
+    """A frame's luma (uint8 or uint16) at `size` as uint8: what scene cuts and the optical flow look at."""
     return (prepare_gray(gray[None], size)[0, 0].numpy() * 255).round().astype(np.uint8)
 
 
 def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: argparse.Namespace,
                     first_frame_shape: tuple[int, int], guides: GuidePropagator | None = None) -> Iterator[np.ndarray]:
-    """Yield the colorized frames of one clip, streaming in batches of --batch-size.
+    """Yield the colorized frames of one clip (HxWx3 RGB of the input frames' type, uint8 or uint16), streaming in
+    batches of --batch-size.
 
     Temporal consistency, each part switchable for comparison: one initial noise per shot (--no-shared-noise
     draws fresh noise per frame), flow-guided propagation of the previous output's chroma (--propagation 0 turns
@@ -170,7 +177,7 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ar
         small = np.stack([working_gray(g, size) for g in gray])
         cuts = [previous is not None and args.scene_cuts and is_scene_cut(previous, current, args.cut_threshold)
                 for previous, current in zip([previous_gray, *small[:-1]], small)]
-        frame_guides = [guides.step(frame_number + i, resize_to(g, guide_size), cut) if guides else (None, None)
+        frame_guides = [guides.step(frame_number + i, working_gray(g, guide_size), cut) if guides else (None, None)
                         for i, (g, cut) in enumerate(zip(gray, cuts))]
         frame_number += len(batch)
         hints = None
@@ -201,6 +208,26 @@ def resize_if_needed(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     return frame if frame.shape[:2] == (height, width) else cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
 
 
+def output_bit_depth(choice: str, info: VideoInfo) -> int:
+    """--bit-depth auto keeps the input's depth, as far as H.264 goes (10 bits)."""
+    if choice == "auto":
+        return 10 if info.bit_depth > 8 else 8
+    return int(choice)
+
+
+def pixels_and_timestamps(frames: Iterator[ClipFrame]) -> tuple[Iterator[np.ndarray], deque[int | None]]:
+    """The frames' pixels, streamed, and a queue that each frame's timestamp joins as the frame is read:
+    colorize_frames yields one output per input, in order, so an output's timestamp is the oldest one waiting."""
+    timestamps: deque[int | None] = deque()
+
+    def pixels() -> Iterator[np.ndarray]:
+        for frame in frames:
+            timestamps.append(frame.pts)
+            yield frame.image
+
+    return pixels(), timestamps
+
+
 def output_path(clip: Path, output: Path | None, several: bool, png: bool) -> Path:
     """Without --output: video_output/<name>_color.mp4. For a folder of clips, --output is a folder that gets
     <name>.mp4 (or <name>/ PNG frames with --png): the clip names evaluate.py matches against the ground truth."""
@@ -213,7 +240,10 @@ def output_path(clip: Path, output: Path | None, several: bool, png: bool) -> Pa
 
 
 def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse.Namespace) -> int:
-    """Colorize one clip into `output` (.mp4 or a PNG folder), written to a temporary path and renamed at the end."""
+    """Colorize one clip into `output` (.mp4 or a PNG folder), written to a temporary path and renamed at the end.
+
+    The output is upright (a rotation tag is applied to the pixels), keeps the input's depth (--bit-depth) and, for a
+    variable-rate video, the input's own frame timestamps."""
     from tqdm import tqdm
 
     info = probe_clip(clip)
@@ -221,18 +251,25 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
         raise UserError(f"{clip}: has no frames; pass a video with at least one frame")
     written = 0
     as_video = output.suffix.lower() == ".mp4"
+    bit_depth = output_bit_depth(args.bit_depth, info)
+    # Deep frames carry the input's luma at 16 bits through colorize_frames to the 10-bit output.
+    pixels, timestamps = pixels_and_timestamps(iter_timed_frames(clip, deep=bit_depth > 8))
     # The bar shows only on a terminal and is cleared when the clip ends or fails, so an error stays one line.
     guides = load_guides(clip, info, args, colorizer)
-    frames = colorize_frames(colorizer, iter_clip_frames(clip), args, (info.height, info.width), guides)
+    frames = colorize_frames(colorizer, pixels, args, (info.height, info.width), guides)
     with atomic_path(output, overwrite=args.overwrite, is_dir=not as_video) as temp, \
             tqdm(frames, total=info.frame_count, desc=clip.name, unit="frame", leave=False, disable=None) as colorized:
         if as_video:
             audio = has_audio(clip)
             video_path = temp.with_name(temp.stem + ".video.mp4") if audio else temp
             try:
-                with VideoWriter(video_path, info.width, info.height, info.fps) as writer:
+                # Evenly spaced frames at the average rate would drift from the copied audio on a variable-rate
+                # input: those frames keep their own timestamps.
+                time_base = info.time_base if info.variable_rate else None
+                with VideoWriter(video_path, info.width, info.height, info.fps, args.crf, bit_depth,
+                                 time_base) as writer:
                     for frame in colorized:
-                        writer.write(frame)
+                        writer.write(frame, timestamps.popleft())
                         written += 1
                 if audio:
                     mux_audio(video_path, clip, temp)
@@ -242,6 +279,7 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
         else:
             for frame in colorized:
                 write_image_rgb(temp / f"{written:05d}.png", frame)
+                timestamps.popleft()  # PNG frames have no timestamps; the queue is only kept short
                 written += 1
         if written < info.frame_count:  # inside the block: a short output is thrown away, never kept
             raise UserError(f"{clip}: only {written} of its {info.frame_count} frames could be read; re-encode or "
@@ -306,6 +344,8 @@ def main() -> None:
     if not 0 <= args.propagation < 1 or args.saturation < 0:
         raise UserError(f"--propagation {args.propagation} / --saturation {args.saturation}: propagation must be in "
                         f"[0, 1) and saturation at least 0")
+    if not 0 <= args.crf <= 51:
+        raise UserError(f"--crf {args.crf}: H.264 takes 0 (lossless) to 51; 18 is the default")
     if args.demo:
         args.input = make_demo_clip(Path("video_output") / "demo_gray.mp4")
         print(f"demo input: {args.input}")

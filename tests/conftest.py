@@ -39,7 +39,7 @@ def tiny_components(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def frame_root(tmp_path_factory) -> Path:
     """root/<video>/00000.jpg ...: two short clips."""
-    from utils import write_image_rgb
+    from video_io import write_image_rgb
 
     root = tmp_path_factory.mktemp("frames")
     for name, frames in (("pan", panning_clip()), ("pan_small", panning_clip(8, (40, 56)))):
@@ -52,7 +52,8 @@ def frame_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gray_video(tmp_path_factory) -> Path:
     """A grayscale H.264 mp4 at 29.97 fps made from the panning clip."""
-    from utils import VideoWriter, rgb_to_gray
+    from utils import rgb_to_gray
+    from video_io import VideoWriter
 
     path = tmp_path_factory.mktemp("video") / "gray.mp4"
     frames = panning_clip()

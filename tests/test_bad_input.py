@@ -112,7 +112,7 @@ def inputs(tmp_path_factory, frame_root, gray_video) -> Path:
     import av
     import cv2
 
-    from utils import write_image_rgb
+    from video_io import write_image_rgb
 
     root = tmp_path_factory.mktemp("bad_inputs")
     (root / "empty").mkdir()
@@ -238,7 +238,7 @@ GOOD_INPUTS = [("one.mp4", 1, (48, 64)), ("tiny", 2, (9, 17)), ("huge", 1, (3000
 
 @pytest.mark.parametrize("name, frames, size", GOOD_INPUTS, ids=[case[0] for case in GOOD_INPUTS])
 def test_colorization_takes_odd_but_valid_input(tmp_path, inputs, model, name, frames, size):
-    from utils import probe_clip
+    from video_io import probe_clip
 
     out = tmp_path / "out"
     result = run_main("video_colorization", "--input", inputs / name, "--output", out / "result.mp4",
@@ -322,7 +322,8 @@ def test_colorization_output_problems(tmp_path, frame_root, model, inputs, monke
     assert files_under(tmp_path / "stopped") == []
 
 
-@pytest.mark.parametrize("flag, value", [("--saturation", "-1"), ("--propagation", "1.5"), ("--propagation", "-0.1")])
+@pytest.mark.parametrize("flag, value", [("--saturation", "-1"), ("--propagation", "1.5"), ("--propagation", "-0.1"),
+                                         ("--crf", "52"), ("--crf", "-1")])
 def test_colorization_rejects_out_of_range_settings(tmp_path, frame_root, model, flag, value):
     result = run_main("video_colorization", "--input", frame_root / "pan", "--output", tmp_path / "out.mp4",
                       "--model", model, flag, value, cwd=tmp_path)

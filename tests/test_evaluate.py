@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO))
 import evaluate  # noqa: E402
 import flow as motion  # noqa: E402
 import utils  # noqa: E402
+import video_io  # noqa: E402
 
 VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "val"
 
@@ -229,7 +230,7 @@ def test_gray_baseline_scores():
 def write_frames(folder: Path, frames: list) -> None:
     folder.mkdir(parents=True)
     for index, frame in enumerate(frames):
-        utils.write_image_rgb(folder / f"{index:05d}.png", frame)
+        video_io.write_image_rgb(folder / f"{index:05d}.png", frame)
 
 
 def test_match_clips_pairs_video_with_folder_by_name(tmp_path, capsys):
@@ -237,7 +238,7 @@ def test_match_clips_pairs_video_with_folder_by_name(tmp_path, capsys):
     write_frames(tmp_path / "gt" / "a", frames)
     write_frames(tmp_path / "gt" / "b", frames)
     (tmp_path / "pred").mkdir()
-    with utils.VideoWriter(tmp_path / "pred" / "b.mp4", 80, 64, 25) as writer:
+    with video_io.VideoWriter(tmp_path / "pred" / "b.mp4", 80, 64, 25) as writer:
         for frame in frames:
             writer.write(frame)
     pairs = evaluate.match_clips(tmp_path / "pred", tmp_path / "gt")
@@ -288,7 +289,7 @@ def test_cli_errors_are_one_line(tmp_path):
 @pytest.mark.skipif(not VAL.is_dir(), reason=f"{VAL} not present")
 def test_gray_baseline_on_val_first_frames():
     clip = VAL / "openh264__foreman_cif"
-    gt = list(itertools.islice(utils.iter_clip_frames(clip), 3))
+    gt = list(itertools.islice(video_io.iter_clip_frames(clip), 3))
     result = evaluate.evaluate_clip(evaluate.gray_baseline(gt), gt)
     # Over all 150 frames this clip scores 24.50 dB and colorfulness about 28 (see README_EVALUATE.md).
     assert 24.0 < result["psnr"] < 25.0

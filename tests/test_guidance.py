@@ -48,7 +48,8 @@ def test_training_hints_keep_half_the_items_unhinted_and_copy_true_colours():
 
 def test_a_keyframe_travels_forward_and_backward_along_the_motion():
     from guidance import GuidePropagator, load_reference
-    from utils import rgb_to_gray, write_image_rgb
+    from utils import rgb_to_gray
+    from video_io import write_image_rgb
 
     frames = panning_clip(12, (72, 96))
     grays = [rgb_to_gray(f) for f in frames]
@@ -116,7 +117,8 @@ def test_flow_reference_baseline_beats_gray_and_starts_from_the_truth():
 @pytest.fixture(scope="module")
 def colour_clip(tmp_path_factory):
     """A colour frame folder, its grayscale version, and a transparent hint image with a red dot."""
-    from utils import rgb_to_gray, write_image_rgb
+    from utils import rgb_to_gray
+    from video_io import write_image_rgb
 
     folder = tmp_path_factory.mktemp("guided")
     frames = panning_clip(8)
@@ -139,7 +141,7 @@ def colour_clip(tmp_path_factory):
 
 def test_a_reference_frame_colours_the_clip(tmp_path, tiny_model, colour_clip):
     from evaluate import psnr
-    from utils import iter_clip_frames
+    from video_io import iter_clip_frames
 
     folder, frames = colour_clip
     scores = {}
@@ -198,7 +200,7 @@ def hint_model(tiny_model, tmp_path_factory):
 
 
 def test_painted_hints_reach_a_model_with_a_hint_input(tmp_path, hint_model, colour_clip):
-    from utils import iter_clip_frames
+    from video_io import iter_clip_frames
 
     folder, _ = colour_clip
     outputs = {}

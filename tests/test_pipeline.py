@@ -22,7 +22,7 @@ def run_script(*args: str, cwd) -> subprocess.CompletedProcess:
 
 
 def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_video):
-    from utils import iter_clip_frames, probe_clip
+    from video_io import iter_clip_frames, probe_clip
 
     run_script("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "tiny", "--image-size", "32",
                "--vae", str(tiny_components["vae"]), "--vac", str(tiny_components["vac"]), "--shard-size", "8",

@@ -1,4 +1,4 @@
-"""Unit tests of utils.py, modules.py, dataset.py and colorizer.py."""
+"""Unit tests of utils.py, video_io.py, modules.py, dataset.py and colorizer.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import panning_clip
 
 
 def test_frames_sort_by_number_not_text(tmp_path):
-    from utils import list_frames, write_image_rgb
+    from video_io import list_frames, write_image_rgb
 
     for name in ("10.jpg", "2.jpg", "1.png", "notes.txt"):
         (tmp_path / name).write_bytes(b"") if name.endswith(".txt") else write_image_rgb(tmp_path / name, np.zeros((4, 4, 3), np.uint8))
@@ -30,7 +30,7 @@ def test_lab_round_trip_is_within_one_level():
 @pytest.mark.parametrize("kind", ["gray", "rgba", "rgb16"])
 def test_read_image_rgb_normalises_channels_and_depth(tmp_path, kind):
     import cv2
-    from utils import read_image_rgb
+    from video_io import read_image_rgb
 
     rgb = panning_clip(1)[0]
     if kind == "gray":
@@ -137,7 +137,7 @@ def test_scan_frame_folders_keeps_video_and_order(frame_root):
 
 def test_random_crops_are_reproducible_varied_crops_of_the_frame(frame_root):
     from dataset import FrameFolderDataset, scan_frame_folders
-    from utils import read_image_rgb
+    from video_io import read_image_rgb
 
     records = scan_frame_folders(frame_root)
     views = FrameFolderDataset(records, 32, random_crops=6, seed=1)[0]["rgb"]

@@ -143,7 +143,7 @@ def test_saturation_scales_the_chroma_and_zero_gives_the_gray_input(colorizer):
 
 def test_audio_is_copied_and_timing_kept(colorizer, tmp_path):
     import av
-    from utils import probe_clip
+    from video_io import probe_clip
     from video_colorization import colorize_clip
 
     source = tmp_path / "with_audio.mp4"
