@@ -172,7 +172,7 @@ def colorize(launch, clips: Path, output: Path, model: Path, *extra, cwd: Path) 
 
 
 def write_frames(folder: Path, frames: list[np.ndarray]) -> None:
-    from utils import write_image_rgb
+    from video_io import write_image_rgb
 
     folder.mkdir()
     for i, frame in enumerate(frames):
@@ -181,7 +181,7 @@ def write_frames(folder: Path, frames: list[np.ndarray]) -> None:
 
 def read_outputs(folder: Path) -> dict[str, np.ndarray]:
     """Every output frame under `folder` (clip/00000.png ...), by path; hidden temporaries included."""
-    from utils import read_image_rgb
+    from video_io import read_image_rgb
 
     return {str(p.relative_to(folder)): read_image_rgb(p) for p in sorted(folder.rglob("*.png"))}
 
@@ -197,7 +197,7 @@ def batch(tmp_path_factory, tiny_model) -> dict:
     (with its index) and d/00001.png is not an image."""
     from fractions import Fraction
 
-    from utils import VideoWriter
+    from video_io import VideoWriter
 
     folder = tmp_path_factory.mktemp("batch")
     clips = folder / "clips"
