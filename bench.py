@@ -4,6 +4,7 @@
   python bench.py                                   # our defaults on a 854x480 clip made from scikit-image photos
   python bench.py --clip ../shared/data/val/sam2__05_default_juggle --frames 32
   python bench.py --compare                         # + the paper's sampling (DDPM, 1000 steps, independent frames)
+  python bench.py --reference                       # guided: the clip's first colour frame is the keyframe
   python bench.py --quick                           # CI: checks it works, not how fast
 
 The clip is colour: it is the ground truth, and its grayscale version is what the colorizer sees.
@@ -43,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compare", action="store_true", help="also run the paper's settings and print the ratio")
     parser.add_argument("--paper-frames", type=int, default=8, help="frames for the (slow) paper settings")
     parser.add_argument("--settings", default="", help="extra video_colorization.py flags for our run, quoted")
+    parser.add_argument("--reference", action="store_true",
+                        help="time guided colorization: the first colour frame is the keyframe (--reference)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -97,11 +100,17 @@ class StageClock:
             yield frame
 
 
-def run_once(colorizer, clock: StageClock, gray_frames: list[np.ndarray], settings: argparse.Namespace) -> tuple[float, list]:
-    """Colorize the decoded clip; returns the wall time and the output frames."""
+def run_once(colorizer, clock: StageClock, gray_frames: list[np.ndarray], settings: argparse.Namespace,
+             keyframe: np.ndarray | None) -> tuple[float, list]:
+    """Colorize the decoded clip (with `keyframe` as frame 0's reference); returns the wall time and the outputs."""
+    from guidance import GuidePropagator, propagation_size, reference_guide
+
     start = time.perf_counter()
+    guides = None
+    if keyframe is not None:
+        guides = GuidePropagator([reference_guide(keyframe, 0, propagation_size(*keyframe.shape[:2]))])
     outputs = list(clock.timed("colorize (total)", colorize_frames(colorizer, iter(gray_frames), settings,
-                                                                   gray_frames[0].shape[:2])))
+                                                                   gray_frames[0].shape[:2], guides)))
     return time.perf_counter() - start, outputs
 
 
@@ -133,7 +142,7 @@ def bench_setting(name: str, flags: list[str], colorizer, color_frames, args) ->
         clock.hook(colorizer.unet, "denoise (UNet)")
         clock.hook(colorizer.vac, "VAC tokens")
         clock.hook(colorizer.vae.decoder, "VAE decode")
-        seconds, outputs = run_once(colorizer, clock, gray_frames, settings)
+        seconds, outputs = run_once(colorizer, clock, gray_frames, settings, color_frames[0] if args.reference else None)
         with tempfile.TemporaryDirectory() as folder:
             time_codec(outputs, clock, Path(folder))
         total = seconds + clock.seconds["encode video"] + clock.seconds["decode video"]
@@ -170,7 +179,7 @@ def main() -> None:
     colorizer = load_colorizer(args.model, choose_device(args.device))
     color_frames = load_clip(args)
     ours = args.settings.split() + (["--steps", "2"] if args.quick else [])
-    results = [bench_setting("ours", ours, colorizer, color_frames, args)]
+    results = [bench_setting("ours, first frame given" if args.reference else "ours", ours, colorizer, color_frames, args)]
     print_result(results[0])
     if args.compare:
         paper = PAPER if not args.quick else [*PAPER[:2], "--steps", "3", *PAPER[4:]]

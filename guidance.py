@@ -22,6 +22,7 @@ from flow import reliable_flow, warp
 from modules import CHROMA_RANGE
 
 HINT_CHANNELS = 3  # Cb and Cr (divided by CHROMA_RANGE, zero where no hint) and the mask
+UNRELIABLE_KEEP = 0.5  # confidence kept through a step where the flow fails its check
 PROPAGATION_SHORT_SIDE = 480  # keyframe colour travels at most at this size (cost of the flow grows with area)
 
 
@@ -140,17 +141,21 @@ def partner_hints(gray: np.ndarray, partner_rgb: np.ndarray) -> tuple[np.ndarray
 @dataclass
 class Guide:
     """Colour given for a frame and carried to others: a reference keyframe (dense: every pixel; pasted into the
-    output where it is carried reliably) or painted hints (sparse: only the model sees them). `weighted` is the
-    chroma times the mask, so that warping and merging never mix hinted colour with the zeros around it."""
+    output where it is carried reliably) or painted hints (sparse: only the model sees them).
+
+    The colour is carried everywhere the flow takes it (`weighted`, `support`), and separately how far it can be
+    trusted (`confidence`: each step multiplies it by the flow's reliability). `weighted` is the chroma times the
+    support, so warping and merging never mix given colour with the zeros around a painted dot."""
 
     origin: int  # the frame the colour was given for
-    weighted: np.ndarray  # HxWx2 float32: Cb/Cr x mask, at the propagation size
-    mask: np.ndarray  # HxW float32 in [0, 1]: how much of the given colour reached each pixel
+    weighted: np.ndarray  # HxWx2 float32: Cb/Cr x support, at the propagation size
+    support: np.ndarray  # HxW float32 in [0, 1]: where colour was given (all of a keyframe, a hint's dots)
+    confidence: np.ndarray  # HxW float32 in [0, 1]: support that reached this frame along reliable flow only
     dense: bool
 
     @property
     def chroma(self) -> np.ndarray:
-        return self.weighted / np.maximum(self.mask, 1e-6)[..., None]
+        return self.weighted / np.maximum(self.support, 1e-6)[..., None]
 
 
 def parse_guide_spec(spec: str) -> tuple[int, Path]:
@@ -168,14 +173,19 @@ def propagation_size(height: int, width: int, short_side: int = PROPAGATION_SHOR
 
 
 def load_reference(path: Path, index: int, size: tuple[int, int]) -> Guide:
-    """A colour image of the frame (any size; only its chroma is used, so its luma may differ a little)."""
+    """A colour image of the frame from a file (any size; only its chroma is used, so its luma may differ a little)."""
+    from video_io import read_image_rgb
+
+    return reference_guide(read_image_rgb(path), index, size)
+
+
+def reference_guide(rgb: np.ndarray, index: int, size: tuple[int, int]) -> Guide:
     import cv2
 
     from utils import rgb_to_chroma
-    from video_io import read_image_rgb
 
-    rgb = cv2.resize(read_image_rgb(path), (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    return Guide(index, rgb_to_chroma(rgb), np.ones(size, np.float32), dense=True)
+    resized = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    return Guide(index, rgb_to_chroma(resized), np.ones(size, np.float32), np.ones(size, np.float32), dense=True)
 
 
 def load_hint_image(path: Path, index: int, size: tuple[int, int]) -> Guide:
@@ -189,28 +199,30 @@ def load_hint_image(path: Path, index: int, size: tuple[int, int]) -> Guide:
     mask = (rgba[..., 3] >= 128).astype(np.float32)
     if not mask.any():
         raise UserError(f"{path}: has no opaque pixel, so no hint; paint hints opaque on a transparent background")
-    return Guide(index, rgb_to_chroma(np.ascontiguousarray(rgba[..., :3])) * mask[..., None], mask, dense=False)
+    return Guide(index, rgb_to_chroma(np.ascontiguousarray(rgba[..., :3])) * mask[..., None], mask, mask, dense=False)
 
 
 def carry_guide(guide: Guide, from_gray: np.ndarray, to_gray: np.ndarray) -> Guide:
-    """A guide moved from the frame of `from_gray` onto the frame of `to_gray` along the flow, kept only where the
-    flow passes the forward-backward check."""
+    """A guide moved from the frame of `from_gray` onto the frame of `to_gray` along the flow; its confidence is
+    kept only where the flow passes the forward-backward check."""
     flow, reliable = reliable_flow(from_gray, to_gray)
-    reliable = reliable.astype(np.float32)
-    weighted = warp(guide.weighted.astype(np.float32), flow) * reliable[..., None]
-    return Guide(guide.origin, weighted, warp(guide.mask.astype(np.float32), flow) * reliable, guide.dense)
+    moved = [warp(np.asarray(a, np.float32), flow) for a in (guide.weighted, guide.support, guide.confidence)]
+    kept = np.where(reliable, 1.0, UNRELIABLE_KEEP).astype(np.float32)
+    return Guide(guide.origin, moved[0], moved[1], moved[2] * kept, guide.dense)
 
 
 def merge(guides: list[Guide], t: int) -> Guide | None:
-    """Several guides reaching frame t -> one: each weighs its mask / (1 + frames it travelled), so between two
-    keyframes the nearer one dominates and a fresh hint overrides an old one."""
+    """Several guides reaching frame t -> one: each weighs its confidence / (1 + frames it travelled), so between
+    two keyframes the nearer one dominates and a fresh hint overrides an old one; where none is confident, by
+    support alone."""
     if not guides:
         return None
-    weights = [1.0 / (1 + abs(t - g.origin)) for g in guides]
-    total = sum(w * g.mask for w, g in zip(weights, guides))
-    chroma = sum(w * g.weighted for w, g in zip(weights, guides)) / np.maximum(total, 1e-6)[..., None]
-    mask = np.maximum.reduce([g.mask for g in guides])
-    return Guide(t, chroma * mask[..., None], mask, guides[0].dense)
+    closeness = [1.0 / (1 + abs(t - g.origin)) for g in guides]
+    weights = [c * (g.confidence + 1e-3 * g.support) for c, g in zip(closeness, guides)]
+    chroma = sum(w[..., None] * g.chroma for w, g in zip(weights, guides)) / np.maximum(sum(weights), 1e-9)[..., None]
+    support = np.maximum.reduce([g.support for g in guides])
+    confidence = np.maximum.reduce([g.confidence for g in guides])
+    return Guide(t, chroma * support[..., None], support, confidence, guides[0].dense)
 
 
 class GuidePropagator:
@@ -239,22 +251,27 @@ class GuidePropagator:
                 if cuts[t + 1]:
                     break
                 carried = carry_guide(carried, grays[t + 1], grays[t])
-                if not carried.mask.any():
+                if not carried.confidence.any():
                     break
-                self.backward.setdefault(t, []).append(Guide(carried.origin, carried.weighted.astype(np.float16),
-                                                             carried.mask.astype(np.float16), carried.dense))
+                self.backward.setdefault(t, []).append(compact(carried, np.float16))
 
     def step(self, t: int, gray: np.ndarray, cut: bool = False) -> tuple[Guide | None, Guide | None]:
         if cut:
             self.forward = []
         elif self.previous_gray is not None and self.forward:
-            self.forward = [g for g in (carry_guide(g, self.previous_gray, gray) for g in self.forward) if g.mask.any()]
+            self.forward = [g for g in (carry_guide(g, self.previous_gray, gray) for g in self.forward)
+                            if g.confidence.any()]
         self.forward += [g for g in self.guides if g.origin == t]
         self.previous_gray = gray
-        backward = [Guide(g.origin, g.weighted.astype(np.float32), g.mask.astype(np.float32), g.dense)
-                    for g in self.backward.pop(t, [])]
+        backward = [compact(g, np.float32) for g in self.backward.pop(t, [])]
         reaching = self.forward + backward
         return merge([g for g in reaching if g.dense], t), merge([g for g in reaching if not g.dense], t)
+
+
+def compact(guide: Guide, dtype) -> Guide:
+    """The guide's arrays in `dtype` (float16 while backward results wait for their frame)."""
+    return Guide(guide.origin, guide.weighted.astype(dtype), guide.support.astype(dtype),
+                 guide.confidence.astype(dtype), guide.dense)
 
 
 def model_hints(dense: Guide | None, sparse: Guide | None, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -267,16 +284,17 @@ def model_hints(dense: Guide | None, sparse: Guide | None, size: tuple[int, int]
     for guide, threshold in ((dense, 0.5), (sparse, 0.0)):
         if guide is None:
             continue
-        weighted = cv2.resize(guide.weighted.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_AREA)
-        coverage = cv2.resize(guide.mask.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_AREA)
-        hinted = coverage > threshold
-        chroma[hinted] = (weighted / np.maximum(coverage, 1e-6)[..., None])[hinted]
+        weighted, support, confidence = (cv2.resize(np.asarray(a, np.float32), (size[1], size[0]),
+                                                    interpolation=cv2.INTER_AREA)
+                                         for a in (guide.weighted, guide.support, guide.confidence))
+        hinted = confidence > threshold
+        chroma[hinted] = (weighted / np.maximum(support, 1e-6)[..., None])[hinted]
         mask[hinted] = 1.0
     return chroma, mask
 
 
 def paste_dense(chroma: np.ndarray, dense: Guide | None) -> np.ndarray:
-    """The model's chroma (at the propagation size) with the keyframe colour where it was carried reliably."""
+    """The model's chroma (at the propagation size) with the keyframe colour as far as it is trusted."""
     if dense is None:
         return chroma
-    return blend(dense.chroma, dense.mask, chroma, 1.0)
+    return blend(dense.chroma, dense.confidence, chroma, 1.0)

@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from colorizer import CONFIG_NAME, Colorizer, combine
 from dataset import LatentDataset
 from guidance import HINT_CHANNELS, draw_training_hints, hint_channels, spatial_hints
 from modules import (build_unet, first_line, load_vac, load_vae, parameter_count, save_vac, spatial_gray,
-                     vac_fingerprint, vae_fingerprint)
+                     vac_fingerprint, vae_downscale, vae_fingerprint)
 from utils import Interrupted, UserError, atomic_path, check_writable, discard, remove_stale_temporaries, run_cli
 from video_io import write_image_rgb
 
@@ -83,6 +84,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
+    parser.add_argument("--init-from", type=Path, help="start from this model folder's UNet (and, with --train-vac, "
+                        "its VAC) instead of random weights: a fresh optimizer on committed weights")
     parser.add_argument("--overwrite", action="store_true", help="start the run over, deleting its checkpoints")
     return parser.parse_args()
 
@@ -108,8 +111,6 @@ def copy_local_component(spec: str, run_dir: Path, name: str) -> str:
 def check_components(dataset: LatentDataset, data_path: Path, vae, vac, vae_spec: str, vac_spec: str) -> None:
     """The VAE and VAC must be the ones that made latent.npz: a VAE retrained since (or another one passed with
     --vae) would decode the latents into garbage, and the UNet would learn from tokens it never sees later."""
-    from modules import vae_downscale
-
     meta, problems = dataset.meta, {"vae": [], "vac": []}
     if meta.get("vae_fingerprint", vae_fingerprint(vae)) != vae_fingerprint(vae):
         problems["vae"].append("other encoder weights or scaling factor")
@@ -309,21 +310,214 @@ def save_sample_grid(colorizer: Colorizer, dataset, indices, path: Path) -> None
     write_image_rgb(path, np.concatenate(rows, 0))
 
 
-def main() -> None:
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_cosine_schedule_with_warmup
-    from diffusers.training_utils import EMAModel
-    from tqdm import tqdm
-
-    args = parse_args()
+def check_args(args: argparse.Namespace) -> None:
     for name in ("net_dimension", "batch_size", "max_steps", "checkpoint_every", "keep_checkpoints", "validate_every",
                  "log_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
+    if not args.data and not args.dataset_name:
+        raise UserError("no data: pass --dataset-name NAME (data/NAME/latent.npz) or --data PATH")
+
+
+def load_data(args: argparse.Namespace) -> tuple[LatentDataset, Path, str, str]:
+    """latent.npz and the specs of the VAE and VAC that made it."""
+    data_path = args.data or (args.data_dir / args.dataset_name / "latent.npz")
+    dataset = LatentDataset(data_path)
+    vae_spec, vac_spec = args.vae or dataset.meta.get("vae"), args.vac or dataset.meta.get("vac")
+    if not vae_spec or not vac_spec:
+        raise UserError(f"{data_path}: does not name the VAE and VAC that made it; pass --vae and --vac, or re-run "
+                        f"feature_extraction.py --overwrite")
+    if args.hints and dataset.hint_sources is None:
+        raise UserError(f"{data_path}: holds no hint sources for --hints; re-run feature_extraction.py with --hints")
+    if args.train_vac and dataset.tokens is not None:
+        print(f"note: {data_path} holds VAC tokens; --train-vac computes them anew each step", file=sys.stderr)
+        dataset.tokens = None
+    return dataset, data_path, vae_spec, vac_spec
+
+
+def prepare_run_dir(args: argparse.Namespace, accelerator) -> Path:
+    """unet_model/<run>/, checked and cleaned (of a --overwrite'd run, of what a kill left half-written)."""
+    run_dir = args.output_dir / args.run_name
+    check_writable(run_dir, "an --output-dir")
+    if run_dir.exists() and any(run_dir.iterdir()) and not (args.resume or args.overwrite):
+        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or --overwrite to restart")
+    accelerator.wait_for_everyone()  # every process has looked at the run folder before the main one changes it
+    if accelerator.is_main_process:
+        if args.overwrite and run_dir.exists():
+            discard(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir, "checkpoint-*")  # half-written checkpoints of a killed run
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+@dataclass
+class Models:
+    """What trains (the UNet, and the VAC with --train-vac), their EMA, the optimizer and its schedule."""
+
+    unet: torch.nn.Module
+    vac: torch.nn.Module
+    ema: object
+    optimizer: torch.optim.Optimizer
+    lr_schedule: object
+    ema_vac: object | None = None
+    vac_copy: torch.nn.Module | None = None
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def averaged_vac(self) -> torch.nn.Module:
+        """The VAC inference uses: its EMA weights when it trains."""
+        if self.ema_vac is None:
+            return self.vac
+        self.ema_vac.copy_to(self.vac_copy.parameters())
+        return self.vac_copy.to(next(self.vac.parameters()).device).eval()
+
+
+def build_models(args: argparse.Namespace, accelerator, dataset: LatentDataset, vac, downscale: int) -> Models:
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    latent_channels, latent_size = dataset.latents.shape[1], dataset.latents.shape[-1]
+    unet = build_unet(latent_channels, downscale, vac.token_dim, args.net_dimension, latent_size, args.dropout,
+                      hint_channels(downscale) if args.hints else 0)
+    if args.init_from:
+        initialize_from(args.init_from, unet, vac if args.train_vac else None)
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=type(unet), model_config=unet.config)
+    groups = [{"params": list(unet.parameters())}]
+    if args.train_vac:
+        groups.append({"params": list(vac.parameters()), "lr": args.lr * args.vac_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
+    lr_schedule = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
+    if args.train_vac:
+        ema_vac, vac_copy = EMAModel(vac.parameters(), decay=args.ema_decay), copy.deepcopy(vac)
+        unet, vac, optimizer, lr_schedule = accelerator.prepare(unet, vac, optimizer, lr_schedule)
+        accelerator.register_for_checkpointing(ema_vac)
+        ema_vac.to(accelerator.device)
+    else:
+        ema_vac = vac_copy = None
+        unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+        vac.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    ema.to(accelerator.device)
+    return Models(unet, vac, ema, optimizer, lr_schedule, ema_vac, vac_copy)
+
+
+def initialize_from(folder: Path, unet, vac) -> None:
+    """Copy a model folder's UNet (and VAC) weights into the freshly built ones; the shapes must match."""
+    from diffusers import UNet2DConditionModel
+
+    from colorizer import resolve_component, resolve_model_folder
+
+    folder = resolve_model_folder(folder)
+    try:
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).state_dict())
+        if vac is not None:
+            config = json.loads((folder / CONFIG_NAME).read_text())
+            vac.vit.load_state_dict(load_vac(resolve_component(config["vac"], folder)).vit.state_dict())
+    except (RuntimeError, OSError, ValueError, KeyError) as error:
+        raise UserError(f"--init-from {folder}: does not fit this run ({first_line(error)}); pass the --net-dimension, "
+                        f"--hints and data it was trained with") from None
+
+
+def resume(args: argparse.Namespace, accelerator, run_dir: Path, fingerprints: dict) -> int:
+    """With --resume, load the newest complete checkpoint's state; returns the step to continue from."""
+    existing = checkpoints_of(run_dir)
+    if not args.resume:
+        return 0
+    if not existing:
+        accelerator.print(f"{run_dir}: no checkpoint to resume from; starting at step 0")
+        return 0
+    check_resumable(existing[-1], args, fingerprints)
+    try:
+        accelerator.load_state(str(existing[-1] / "state"))
+    except Exception as error:  # torch, safetensors and accelerate each raise their own kinds
+        raise UserError(f"{existing[-1]}: cannot be resumed ({first_line(error)}); pass the options it was "
+                        f"trained with, or delete it to resume from the checkpoint before it") from None
+    step = int(existing[-1].name.split("-")[1])
+    accelerator.print(f"resumed {existing[-1]} at step {step}")
+    if accelerator.is_main_process:
+        for log in ("train_loss.jsonl", "validation.jsonl"):
+            truncate_log(run_dir / log, step)
+    return step
+
+
+def install_stop_handler(accelerator) -> list:
+    """The first Ctrl-C / SIGTERM stops after this step with a checkpoint; a second one stops at once (the newest
+    complete checkpoint is never touched by a checkpoint being written). Under a launcher, a Ctrl-C reaches each
+    process twice within milliseconds (from the terminal, then passed on by the launcher): a repeat within 2 s is
+    that one signal. Returns the list that holds (signal, time) once one came."""
+    stop_requested, launched = [], "TORCHELASTIC_RUN_ID" in os.environ  # torchrun or accelerate launch
+
+    def request_stop(number: int, frame) -> None:
+        if stop_requested:
+            if launched and time.time() - stop_requested[1] < 2:
+                return
+            raise Interrupted(number)
+        stop_requested.extend((number, time.time()))
+        who = f"process {accelerator.process_index}: " if accelerator.num_processes > 1 else ""
+        print(f"\n{who}{signal.Signals(number).name}: stopping after this step with a checkpoint (send it again to "
+              f"stop at once)", flush=True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+    return stop_requested
+
+
+def save_checkpoint(models: Models, accelerator, run_dir: Path, config: dict, step: int, keep: int) -> None:
+    """checkpoint-<step>/: EMA UNet (and VAC) + colorizer.json (a usable model) and the full training state."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_path(run_dir / f"checkpoint-{step}", overwrite=True, is_dir=True) as temp:
+            accelerator.save_state(str(temp / "state"))
+            unet = accelerator.unwrap_model(models.unet)
+            with torch.random.fork_rng(devices=[]):  # random init would shift the RNG: resume must match
+                ema_unet = type(unet).from_config(unet.config)
+            models.ema.copy_to(ema_unet.parameters())
+            ema_unet.save_pretrained(temp / "unet")
+            saved = {**config, "step": step}
+            if models.ema_vac is not None:
+                save_vac(models.averaged_vac(), temp / "vac")
+                saved["vac_fingerprint"] = vac_fingerprint(models.averaged_vac())
+            (temp / CONFIG_NAME).write_text(json.dumps(saved, indent=2))
+        for old in checkpoints_of(run_dir)[:-keep]:
+            discard(old)
+    accelerator.wait_for_everyone()
+
+
+def validate(models: Models, accelerator, run_dir: Path, config: dict, step: int, data: tuple, vae, scheduler,
+             args: argparse.Namespace) -> None:
+    """Validation loss and a sample grid of the held-out items (`data`: the dataset and their indices), with the EMA
+    weights."""
+    if not accelerator.is_main_process:
+        return
+    dataset, val_ids = data
+    model = accelerator.unwrap_model(models.unet)
+    models.ema.store(model.parameters())
+    models.ema.copy_to(model.parameters())
+    model.eval()
+    downscale, vac = vae_downscale(vae), models.averaged_vac()
+    loss = validation_loss(model, vac, dataset, val_ids, scheduler, downscale, accelerator.device, args.batch_size,
+                           args.hints)
+    colorizer = Colorizer(model, vae.to(accelerator.device), vac, config, accelerator.device)
+    save_sample_grid(colorizer, dataset, val_ids, run_dir / f"samples-{step:07d}.png")
+    model.train()
+    models.ema.restore(model.parameters())
+    with open(run_dir / "validation.jsonl", "a") as log:
+        log.write(json.dumps({"step": step, "val_loss": loss}) + "\n")
+    accelerator.print(f"step {step}: validation loss {loss:.4f}")
+
+
+def main() -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from diffusers import DDPMScheduler
+    from tqdm import tqdm
+
+    args = parse_args()
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     # split_batches: each step's global batch is split across the processes, so the learning-rate schedule steps
@@ -336,80 +530,17 @@ def main() -> None:
                         f"processes, which take equal shares of it; e.g. "
                         f"{math.ceil(args.batch_size / accelerator.num_processes) * accelerator.num_processes}")
     set_seed(args.seed)
-    data_path = args.data or (args.data_dir / (args.dataset_name or "") / "latent.npz")
-    if not args.data and not args.dataset_name:
-        raise UserError("no data: pass --dataset-name NAME (data/NAME/latent.npz) or --data PATH")
-    dataset = LatentDataset(data_path)
-    vae_spec, vac_spec = args.vae or dataset.meta.get("vae"), args.vac or dataset.meta.get("vac")
-    if not vae_spec or not vac_spec:
-        raise UserError(f"{data_path}: does not name the VAE and VAC that made it; pass --vae and --vac, or re-run "
-                        f"feature_extraction.py --overwrite")
+    dataset, data_path, vae_spec, vac_spec = load_data(args)
     vae = load_vae(vae_spec).eval().requires_grad_(False)
     vac = load_vac(vac_spec).eval().requires_grad_(args.train_vac)
     check_components(dataset, data_path, vae, vac, vae_spec, vac_spec)
-    if args.hints and dataset.hint_sources is None:
-        raise UserError(f"{data_path}: holds no hint sources for --hints; re-run feature_extraction.py with --hints")
-    if args.train_vac and dataset.tokens is not None:
-        print(f"note: {data_path} holds VAC tokens; --train-vac computes them anew each step", file=sys.stderr)
-        dataset.tokens = None
     fingerprints = {"vae_fingerprint": vae_fingerprint(vae), "vac_fingerprint": vac_fingerprint(vac)}
-    run_dir = args.output_dir / args.run_name
-    check_writable(run_dir, "an --output-dir")
-    if run_dir.exists() and any(run_dir.iterdir()) and not (args.resume or args.overwrite):
-        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or --overwrite to restart")
-    accelerator.wait_for_everyone()  # every process has looked at the run folder before the main one changes it
-    if accelerator.is_main_process:
-        if args.overwrite and run_dir.exists():
-            discard(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(run_dir, "checkpoint-*")  # half-written checkpoints of a killed run
-    accelerator.wait_for_everyone()
-    existing = checkpoints_of(run_dir)
-    downscale = int(2 ** (len(vae.config.block_out_channels) - 1))
-    latent_channels, latent_size = dataset.latents.shape[1], dataset.latents.shape[-1]
-    unet = build_unet(latent_channels, downscale, vac.token_dim, args.net_dimension, latent_size, args.dropout,
-                      hint_channels(downscale) if args.hints else 0)
+    run_dir = prepare_run_dir(args, accelerator)
+    downscale = vae_downscale(vae)
+    models = build_models(args, accelerator, dataset, vac, downscale)
     scheduler = DDPMScheduler(num_train_timesteps=args.train_timesteps, beta_schedule=args.beta_schedule,
                               prediction_type=args.prediction_type, clip_sample=False)
-    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=type(unet), model_config=unet.config)
-    groups = [{"params": list(unet.parameters())}]
-    if args.train_vac:
-        groups.append({"params": list(vac.parameters()), "lr": args.lr * args.vac_lr_scale})
-        ema_vac, vac_copy = EMAModel(vac.parameters(), decay=args.ema_decay), copy.deepcopy(vac)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
-    lr_schedule = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
-    if args.train_vac:
-        unet, vac, optimizer, lr_schedule = accelerator.prepare(unet, vac, optimizer, lr_schedule)
-        accelerator.register_for_checkpointing(ema_vac)
-        ema_vac.to(accelerator.device)
-    else:
-        unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
-        vac.to(accelerator.device)
-    accelerator.register_for_checkpointing(ema)
-    ema.to(accelerator.device)
-
-    def averaged_vac():
-        """The VAC inference uses: the EMA weights when it trains."""
-        if not args.train_vac:
-            return vac
-        ema_vac.copy_to(vac_copy.parameters())
-        return vac_copy.to(accelerator.device).eval()
-
-    step = 0
-    if args.resume and existing:
-        check_resumable(existing[-1], args, fingerprints)
-        try:
-            accelerator.load_state(str(existing[-1] / "state"))
-        except Exception as error:  # torch, safetensors and accelerate each raise their own kinds
-            raise UserError(f"{existing[-1]}: cannot be resumed ({first_line(error)}); pass the options it was "
-                            f"trained with, or delete it to resume from the checkpoint before it") from None
-        step = int(existing[-1].name.split("-")[1])
-        accelerator.print(f"resumed {existing[-1]} at step {step}")
-        if accelerator.is_main_process:
-            for log in ("train_loss.jsonl", "validation.jsonl"):
-                truncate_log(run_dir / log, step)
-    elif args.resume:
-        accelerator.print(f"{run_dir}: no checkpoint to resume from; starting at step 0")
+    step = resume(args, accelerator, run_dir, fingerprints)
     if step >= args.max_steps:
         accelerator.print(f"already at step {step}; pass a larger --max-steps to train on")
         return
@@ -431,88 +562,33 @@ def main() -> None:
         "dataset": str(data_path),
         "train_frames": len(train_ids),
     }
-    accelerator.print(f"UNet {parameter_count(unet) / 1e6:.2f}M parameters; {len(train_ids)} train / {len(val_ids)} "
-                      f"val items; {accelerator.num_processes} process(es) on {accelerator.device}")
-
-    stop_requested, launched = [], "TORCHELASTIC_RUN_ID" in os.environ  # torchrun or accelerate launch
-
-    def request_stop(number: int, frame) -> None:
-        """The first Ctrl-C / SIGTERM stops after this step with a checkpoint; a second one stops at once (the
-        newest complete checkpoint is never touched by a checkpoint being written). Under a launcher, a Ctrl-C
-        reaches each process twice within milliseconds (from the terminal, then passed on by the launcher): a
-        repeat within 2 s is that one signal."""
-        if stop_requested:
-            if launched and time.time() - stop_requested[1] < 2:
-                return
-            raise Interrupted(number)
-        stop_requested.extend((number, time.time()))
-        who = f"process {accelerator.process_index}: " if accelerator.num_processes > 1 else ""
-        print(f"\n{who}{signal.Signals(number).name}: stopping after this step with a checkpoint (send it again to "
-              f"stop at once)", flush=True)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, request_stop)
-
-    def save_checkpoint() -> None:
-        """checkpoint-<step>/: EMA UNet + colorizer.json (a usable model) and the full training state."""
-        accelerator.wait_for_everyone()
-        final = run_dir / f"checkpoint-{step}"
-        if accelerator.is_main_process:
-            with atomic_path(final, overwrite=True, is_dir=True) as temp:
-                accelerator.save_state(str(temp / "state"))
-                with torch.random.fork_rng(devices=[]):  # random init would shift the RNG: resume must match
-                    ema_unet = type(accelerator.unwrap_model(unet)).from_config(accelerator.unwrap_model(unet).config)
-                ema.copy_to(ema_unet.parameters())
-                ema_unet.save_pretrained(temp / "unet")
-                saved = {**config, "step": step}
-                if args.train_vac:
-                    save_vac(averaged_vac(), temp / "vac")
-                    saved["vac_fingerprint"] = vac_fingerprint(averaged_vac())
-                (temp / CONFIG_NAME).write_text(json.dumps(saved, indent=2))
-            for old in checkpoints_of(run_dir)[: -args.keep_checkpoints]:
-                discard(old)
-        accelerator.wait_for_everyone()
-
-    def validate() -> None:
-        if not accelerator.is_main_process:
-            return
-        model = accelerator.unwrap_model(unet)
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
-        model.eval()
-        loss = validation_loss(model, averaged_vac(), dataset, val_ids, scheduler, downscale, accelerator.device,
-                               args.batch_size, args.hints)
-        colorizer = Colorizer(model, vae.to(accelerator.device), averaged_vac(), config, accelerator.device)
-        save_sample_grid(colorizer, dataset, val_ids, run_dir / f"samples-{step:07d}.png")
-        model.train()
-        ema.restore(model.parameters())
-        with open(run_dir / "validation.jsonl", "a") as log:
-            log.write(json.dumps({"step": step, "val_loss": loss}) + "\n")
-        accelerator.print(f"step {step}: validation loss {loss:.4f}")
+    accelerator.print(f"UNet {parameter_count(models.unet) / 1e6:.2f}M parameters; {len(train_ids)} train / "
+                      f"{len(val_ids)} val items; {accelerator.num_processes} process(es) on {accelerator.device}")
+    stop_requested = install_stop_handler(accelerator)
 
     per_process = args.batch_size // accelerator.num_processes
     part = (accelerator.process_index * per_process, args.batch_size)  # this process's rows of each global batch
     start, losses, signum = time.time(), [], 0
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_main_process, desc="training")
-    unet.train()
+    models.unet.train()
     while step < args.max_steps:
         indices = np.array(train_ids)[batch_indices(step, args.batch_size, len(train_ids), args.seed, weights)]
         mine = indices[part[0] : part[0] + per_process]
         rows = range(part[0], part[0] + per_process)
         with accelerator.autocast():
-            batch = complete_batch(stack(dataset, mine, accelerator.device), vac,
+            batch = complete_batch(stack(dataset, mine, accelerator.device), models.vac,
                                    hint_generators(args.seed, step, rows) if args.hints else None,
                                    args.hint_none_fraction)
-            loss = diffusion_loss(unet, batch, scheduler, args.cond_dropout, downscale, args.snr_gamma,
+            loss = diffusion_loss(models.unet, batch, scheduler, args.cond_dropout, downscale, args.snr_gamma,
                                   step_generator(args.seed, step, accelerator.device), part)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_([p for group in groups for p in group["params"]], 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(unet.parameters())
-        if args.train_vac:
-            ema_vac.step(vac.parameters())
+        accelerator.clip_grad_norm_(models.trained_parameters(), 1.0)
+        models.optimizer.step()
+        models.lr_schedule.step()
+        models.optimizer.zero_grad(set_to_none=True)
+        models.ema.step(models.unet.parameters())
+        if models.ema_vac is not None:
+            models.ema_vac.step(models.vac.parameters())
         step += 1
         # One collective per step: the loss, and whether any process got a signal or ran out of time, so that
         # all of them checkpoint and stop together (a process stopping alone would leave the others waiting).
@@ -531,9 +607,9 @@ def main() -> None:
                 with open(run_dir / "train_loss.jsonl", "a") as log:
                     log.write(json.dumps({"step": step, "loss": float(np.mean(losses[-args.log_every:]))}) + "\n")
         if signum or out_of_time or step % args.checkpoint_every == 0 or step == args.max_steps:
-            save_checkpoint()
+            save_checkpoint(models, accelerator, run_dir, config, step, args.keep_checkpoints)
         if step % args.validate_every == 0 or step == args.max_steps:
-            validate()
+            validate(models, accelerator, run_dir, config, step, (dataset, val_ids), vae, scheduler, args)
         if signum or out_of_time:
             accelerator.print(f"stopped at step {step} with checkpoint-{step}; continue with --resume")
             break

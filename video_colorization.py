@@ -3,6 +3,7 @@
   python video_colorization.py --input old_film.mp4
   python video_colorization.py --input frames_folder/ --output out_frames/      # lossless PNG frames
   python video_colorization.py --input clips/ --model unet_model/mine          # every clip in a folder
+  torchrun --nproc_per_node 4 video_colorization.py --input clips/ --output out/ --skip-existing  # 4 processes
 
 Each frame is resized to the model's working size (aspect ratio kept), its chroma is sampled by the latent
 diffusion model, upsampled to the input size and recombined with the input's own luminance, so detail and
@@ -15,6 +16,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
+import sys
+import time
 from collections import deque
 from fractions import Fraction
 from pathlib import Path
@@ -85,7 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bit-depth", default="auto", choices=("auto", "8", "10"),
                         help="bits per sample of the output video (PNG frames: 8 or 16); auto: 10 for inputs of more "
                         "than 8 bits, else 8. 10-bit H.264 does not play in browsers or on most hardware decoders")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    existing.add_argument("--skip-existing", action="store_true", help="keep existing outputs and colorize only the "
+                          "clips without one: a killed or failed run over a folder of clips resumes")
     return parser.parse_args(argv)
 
 
@@ -239,8 +247,10 @@ def output_path(clip: Path, output: Path | None, several: bool, png: bool) -> Pa
     return output
 
 
-def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse.Namespace) -> int:
+def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse.Namespace,
+                  frame_bar: bool = True) -> int:
     """Colorize one clip into `output` (.mp4 or a PNG folder), written to a temporary path and renamed at the end.
+    `frame_bar` False hides the frame progress bar (several processes would draw theirs over each other).
 
     The output is upright (a rotation tag is applied to the pixels), keeps the input's depth (--bit-depth) and, for a
     variable-rate video, the input's own frame timestamps."""
@@ -258,7 +268,8 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
     guides = load_guides(clip, info, args, colorizer)
     frames = colorize_frames(colorizer, pixels, args, (info.height, info.width), guides)
     with atomic_path(output, overwrite=args.overwrite, is_dir=not as_video) as temp, \
-            tqdm(frames, total=info.frame_count, desc=clip.name, unit="frame", leave=False, disable=None) as colorized:
+            tqdm(frames, total=info.frame_count, desc=clip.name, unit="frame", leave=False,
+                 disable=None if frame_bar else True) as colorized:
         if as_video:
             audio = has_audio(clip)
             video_path = temp.with_name(temp.stem + ".video.mp4") if audio else temp
@@ -289,8 +300,8 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
 
 def plan_outputs(clips: list[Path], args: argparse.Namespace) -> list[tuple[Path, Path]]:
     """Each clip with its output, all checked before any work, so a run never stops half-way through a folder on
-    an output problem: the format, an existing output (kept unless --overwrite), two clips writing one output,
-    and a folder that cannot be written."""
+    an output problem: the format, an existing output (kept unless --overwrite; --skip-existing skips its clip
+    later), two clips writing one output, and a folder that cannot be written."""
     several = len(clips) > 1 or (args.input.is_dir() and clips[0] != args.input)
     plan, seen = [], {}
     for clip in clips:
@@ -304,8 +315,9 @@ def plan_outputs(clips: list[Path], args: argparse.Namespace) -> list[tuple[Path
         seen[output.resolve()] = clip
         if output.resolve() == clip.resolve():
             raise UserError(f"{output}: is the input itself; choose another --output")
-        if output.exists() and not args.overwrite:
-            raise UserError(f"{output}: already exists; pass --overwrite to replace it or choose another --output")
+        if output.exists() and not (args.overwrite or args.skip_existing):
+            raise UserError(f"{output}: already exists; pass --overwrite to replace it, --skip-existing to keep it, "
+                            f"or choose another --output")
         check_writable(output.parent, "an --output")
         plan.append((clip, output))
     return plan
@@ -337,9 +349,51 @@ def make_demo_clip(path: Path, frame_count: int = 48, size: tuple[int, int] = (3
     return path
 
 
-def main() -> None:
-    from tqdm import tqdm
+def process_share() -> tuple[int, int, int]:
+    """(rank, number of processes, local rank) from the variables torchrun and `accelerate launch` set; (0, 1, 0)
+    for a plain run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
+
+def process_device(name: str, local_rank: int, world: int) -> torch.device:
+    """--device, checked; under a launcher, `cuda` (or auto) means each process's own GPU, cuda:<local rank> (more
+    processes than GPUs share them), while an explicit cuda:<n> stays as given."""
+    device = choose_device(name)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
+def connect_processes(rank: int, world: int) -> torch.distributed.Store | None:
+    """The launcher's key-value store (torchrun's, which `accelerate launch` uses too), where the processes leave
+    their failures at the end; None for a single process. No process group: the processes never wait for each
+    other during the work."""
+    if world == 1:
+        return None
+    import torch.distributed as dist
+
+    store, _, _ = next(dist.rendezvous("env://", rank, world))
+    # A restart by the launcher (--max-restarts) starts a fresh round in the same store.
+    return dist.PrefixStore(f"video_colorization/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def gather_failures(store: torch.distributed.Store | None, failures: list[str], rank: int, world: int) -> list[str]:
+    """Every process's failed clips for the main process once all processes are done, [] for the others. A
+    process that exits with an error makes the launcher stop the others, so only the main process reports, after
+    waiting for the rest in short polls (a blocking wait would not see a Ctrl-C or SIGTERM until it ends)."""
+    if store is None:
+        return failures
+    store.set(f"failures/{rank}", json.dumps(failures))
+    finished = store.add("finished", 1)
+    if rank > 0:
+        return []
+    while finished < world:
+        time.sleep(0.5)
+        finished = store.add("finished", 0)
+    return [message for other in range(world) for message in json.loads(store.get(f"failures/{other}"))]
+
+
+def main() -> None:
     args = parse_args()
     if not 0 <= args.propagation < 1 or args.saturation < 0:
         raise UserError(f"--propagation {args.propagation} / --saturation {args.saturation}: propagation must be in "
@@ -356,14 +410,35 @@ def main() -> None:
     if (args.reference or args.hints) and len(clips) > 1:
         raise UserError(f"{args.input}: holds {len(clips)} clips, and --reference / --hints colour one clip; pass a "
                         f"single video or frame folder")
-    plan = plan_outputs(clips, args)
-    device = choose_device(args.device)
+    plan = plan_outputs(clips, args)  # every process checks every output, so all refuse a bad plan alike
+    rank, world, local_rank = process_share()
+    device = process_device(args.device, local_rank, world)
     if not args.model.exists():
         raise UserError(f"{args.model}: model folder not found; pass --model unet_model/<run> or restore unet_model/default")
+    # Clips rank, rank + N, ... of the sorted list, split before skipping finished ones: the split must not depend
+    # on when each process looks at the outputs.
+    mine = plan[rank::world]
+    todo = [(clip, output) for clip, output in mine if not (args.skip_existing and output.exists())]
+    store = connect_processes(rank, world)
+    prefix = f"process {rank} of {world}: " if world > 1 else ""
+    if world > 1 or len(todo) < len(mine):
+        print(f"{prefix}{len(todo)} clip(s) to colorize, {len(mine) - len(todo)} already done, on {device}", flush=True)
     colorizer = load_colorizer(args.model, device, args.vae, args.vac)
-    for clip, output in tqdm(plan, desc="clips", disable=len(plan) == 1):
-        count = colorize_clip(colorizer, clip, output, args)
-        print(f"{clip} -> {output} ({count} frames)")
+    failures = []
+    for number, (clip, output) in enumerate(todo, 1):
+        try:
+            count = colorize_clip(colorizer, clip, output, args, frame_bar=world == 1)
+        except UserError as error:
+            if len(plan) == 1 and world == 1:
+                raise  # a single clip: its own message is the whole report
+            failures.append(str(error))  # reported now and in the summary; the other clips go on
+            print(f"{prefix}[{number}/{len(todo)}] failed: {error}", file=sys.stderr, flush=True)
+            continue
+        print(f"{prefix}[{number}/{len(todo)}] {clip} -> {output} ({count} frames)", flush=True)
+    failures = gather_failures(store, failures, rank, world)
+    if failures:
+        raise UserError(f"{len(failures)} of {len(plan)} clips failed, the others are done: {' | '.join(failures)}; "
+                        f"then run again with --skip-existing, which colorizes only the clips without an output")
 
 
 if __name__ == "__main__":

@@ -232,6 +232,38 @@ def test_colorization_rejects_bad_input(tmp_path, inputs, model, name, names, sa
     assert files_under(out) == []
 
 
+def test_colorization_finishes_a_folder_past_its_bad_clips(tmp_path, inputs, model):
+    """A bad clip in a folder stops only itself: the other clips are colorized, each failure is reported when it
+    happens and again in the last line, and the exit code is 2. A rerun refuses the finished outputs, unless
+    --skip-existing, which leaves them untouched and tries only the clips without an output."""
+    clips, out = tmp_path / "clips", tmp_path / "out"
+    clips.mkdir()
+    for name in ("cut.mp4", "one.mp4", "text.mp4"):
+        shutil.copy(inputs / name, clips / name)
+    shutil.copytree(inputs / "tiny", clips / "tiny")
+
+    def colorize(*extra) -> Result:
+        return run_main("video_colorization", "--input", clips, "--output", out, "--model", model, "--steps", "1",
+                        *extra, cwd=tmp_path)
+
+    result = colorize()
+    assert result.code == 2
+    assert result.error.startswith("error: 2 of 4 clips failed, the others are done: ")
+    assert "cut.mp4: only 21 of its 40 frames can be decoded" in result.error
+    assert "text.mp4: cannot be read as a video" in result.error and "--skip-existing" in result.error
+    assert f"[1/4] failed: {clips / 'cut.mp4'}: " in result.stderr and f"[3/4] failed: {clips / 'text.mp4'}: " in result.stderr
+    assert f"[4/4] {clips / 'tiny'} -> {out / 'tiny.mp4'} (2 frames)" in result.stdout
+    assert files_under(out) == ["one.mp4", "tiny.mp4"]  # the good clips whole, nothing of the bad ones
+    finished = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    result = colorize()
+    assert result.code == 2 and f"{out / 'cut.mp4'}" not in result.error  # refused before any work
+    assert f"{out / 'one.mp4'}: already exists; pass --overwrite to replace it, --skip-existing to keep it" in result.error
+    result = colorize("--skip-existing")
+    assert result.code == 2 and result.error.startswith("error: 2 of 4 clips failed")
+    assert "2 clip(s) to colorize, 2 already done" in result.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == finished
+
+
 GOOD_INPUTS = [("one.mp4", 1, (48, 64)), ("tiny", 2, (9, 17)), ("huge", 1, (3000, 4000)), ("gray", 2, (72, 96)),
                ("rgba", 2, (72, 96)), ("rgb16", 2, (72, 96))]
 

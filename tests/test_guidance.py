@@ -64,7 +64,7 @@ def test_a_keyframe_travels_forward_and_backward_along_the_motion():
         for t, gray in enumerate(grays):
             dense, sparse = propagator.step(t, gray)
             assert sparse is None and dense is not None
-            reliable = dense.mask > 0.5
+            reliable = dense.confidence > 0.5
             assert reliable.mean() > 0.5
             errors.append(float(np.abs(dense.chroma - truth[t])[reliable].mean()))
         return errors
@@ -83,7 +83,8 @@ def test_a_scene_cut_stops_a_keyframe():
     from guidance import Guide, GuidePropagator
 
     gray = panning_clip(1, (32, 32))[0][..., 0]
-    guide = Guide(0, np.full((32, 32, 2), 10.0, np.float32), np.ones((32, 32), np.float32), dense=True)
+    ones = np.ones((32, 32), np.float32)
+    guide = Guide(0, np.full((32, 32, 2), 10.0, np.float32), ones, ones, dense=True)
     propagator = GuidePropagator([guide])
     assert propagator.step(0, gray)[0] is not None
     assert propagator.step(1, gray)[0] is not None
@@ -95,7 +96,7 @@ def test_model_hints_keep_a_one_pixel_dot_of_a_large_frame():
 
     weighted, mask = np.zeros((480, 640, 2), np.float32), np.zeros((480, 640), np.float32)
     weighted[100, 200], mask[100, 200] = (30.0, -20.0), 1.0
-    chroma, hinted = model_hints(None, Guide(0, weighted, mask, dense=False), (48, 64))
+    chroma, hinted = model_hints(None, Guide(0, weighted, mask, mask, dense=False), (48, 64))
     assert hinted.sum() == 1 and hinted[10, 20] == 1
     assert np.allclose(chroma[10, 20], (30.0, -20.0))
 

@@ -101,3 +101,12 @@ def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_roo
     assert vac_fingerprint(trained_vac) == config["vac_fingerprint"] != vac_fingerprint(load_vac(str(tiny_components["vac"])))
     colorizer = load_colorizer(checkpoint, torch.device("cpu"))
     assert colorizer.takes_hints and colorizer.unet.config.in_channels == 4 + 16 + 48
+    # --init-from starts a new run on those weights (with a learning rate of 0 they stay exactly those weights)
+    run_script(*train, "--max-steps", "1", "--init-from", str(checkpoint), "--lr", "0", "--run-name", "again",
+               "--checkpoint-every", "1", cwd=tmp_path)
+    from safetensors.torch import load_file
+
+    again = tmp_path / "unet_model" / "again" / "checkpoint-1"
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vac/vac.safetensors"):
+        before, after = load_file(str(checkpoint / part)), load_file(str(again / part))
+        assert all(torch.equal(before[key], after[key]) for key in before)
