@@ -18,6 +18,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
 import gradio as gr  # noqa: E402
 
 from colorizer import Colorizer, load_colorizer  # noqa: E402
-from utils import UserError, choose_device, run_cli  # noqa: E402
+from utils import UserError, choose_device, run_cli, seed_everything  # noqa: E402
 from video_colorization import DEFAULT_MODEL, colorize_clip, make_demo_clip, parse_args  # noqa: E402
 from video_io import iter_clip_frames, probe_clip  # noqa: E402
 
@@ -71,9 +72,11 @@ class Session:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def page_error(error: UserError) -> gr.Error:
-    """The CLI's one-line message, shown in the page (gr.Error renders HTML: a path may hold < or &)."""
-    return gr.Error(html.escape(" ".join(line.strip() for line in str(error).splitlines() if line.strip())))
+def page_error(problem: str | UserError) -> gr.Error:
+    """A one-line message shown in the page (escaped: gr.Error renders HTML, and a path may hold < or &), with no
+    traceback in the console: bad input is the user's to fix, not a crash."""
+    message = " ".join(line.strip() for line in str(problem).splitlines() if line.strip())
+    return gr.Error(html.escape(message), print_exception=False)
 
 
 def guide_list(session: Session) -> str:
@@ -105,7 +108,7 @@ def write_rgba(path: Path, image: np.ndarray) -> Path:
     import cv2
 
     if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA)):
-        raise gr.Error(f"{path}: cannot be written; check the disk")
+        raise page_error(f"{path}: cannot be written; check the disk")
     return path
 
 
@@ -129,15 +132,15 @@ class ColorizeApp:
         except UserError as error:
             raise page_error(error) from None
         if info.frame_count == 0:
-            raise gr.Error(f"{clip.name}: has no frames; load a video with at least one frame")
+            raise page_error(f"{clip.name}: has no frames; load a video with at least one frame")
         if info.frame_count > self.options.max_frames:
-            raise gr.Error(f"{clip.name}: has {info.frame_count} frames and this page colorizes at most "
-                           f"{self.options.max_frames} (--max-frames); trim it, or colorize it with "
-                           f"video_colorization.py, which takes any length")
+            raise page_error(f"{clip.name}: has {info.frame_count} frames and this page colorizes at most "
+                             f"{self.options.max_frames} (--max-frames); trim it, or colorize it with "
+                             f"video_colorization.py, which takes any length")
         if info.width * info.height > self.options.max_pixels:
-            raise gr.Error(f"{clip.name}: its {info.width}x{info.height} frames are larger than this page takes "
-                           f"({self.options.max_pixels} pixels, --max-pixels); scale it down, or colorize it with "
-                           f"video_colorization.py")
+            raise page_error(f"{clip.name}: its {info.width}x{info.height} frames are larger than this page takes "
+                             f"({self.options.max_pixels} pixels, --max-pixels); scale it down, or colorize it with "
+                             f"video_colorization.py")
         return info.frame_count
 
     def load_clip(self, clip: str | None, session: Session):
@@ -169,7 +172,7 @@ class ColorizeApp:
     def add_guide(self, session: Session, frame: float, flag: str, path: Path) -> Session:
         frame = int(frame)
         if session.clip is None:
-            raise gr.Error("Load a video or the demo clip first")
+            raise page_error("Load a video or the demo clip first")
         if flag == "--hints" and not self.colorizer.takes_hints:
             gr.Warning(f"The model {self.options.model} has no colour-hint input: colorizing will refuse painted "
                        f"hints. Use keyframes, or a model trained with --hints (app.py --model).")
@@ -179,14 +182,14 @@ class ColorizeApp:
     def add_painted_hints(self, editor: dict | None, frame: float, session: Session):
         strokes = painted_strokes(editor)
         if strokes is None:
-            raise gr.Error("Nothing painted: choose the brush and paint colour strokes on the frame first")
-        path = write_rgba(self.folder(session) / f"hints_{int(frame):05d}_{len(session.guides)}.png", strokes)
+            raise page_error("Nothing painted: choose the brush and paint colour strokes on the frame first")
+        path = write_rgba(self.folder(session) / f"painted_{int(frame):05d}_{len(session.guides)}.png", strokes)
         session = self.add_guide(session, frame, "--hints", path)
         return session, guide_list(session), self.editor_value(session, frame)
 
     def add_uploaded(self, image: str | None, frame: float, session: Session, flag: str):
         if image is None:
-            raise gr.Error("Upload an image of the frame first")
+            raise page_error("Upload an image of the frame first")
         path = self.folder(session) / f"{flag[2:]}_{int(frame):05d}_{len(session.guides)}{Path(image).suffix}"
         shutil.copyfile(image, path)  # gradio's upload cache is cleaned on its own schedule
         session = self.add_guide(session, frame, flag, path)
@@ -205,13 +208,14 @@ class ColorizeApp:
     def colorize(self, session: Session, progress=gr.Progress(track_tqdm=True)):
         """colorize_clip with the CLI's arguments; its tqdm bar becomes the page's progress bar."""
         if session.clip is None:
-            raise gr.Error("Load a video or the demo clip first")
+            raise page_error("Load a video or the demo clip first")
         guides = [arg for g in session.guides for arg in (g.flag, f"{g.frame}={g.path}")]
         # 8-bit output whatever the input: 10-bit H.264 does not play in browsers.
         args = parse_args(["--input", str(session.clip), "--model", str(self.options.model), "--bit-depth", "8",
                            "--overwrite", *guides])
         output = self.folder(session) / f"{session.clip.stem}_color.mp4"
         progress(0, desc="reading the clip and its guides")
+        seed_everything(args.seed)  # as video_colorization.py does: the same video as a fresh command-line run
         try:
             count = colorize_clip(self.colorizer, session.clip, output, args)
         except UserError as error:
@@ -245,8 +249,10 @@ def build_page(app: ColorizeApp) -> gr.Blocks:
                                                                "#8a5a3c", "#f0d2b4"], color_mode="defaults"))
                 add_paint = gr.Button("Add painted hints", elem_id="add-painted")
             with gr.Column():
+                # image_mode None passes the file on as uploaded: a conversion would re-encode it (an RGBA JPEG
+                # cannot be written), and --reference / --hints read any image themselves.
                 upload = gr.Image(label="Or upload an image of this frame: a coloured version (keyframe) or colour "
-                                  "strokes on a transparent background (hints)", type="filepath", image_mode="RGBA",
+                                  "strokes on a transparent background (hints)", type="filepath", image_mode=None,
                                   sources=["upload"], elem_id="guide-image")
                 with gr.Row():
                     add_keyframe = gr.Button("Add as keyframe", elem_id="add-keyframe")
@@ -263,7 +269,7 @@ def build_page(app: ColorizeApp) -> gr.Blocks:
         add_keyframe.click(app.add_keyframe, [upload, frame, session], [session, guides, upload])
         add_hints.click(app.add_hint_image, [upload, frame, session], [session, guides, upload])
         clear.click(app.clear_guides, [session], [session, guides])
-        run.click(app.colorize, [session], [colour, download, status])
+        run.click(app.colorize, [session], [colour, download, status], show_progress_on=[colour])
     return page
 
 
@@ -274,9 +280,21 @@ def main() -> None:
                         f"unet_model/default")
     colorizer = load_colorizer(options.model, choose_device(options.device))
     with tempfile.TemporaryDirectory(prefix="colorize-app-") as work:
-        app = ColorizeApp(colorizer, options, Path(work))
-        build_page(app).launch(server_name=options.host, server_port=options.port, share=False,
-                               max_file_size=options.max_file_size)
+        page = build_page(ColorizeApp(colorizer, options, Path(work)))
+        try:
+            page.launch(server_name=options.host, server_port=options.port, share=False,
+                        max_file_size=options.max_file_size, prevent_thread_lock=True, quiet=True)
+        except OSError:  # gradio's message names its own settings, not this script's flags
+            raise UserError(f"{options.host}:{options.port}: cannot listen there (the port is in use, or the address "
+                            f"is not this machine's); pass another --port or --host") from None
+        print(f"open {page.local_url} in a browser; Ctrl-C stops the app", flush=True)  # quiet: no share-link advice
+        # Gradio's own wait swallows Ctrl-C and SIGTERM; this one lets run_cli report them (exit 130 / 143) as the
+        # other scripts do, once the server is closed and the session files are removed.
+        try:
+            while True:
+                time.sleep(1)
+        finally:
+            page.close()
 
 
 if __name__ == "__main__":

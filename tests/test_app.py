@@ -4,6 +4,7 @@ missing."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -47,7 +48,7 @@ def test_painted_layers_become_one_rgba_hint_image():
     assert (strokes[2:, :, 3] == 0).all() and (strokes[:, 2:, 3] == 0).all()
 
 
-def test_clips_too_long_or_too_large_and_refused_hints_are_page_errors(tiny_model, gray_video, tmp_path):
+def test_bad_input_is_a_one_line_page_error(tiny_model, gray_video, tmp_path):
     app, actions = app_actions(tiny_model, tmp_path, max_frames=5)
     with pytest.raises(gr.Error) as error:
         actions.load_clip(str(gray_video), app.Session())
@@ -66,7 +67,19 @@ def test_clips_too_long_or_too_large_and_refused_hints_are_page_errors(tiny_mode
     with pytest.raises(gr.Error) as error:
         actions.colorize(session)
     assert "has no colour-hint input" in error.value.message
-    assert not list(tmp_path.rglob("*.mp4"))
+
+    # What the CLI refuses, the page refuses with the CLI's message: a video that is not one, a broken keyframe.
+    not_a_video = tmp_path / "notes.mp4"
+    not_a_video.write_text("not a video")
+    with pytest.raises(gr.Error) as error:
+        actions.load_clip(str(not_a_video), app.Session())
+    assert "notes.mp4" in error.value.message and "\n" not in error.value.message
+    broken = tmp_path / "keyframe.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(gr.Error) as error:
+        actions.colorize(app.Session(clip=gray_video, frame_count=12, guides=[app.Guide(0, "--reference", broken)]))
+    assert "keyframe.png" in error.value.message and "\n" not in error.value.message
+    assert not list(tmp_path.rglob("*_color.mp4"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,12 +111,15 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def app_url(hint_model, tmp_path_factory):  # noqa: F811
-    log_path = tmp_path_factory.mktemp("app") / "app.log"
+def app_server(hint_model, tmp_path_factory):  # noqa: F811
+    """The app's address and its temporary folder (TMPDIR: its session files and gradio's cache land there)."""
+    temp = tmp_path_factory.mktemp("app")
+    log_path = temp / "app.log"
     port = free_port()
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "app.py", "--model", str(hint_model), "--port", str(port)],
-                                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "TMPDIR": str(temp)})
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
@@ -117,7 +133,7 @@ def app_url(hint_model, tmp_path_factory):  # noqa: F811
                 if time.monotonic() > deadline:
                     pytest.fail(f"app.py did not answer within {STARTUP_SECONDS} s:\n{log_path.read_text()[-3000:]}")
                 time.sleep(2)
-        yield url
+        yield url, temp
     finally:
         process.terminate()
         try:
@@ -146,6 +162,15 @@ def upload(driver, element_id: str, path: Path) -> None:
     driver.find_element("css selector", f"#{element_id} input[type=file]").send_keys(str(path))
 
 
+def paint_stroke(driver) -> None:
+    """Drag the mouse across the middle of the editor's canvas: a stroke in the brush's first colour."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    canvas = driver.find_element("css selector", "#editor canvas")
+    ActionChains(driver).move_to_element_with_offset(canvas, -30, 0).click_and_hold().move_by_offset(60, 0) \
+        .release().perform()
+
+
 def choose_frame(driver, index: int) -> None:
     from selenium.webdriver.common.keys import Keys
 
@@ -170,10 +195,13 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255**2 / np.mean((a.astype(float) - b) ** 2)))
 
 
-def test_guided_colorization_in_a_browser(browser, app_url, gray_video, tmp_path):
+# app_server before browser: the browser is closed first, so the app does not wait on an open page to stop.
+def test_guided_colorization_in_a_browser(app_server, browser, gray_video, tmp_path):
     import cv2
 
-    from video_io import write_image_rgb
+    from video_io import read_image_rgba, write_image_rgb
+
+    app_url, app_temp = app_server
 
     truth = panning_clip()  # gray_video is its grayscale version: 12 frames of 72x96
     write_image_rgb(tmp_path / "keyframe5.png", truth[5])
@@ -193,20 +221,29 @@ def test_guided_colorization_in_a_browser(browser, app_url, gray_video, tmp_path
                == "11", "the frame slider to reach frame 11")
     automatic = colorize_and_download(browser, "Colorized 12 frames.", downloads)
 
+    paint_stroke(browser)
+    click(browser, "add-painted")
+    wait_for_text(browser, "guides", "frame 0: painted hints")
+    # The strokes reach --hints as an RGBA image of the frame: the brush's colour, opaque only where painted.
+    painted = read_image_rgba(next(app_temp.glob("colorize-app-*/session-*/painted_00000_*.png")))
+    stroke = painted[..., 3] >= 128
+    assert painted.shape == (72, 96, 4) and 0 < stroke.mean() < 0.5
+    assert np.abs(np.median(painted[stroke][:, :3], axis=0) - (0xCC, 0x32, 0x32)).max() <= 2
     upload(browser, "guide-image", tmp_path / "hints0.png")
     click(browser, "add-hints")
-    wait_for_text(browser, "guides", "frame 0: painted hints")
-    hinted = colorize_and_download(browser, "guided by 1 guide(s)", downloads)
+    wait_until(browser, lambda d: d.find_element("id", "guides").text.count("painted hints") == 2, "a second hint")
+    hinted = colorize_and_download(browser, "guided by 2 guide(s)", downloads)
 
     choose_frame(browser, 5)
     upload(browser, "guide-image", tmp_path / "keyframe5.png")
     click(browser, "add-keyframe")
     wait_for_text(browser, "guides", "frame 5: keyframe")
-    guided = colorize_and_download(browser, "guided by 2 guide(s)", downloads)
+    guided = colorize_and_download(browser, "guided by 3 guide(s)", downloads)
 
     for video in (automatic, hinted, guided):
         assert video.shape == (12, 72, 96, 3)
-    # The hint reaches the (untrained) model: frame 0 changes where it was painted.
+    # The hints reach the (untrained) model: frame 0 changes where they were painted and uploaded.
+    assert np.abs(hinted[0][stroke] - automatic[0][stroke]).max() > 0
     assert np.abs(hinted[0, 28:44, 40:56] - automatic[0, 28:44, 40:56]).max() > 0
     # The keyframe's colours are those of frame 5's truth, to within the H.264 coding.
     assert psnr(guided[5], truth[5]) > psnr(automatic[5], truth[5]) + 6
