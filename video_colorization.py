@@ -141,7 +141,7 @@ def load_guides(clip: Path, info, args: argparse.Namespace, colorizer: Colorizer
         return None
     if args.hints and not colorizer.takes_hints:
         raise UserError(f"--hints: the model {args.model} has no colour-hint input (trained without --hints); use "
-                        f"the default model or one trained with --hints")
+                        f"a model trained with --hints, or give the colours as a keyframe (--reference)")
     propagator = GuidePropagator(guides)
     if propagator.last_guided_frame > 0:
         working = colorizer.working_size(info.height, info.width)

@@ -1,0 +1,252 @@
+"""The browser app (app.py): its actions called directly, and the whole page in headless Chromium driven by Selenium
+(the system's chromium and chromedriver; nothing is downloaded). Skipped when gradio, selenium or the browser is
+missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, panning_clip
+from test_guidance import hint_model  # noqa: F401  (a fixture: the tiny model with an untrained hint input)
+
+gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install -r requirements.txt)")
+
+STARTUP_SECONDS = 600  # importing torch and gradio on a busy 2-core machine takes minutes
+STEP_SECONDS = 300
+
+
+def app_actions(model: Path, work: Path, **limits):
+    import app
+    from colorizer import load_colorizer
+    from utils import choose_device
+
+    options = app.parse_app_args(["--model", str(model), *[f"--{k.replace('_', '-')}={v}" for k, v in limits.items()]])
+    return app, app.ColorizeApp(load_colorizer(model, choose_device("cpu")), options, work)
+
+
+def test_painted_layers_become_one_rgba_hint_image():
+    from app import painted_strokes
+
+    assert painted_strokes(None) is None
+    empty = np.zeros((4, 6, 4), np.uint8)
+    assert painted_strokes({"background": empty, "layers": [empty], "composite": empty}) is None
+    first, second = empty.copy(), empty.copy()
+    first[0:2, 0:2] = (255, 0, 0, 255)
+    second[1, 1] = (0, 0, 255, 200)  # a later layer paints over an earlier one
+    strokes = painted_strokes({"background": empty, "layers": [first, second], "composite": empty})
+    assert strokes[0, 0].tolist() == [255, 0, 0, 255] and strokes[1, 1].tolist() == [0, 0, 255, 200]
+    assert (strokes[2:, :, 3] == 0).all() and (strokes[:, 2:, 3] == 0).all()
+
+
+def test_bad_input_is_a_one_line_page_error(tiny_model, gray_video, tmp_path):
+    app, actions = app_actions(tiny_model, tmp_path, max_frames=5)
+    with pytest.raises(gr.Error) as error:
+        actions.load_clip(str(gray_video), app.Session())
+    assert "has 12 frames and this page colorizes at most 5 (--max-frames)" in error.value.message
+    app, actions = app_actions(tiny_model, tmp_path, max_pixels=96 * 72 - 1)
+    with pytest.raises(gr.Error) as error:
+        actions.load_clip(str(gray_video), app.Session())
+    assert "its 96x72 frames are larger than this page takes" in error.value.message
+
+    # The tiny model has no hint input: the CLI's own error reaches the page.
+    app, actions = app_actions(tiny_model, tmp_path)
+    hints = np.zeros((72, 96, 4), np.uint8)
+    hints[30:40, 40:50] = (255, 0, 0, 255)
+    session = app.Session(clip=gray_video, frame_count=12,
+                          guides=[app.Guide(0, "--hints", app.write_rgba(tmp_path / "hints.png", hints))])
+    with pytest.raises(gr.Error) as error:
+        actions.colorize(session)
+    assert "has no colour-hint input" in error.value.message
+
+    # What the CLI refuses, the page refuses with the CLI's message: a video that is not one, a broken keyframe.
+    not_a_video = tmp_path / "notes.mp4"
+    not_a_video.write_text("not a video")
+    with pytest.raises(gr.Error) as error:
+        actions.load_clip(str(not_a_video), app.Session())
+    assert "notes.mp4" in error.value.message and "\n" not in error.value.message
+    broken = tmp_path / "keyframe.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(gr.Error) as error:
+        actions.colorize(app.Session(clip=gray_video, frame_count=12, guides=[app.Guide(0, "--reference", broken)]))
+    assert "keyframe.png" in error.value.message and "\n" not in error.value.message
+    assert not list(tmp_path.rglob("*_color.mp4"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In a browser
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install -r requirements.txt)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not chromedriver:
+        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1600"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def app_server(hint_model, tmp_path_factory):  # noqa: F811
+    """The app's address and its temporary folder (TMPDIR: its session files and gradio's cache land there)."""
+    temp = tmp_path_factory.mktemp("app")
+    log_path = temp / "app.log"
+    port = free_port()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "app.py", "--model", str(hint_model), "--port", str(port)],
+                                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "TMPDIR": str(temp)})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"app.py exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"app.py did not answer within {STARTUP_SECONDS} s:\n{log_path.read_text()[-3000:]}")
+                time.sleep(2)
+        yield url, temp
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def click(driver, element_id: str) -> None:
+    """A click through JavaScript: gradio's loading overlays would intercept a simulated mouse click."""
+    driver.execute_script("arguments[0].click()", driver.find_element("id", element_id))
+
+
+def wait_until(driver, condition, what: str) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, STEP_SECONDS).until(condition, f"waited {STEP_SECONDS} s for {what}")
+
+
+def wait_for_text(driver, element_id: str, text: str) -> None:
+    wait_until(driver, lambda d: text in d.find_element("id", element_id).text, f"#{element_id} to say {text!r}")
+
+
+def upload(driver, element_id: str, path: Path) -> None:
+    driver.find_element("css selector", f"#{element_id} input[type=file]").send_keys(str(path))
+
+
+def paint_stroke(driver) -> None:
+    """Drag the mouse across the middle of the editor's canvas: a stroke in the brush's first colour."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    canvas = driver.find_element("css selector", "#editor canvas")
+    ActionChains(driver).move_to_element_with_offset(canvas, -30, 0).click_and_hold().move_by_offset(60, 0) \
+        .release().perform()
+
+
+def choose_frame(driver, index: int) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    number = driver.find_element("css selector", "#frame input[type=number]")
+    number.send_keys(Keys.CONTROL, "a")
+    number.send_keys(str(index), Keys.ENTER)
+
+
+def colorize_and_download(driver, status: str, folder: Path) -> np.ndarray:
+    """Click Colorize, wait for `status`, download the linked video; its frames as an int array."""
+    from video_io import iter_clip_frames
+
+    click(driver, "colorize")
+    wait_for_text(driver, "status", status)
+    href = driver.find_element("css selector", "#download a").get_attribute("href")
+    path = folder / f"{len(list(folder.iterdir()))}.mp4"
+    path.write_bytes(urllib.request.urlopen(href, timeout=60).read())
+    return np.stack(list(iter_clip_frames(path))).astype(int)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255**2 / np.mean((a.astype(float) - b) ** 2)))
+
+
+# app_server before browser: the browser is closed first, so the app does not wait on an open page to stop.
+def test_guided_colorization_in_a_browser(app_server, browser, gray_video, tmp_path):
+    import cv2
+
+    from video_io import read_image_rgba, write_image_rgb
+
+    app_url, app_temp = app_server
+
+    truth = panning_clip()  # gray_video is its grayscale version: 12 frames of 72x96
+    write_image_rgb(tmp_path / "keyframe5.png", truth[5])
+    hints = np.zeros((72, 96, 4), np.uint8)
+    hints[28:44, 40:56] = (0, 160, 0, 255)  # BGRA: an opaque green square on a transparent frame
+    cv2.imwrite(str(tmp_path / "hints0.png"), hints)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+
+    browser.get(app_url)
+    wait_until(browser, lambda d: d.find_elements("id", "colorize"), "the page to render")
+    click(browser, "colorize")  # nothing loaded yet: a message, not a hung page
+    wait_until(browser, lambda d: "Load a video or the demo clip first" in d.page_source, "the error message")
+
+    upload(browser, "input-video", gray_video)
+    wait_until(browser, lambda d: d.find_element("css selector", "#frame input[type=number]").get_attribute("max")
+               == "11", "the frame slider to reach frame 11")
+    automatic = colorize_and_download(browser, "Colorized 12 frames.", downloads)
+
+    paint_stroke(browser)
+    click(browser, "add-painted")
+    wait_for_text(browser, "guides", "frame 0: painted hints")
+    # The strokes reach --hints as an RGBA image of the frame: the brush's colour, opaque only where painted.
+    painted = read_image_rgba(next(app_temp.glob("colorize-app-*/session-*/painted_00000_*.png")))
+    stroke = painted[..., 3] >= 128
+    assert painted.shape == (72, 96, 4) and 0 < stroke.mean() < 0.5
+    assert np.abs(np.median(painted[stroke][:, :3], axis=0) - (0xCC, 0x32, 0x32)).max() <= 2
+    upload(browser, "guide-image", tmp_path / "hints0.png")
+    click(browser, "add-hints")
+    wait_until(browser, lambda d: d.find_element("id", "guides").text.count("painted hints") == 2, "a second hint")
+    hinted = colorize_and_download(browser, "guided by 2 guide(s)", downloads)
+
+    choose_frame(browser, 5)
+    upload(browser, "guide-image", tmp_path / "keyframe5.png")
+    click(browser, "add-keyframe")
+    wait_for_text(browser, "guides", "frame 5: keyframe")
+    guided = colorize_and_download(browser, "guided by 3 guide(s)", downloads)
+
+    for video in (automatic, hinted, guided):
+        assert video.shape == (12, 72, 96, 3)
+    # The hints reach the (untrained) model: frame 0 changes where they were painted and uploaded.
+    assert np.abs(hinted[0][stroke] - automatic[0][stroke]).max() > 0
+    assert np.abs(hinted[0, 28:44, 40:56] - automatic[0, 28:44, 40:56]).max() > 0
+    # The keyframe's colours are those of frame 5's truth, to within the H.264 coding.
+    assert psnr(guided[5], truth[5]) > psnr(automatic[5], truth[5]) + 6
+    # Nothing was fetched from outside the app.
+    fetched = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert fetched and all(name.startswith(app_url) for name in fetched)
