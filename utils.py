@@ -190,7 +190,8 @@ def luma_chroma_to_rgb(luma: np.ndarray, chroma: np.ndarray) -> np.ndarray:
                         chroma[..., 0] / CB_SCALE], axis=2)
     with np.errstate(divide="ignore", invalid="ignore"):
         room = np.where(offsets > 0, (peak - y) / offsets, np.where(offsets < 0, -y / offsets, np.inf))
-    scale = np.clip(room.min(axis=2, keepdims=True), 0.0, 1.0)
+    # three-way minimum written out: numpy reduces a last axis of three many times slower
+    scale = np.clip(np.minimum(np.minimum(room[..., 0], room[..., 1]), room[..., 2]), 0.0, 1.0)[..., None]
     return np.clip(y + scale * offsets + 0.5, 0, peak).astype(luma.dtype)
 
 
