@@ -173,9 +173,6 @@ class ColorizeApp:
         frame = int(frame)
         if session.clip is None:
             raise page_error("Load a video or the demo clip first")
-        if flag == "--hints" and not self.colorizer.takes_hints:
-            gr.Warning(f"The model {self.options.model} has no colour-hint input: colorizing will refuse painted "
-                       f"hints. Use keyframes, or a model trained with --hints (app.py --model).")
         session.guides.append(Guide(frame, flag, path))
         return session
 

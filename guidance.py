@@ -27,6 +27,7 @@ UNRELIABLE_KEEP = 0.5  # confidence kept through a step where the flow fails its
 # brings is kept too: textureless regions (sky, smoke, walls) fail the check without being occluded (held-out clips,
 # first frame given: 34.74 dB without, 35.33 / 35.39 / 35.40 with 8 / 12 / 16 levels).
 LUMA_MATCH = 16
+SPREAD_STEPS, SPREAD_EDGE = 300, 0.2  # painted colour's diffusion at the working size (see spread_painted)
 PROPAGATION_SHORT_SIDE = 480  # keyframe colour travels at most at this size (cost of the flow grows with area)
 
 
@@ -300,6 +301,53 @@ def model_hints(dense: Guide | None, sparse: Guide | None, size: tuple[int, int]
         chroma[hinted] = (weighted / np.maximum(support, 1e-6)[..., None])[hinted]
         mask[hinted] = 1.0
     return chroma, mask
+
+
+def spread_painted(sparse: Guide, luma: np.ndarray, steps: int = SPREAD_STEPS,
+                   edge: float = SPREAD_EDGE) -> tuple[np.ndarray, np.ndarray]:
+    """Painted hints diffused over the frame at the working size (HxW luma in [0, 1]), slowed where the luma
+    changes, as in colorization by optimization (Levin et al. 2004); the hinted pixels stay fixed. -> the spread
+    chroma and its reach in [0, 1] (where painted, the confidence the hint kept along the flow; fading with
+    distance and across edges).
+
+    The model alone follows a few painted dots only weakly; spread and pasted, a stroke colours its region.
+    Chosen on photos held out of training (skimage's, with dots of their true colours): mean chroma error 17.5
+    with the model alone, 14.2 with the spread pasted (300 steps, edge 0.2; 100 steps: 15.9)."""
+    import cv2
+
+    size = luma.shape
+    weighted, support, confidence = (cv2.resize(np.asarray(a, np.float32), (size[1], size[0]),
+                                                interpolation=cv2.INTER_AREA)
+                                     for a in (sparse.weighted, sparse.support, sparse.confidence))
+    painted = confidence > 0
+    chroma = weighted / np.maximum(support, 1e-6)[..., None]
+    # a dot smaller than a working pixel counts whole (as in model_hints); what it lost along the flow does not
+    confidence = np.clip(confidence / np.maximum(support, 1e-6), 0.0, 1.0)
+    across = np.exp(-((luma[:, 1:] - luma[:, :-1]) / edge) ** 2)[..., None]  # conductance between neighbours
+    down = np.exp(-((luma[1:] - luma[:-1]) / edge) ** 2)[..., None]
+    fixed = np.dstack([chroma * confidence[..., None], confidence])[painted]
+    state = np.zeros((*size, 3), np.float32)  # chroma x reach, reach
+    state[painted] = fixed
+    for _ in range(steps):
+        horizontal = across * (state[:, 1:] - state[:, :-1])
+        vertical = down * (state[1:] - state[:-1])
+        change = np.zeros_like(state)
+        change[:, :-1] += horizontal
+        change[:, 1:] -= horizontal
+        change[:-1] += vertical
+        change[1:] -= vertical
+        state += 0.25 * change  # below 1/4 per neighbour: stable
+        state[painted] = fixed
+    reach = state[..., 2]
+    return state[..., :2] / np.maximum(reach, 1e-6)[..., None], np.clip(reach, 0.0, 1.0)
+
+
+def paste_painted(chroma: np.ndarray, sparse: Guide | None, luma: np.ndarray) -> np.ndarray:
+    """The model's chroma at the working size with painted colour spread over it as far as it reaches."""
+    if sparse is None:
+        return chroma
+    spread, reach = spread_painted(sparse, luma)
+    return blend(spread, reach, chroma, 1.0)
 
 
 def paste_dense(chroma: np.ndarray, dense: Guide | None) -> np.ndarray:

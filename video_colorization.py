@@ -30,7 +30,7 @@ import torch
 
 from colorizer import SAMPLERS, Colorizer, combine, load_colorizer, prepare_gray
 from guidance import (GuidePropagator, hint_tensor, load_hint_image, load_reference, model_hints, parse_guide_spec,
-                      paste_dense, propagate_chroma, propagation_size)
+                      paste_dense, paste_painted, propagate_chroma, propagation_size)
 from utils import UserError, atomic_path, check_writable, choose_device, rgb_to_gray, run_cli, seed_everything
 from video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ClipFrame, VideoInfo, VideoWriter, has_audio,
                       iter_clip_frames, iter_timed_frames, list_clips, mux_audio, probe_clip, write_image_rgb)
@@ -139,9 +139,6 @@ def load_guides(clip: Path, info, args: argparse.Namespace, colorizer: Colorizer
             guides.append(load(path, index, size))
     if not guides:
         return None
-    if args.hints and not colorizer.takes_hints:
-        raise UserError(f"--hints: the model {args.model} has no colour-hint input (trained without --hints); use "
-                        f"a model trained with --hints, or give the colours as a keyframe (--reference)")
     propagator = GuidePropagator(guides)
     if propagator.last_guided_frame > 0:
         working = colorizer.working_size(info.height, info.width)
@@ -168,8 +165,8 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ar
     Temporal consistency, each part switchable for comparison: one initial noise per shot (--no-shared-noise
     draws fresh noise per frame), flow-guided propagation of the previous output's chroma (--propagation 0 turns
     it off), and scene-cut detection that starts a new shot (--no-scene-cuts). With `guides` (keyframes and
-    painted hints), their colour carried to each frame is the model's hint input, and a keyframe's colour is kept
-    wherever it was carried reliably."""
+    painted hints), their colour carried to each frame is the model's hint input (for a model that has one), a
+    painted colour spreads over its region, and a keyframe's colour is kept wherever it was carried reliably."""
     height, width = first_frame_shape
     size = colorizer.working_size(height, width)
     guide_size = propagation_size(height, width)
@@ -200,9 +197,10 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ar
         latents = colorizer.sample_latents(prepare_gray(gray, size), torch.stack(noise), args.sampler, args.steps,
                                            args.guidance, generator=step_generator, hints=hints)
         predicted = colorizer.decode_chroma(latents) * args.saturation
-        for g, g_small, chroma, cut, (dense, _) in zip(gray, small, predicted, cuts, frame_guides):
+        for g, g_small, chroma, cut, (dense, sparse) in zip(gray, small, predicted, cuts, frame_guides):
             if previous_chroma is not None and not cut and args.propagation > 0:
                 chroma = propagate_chroma(previous_gray, g_small, previous_chroma, chroma, args.propagation)
+            chroma = paste_painted(chroma, sparse, g_small / np.float32(255))
             if dense is not None:
                 chroma = paste_dense(resize_to(chroma, guide_size), dense)
             previous_gray, previous_chroma = g_small, resize_to(chroma, size)

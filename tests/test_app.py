@@ -58,16 +58,6 @@ def test_bad_input_is_a_one_line_page_error(tiny_model, gray_video, tmp_path):
         actions.load_clip(str(gray_video), app.Session())
     assert "its 96x72 frames are larger than this page takes" in error.value.message
 
-    # The tiny model has no hint input: the CLI's own error reaches the page.
-    app, actions = app_actions(tiny_model, tmp_path)
-    hints = np.zeros((72, 96, 4), np.uint8)
-    hints[30:40, 40:50] = (255, 0, 0, 255)
-    session = app.Session(clip=gray_video, frame_count=12,
-                          guides=[app.Guide(0, "--hints", app.write_rgba(tmp_path / "hints.png", hints))])
-    with pytest.raises(gr.Error) as error:
-        actions.colorize(session)
-    assert "has no colour-hint input" in error.value.message
-
     # What the CLI refuses, the page refuses with the CLI's message: a video that is not one, a broken keyframe.
     not_a_video = tmp_path / "notes.mp4"
     not_a_video.write_text("not a video")

@@ -162,11 +162,10 @@ GUIDE_ERRORS = [  # (flags, what the message says, given the clip folder)
     (["--reference", "{folder}/broken.png"], "broken.png: cannot be decoded as an image"),
     (["--hints", "{folder}/transparent.png"], "transparent.png: has no opaque pixel"),
     (["--hints", "{folder}/opaque.png"], "opaque.png: has no alpha channel"),
-    (["--hints", "{folder}/dot.png"], "has no colour-hint input"),
 ]
 
 
-@pytest.mark.parametrize("flags, says", GUIDE_ERRORS, ids=["frame", "undecodable", "no_opaque", "no_alpha", "model"])
+@pytest.mark.parametrize("flags, says", GUIDE_ERRORS, ids=["frame", "undecodable", "no_opaque", "no_alpha"])
 def test_bad_guides_are_one_line_errors(tmp_path, tiny_model, colour_clip, flags, says):
     folder, _ = colour_clip
     flags = [f.format(folder=folder, colour=folder / "colour") for f in flags]
@@ -175,6 +174,45 @@ def test_bad_guides_are_one_line_errors(tmp_path, tiny_model, colour_clip, flags
                       "--steps", "1", *flags, cwd=tmp_path)
     assert result.code == 2 and says in result.error and "; " in result.error
     assert files_under(out) == []
+
+
+def test_a_painted_dot_colours_its_region_with_any_model(tmp_path, tiny_model, colour_clip):
+    """The red dot of dot.png turns its surroundings red, also for a model without a hint input; the far corner
+    keeps the model's colour."""
+    from video_io import iter_clip_frames
+
+    folder, _ = colour_clip
+    outputs = {}
+    for name, extra in (("plain", []), ("hinted", ["--hints", f"0={folder / 'dot.png'}"])):
+        result = run_main("video_colorization", "--input", folder / "gray", "--output", tmp_path / name, "--model",
+                          tiny_model, "--steps", "1", *extra, cwd=tmp_path)
+        assert result.code == 0, result.stderr[-2000:]
+        outputs[name] = chroma_of(list(iter_clip_frames(tmp_path / name)))
+    red_cr = outputs["hinted"][0, 30:34, 40:44, 1].mean()
+    assert red_cr > outputs["plain"][0, 30:34, 40:44, 1].mean() + 30  # Cr: the red difference
+    assert red_cr > 40
+    far = (slice(0, 8), slice(88, 96))
+    assert np.abs(outputs["hinted"][0][far] - outputs["plain"][0][far]).max() < 3  # a tenth of the change above
+
+
+def test_painted_colour_spreads_over_its_region_and_stops_at_edges():
+    from guidance import Guide, spread_painted
+
+    luma = np.full((32, 48), 0.3, np.float32)
+    luma[:, 24:] = 0.9  # a bright right half behind a sharp edge
+    colour = np.array([30.0, -20.0], np.float32)
+    mask = np.zeros((32, 48), np.float32)
+    mask[16, 8] = 1.0
+    dot = Guide(0, colour * mask[..., None], mask, mask, dense=False)
+    chroma, reach = spread_painted(dot, luma)
+    assert np.allclose(chroma[16, 8], colour) and reach[16, 8] == 1.0
+    assert np.allclose(chroma[12:20, 4:12], colour, atol=1e-3)  # one colour spreads as itself
+    assert reach[16, 12] > 0.25 and (np.diff(reach[16, 8:24]) < 0).all()  # fading with distance
+    assert reach[:, 26:].max() < 0.01  # the edge holds it back
+    flat_reach = spread_painted(dot, np.full((32, 48), 0.3, np.float32))[1]
+    assert flat_reach[16, 28] > 10 * reach[16, 28]  # without the edge it goes on
+    faded = spread_painted(Guide(0, colour * mask[..., None], mask, mask * 0.5, dense=False), luma)[1]
+    assert faded[16, 8] == 0.5  # a hint carried with half confidence pastes half
 
 
 def test_a_reference_needs_a_single_clip(tmp_path, tiny_model, colour_clip):
@@ -210,4 +248,6 @@ def test_painted_hints_reach_a_model_with_a_hint_input(tmp_path, hint_model, col
                           hint_model, "--steps", "1", *extra, cwd=tmp_path)
         assert result.code == 0, result.stderr[-2000:]
         outputs[name] = np.stack(list(iter_clip_frames(tmp_path / name))).astype(int)
-    assert np.abs(outputs["plain"] - outputs["hinted"]).max() > 0  # an untrained model: only that it is used
+    # Far from the dot its pasted colour does not reach (the previous test): only the model's input changes it.
+    far = (slice(None), slice(0, 8), slice(88, 96))
+    assert np.abs(outputs["plain"][far] - outputs["hinted"][far]).max() > 0  # an untrained model: only that it is used
