@@ -6,6 +6,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+# Warping colour along the flow by luma (warp_matching_luma): a source pixel whose luma is LUMA_SIGMA levels from the
+# target pixel's counts e^-1 as much as one that matches. Chosen without val: the first frame's colour carried
+# through ten training clips (128 px, no model) scores 35.43 dB warped bilinearly, 35.78 / 35.75 / 35.69 with sigma
+# 8 / 16 / 32; on bench.py's 854x480 pan over a photo sigma 8 loses 0.24 dB to bilinear and 16 gains 0.04. End to
+# end (default model, first frame given, the four clips training held out): 35.40 -> 35.90 dB.
+LUMA_SIGMA = 16.0
+
 
 def dense_flow(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """DIS optical flow (medium preset) f with source(x) ~ target(x + f(x))."""
@@ -46,3 +53,21 @@ def reliable_flow(prev_gray: np.ndarray, gray: np.ndarray) -> tuple[np.ndarray, 
     target_y = np.arange(height, dtype=np.float32)[:, None] + backward[..., 1]
     inside = (target_x >= 0) & (target_x <= width - 1) & (target_y >= 0) & (target_y <= height - 1)
     return backward, (round_trip <= tolerance) & inside
+
+
+def warp_matching_luma(image: np.ndarray, flow: np.ndarray, source_luma: np.ndarray,
+                       target_luma: np.ndarray) -> np.ndarray:
+    """HxWxC float32 image sampled near x + flow(x) from the source pixels whose luma (uint8) is close to the target
+    pixel's: colour does not bleed across luma edges, which bilinear warping does a little at every step of a chain
+    (a moving object leaves a trail of its colour on the background it uncovers)."""
+    import numba  # the compiled kernel: numba, imported here so that importing this module stays light
+    import torch
+
+    from luma_warp import luma_weighted_samples
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    weight_of_difference = np.exp(-(np.arange(256, dtype=np.float32) / LUMA_SIGMA) ** 2) + np.float32(1e-4)
+    return luma_weighted_samples(np.ascontiguousarray(image, np.float32), np.ascontiguousarray(flow, np.float32),
+                               np.ascontiguousarray(source_luma, np.uint8), np.ascontiguousarray(target_luma, np.uint8),
+                               weight_of_difference)
+

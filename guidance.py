@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flow import reliable_flow, warp
+from flow import reliable_flow, warp, warp_matching_luma
 from modules import CHROMA_RANGE
 
 HINT_CHANNELS = 3  # Cb and Cr (divided by CHROMA_RANGE, zero where no hint) and the mask
@@ -208,12 +208,12 @@ def load_hint_image(path: Path, index: int, size: tuple[int, int]) -> Guide:
 
 
 def carry_guide(guide: Guide, from_gray: np.ndarray, to_gray: np.ndarray) -> Guide:
-    """A guide moved from the frame of `from_gray` onto the frame of `to_gray` along the flow; its confidence is
-    kept where the flow passes the forward-backward check or brings the right luma."""
+    """A guide moved from the frame of `from_gray` onto the frame of `to_gray` along the flow, sampled from source
+    pixels of the target pixel's luma (no colour trails); its confidence is kept where the flow passes the
+    forward-backward check or brings the right luma."""
     flow, reliable = reliable_flow(from_gray, to_gray)
     luma_matches = np.abs(warp(from_gray.astype(np.float32), flow) - to_gray.astype(np.float32)) <= LUMA_MATCH
-    # One 4-channel remap instead of three: OpenCV's vectorized path makes it as cheap as a single channel.
-    moved = warp(np.dstack([guide.weighted, guide.support, guide.confidence]).astype(np.float32), flow)
+    moved = warp_matching_luma(np.dstack([guide.weighted, guide.support, guide.confidence]), flow, from_gray, to_gray)
     kept = np.where(reliable | luma_matches, 1.0, UNRELIABLE_KEEP).astype(np.float32)
     weighted, support, confidence = (np.ascontiguousarray(a) for a in (moved[..., :2], moved[..., 2], moved[..., 3]))
     return Guide(guide.origin, weighted, support, confidence * kept, guide.dense)

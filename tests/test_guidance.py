@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import panning_clip
+from conftest import SHARED_DATA, panning_clip
 from test_bad_input import files_under, run_main
 
 
@@ -109,6 +109,50 @@ def test_flow_reference_baseline_beats_gray_and_starts_from_the_truth():
     gray = list(gray_baseline(iter(frames)))
     assert psnr(carried[0], frames[0]) > 45
     assert np.mean([psnr(c, f) for c, f in zip(carried, frames)]) > np.mean([psnr(g, f) for g, f in zip(gray, frames)]) + 8
+
+
+def test_colour_warped_by_luma_does_not_cross_a_luma_edge_and_is_bilinear_where_luma_is_flat():
+    from flow import warp, warp_matching_luma
+
+    luma = np.full((16, 16), 40, np.uint8)
+    luma[:, 8:] = 200
+    colour = np.zeros((16, 16, 2), np.float32)
+    colour[:, :8], colour[:, 8:] = (40.0, -40.0), (-40.0, 40.0)
+    half_pixel = np.zeros((16, 16, 2), np.float32)
+    half_pixel[..., 0] = 0.5  # a flow half a pixel off: column 7 samples between the two halves
+    assert np.abs(warp(colour, half_pixel)[:, 7] - (40.0, -40.0)).max() > 15  # bilinear mixes the two colours
+    assert np.abs(warp_matching_luma(colour, half_pixel, luma, luma)[:, 7] - (40.0, -40.0)).max() < 1
+    rng = np.random.default_rng(0)
+    image, flow = rng.random((24, 32, 4), np.float32), rng.normal(0, 3, (24, 32, 2)).astype(np.float32)
+    flat = np.full((24, 32), 90, np.uint8)
+    assert np.allclose(warp_matching_luma(image, flow, flat, flat), warp(image, flow), atol=1e-5)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "train" / "videos" / "tuneavideo__man-skiing").is_dir(),
+                    reason="needs ../shared/data/train/videos/tuneavideo__man-skiing")
+def test_a_keyframe_carried_by_luma_leaves_no_colour_trail_on_a_real_clip(monkeypatch):
+    """A skier crossing snow: bilinear warping leaves the jacket's colour on the snow it uncovers, frame after frame."""
+    import itertools
+
+    import flow
+    import guidance
+    from evaluate import psnr
+    from utils import luma_chroma_to_rgb, rgb_to_gray
+    from video_io import iter_clip_frames
+
+    frames = list(itertools.islice(iter_clip_frames(SHARED_DATA / "train" / "videos" / "tuneavideo__man-skiing"), 60))
+
+    def carried_psnr() -> float:
+        propagator = guidance.GuidePropagator([guidance.reference_guide(frames[0], 0, frames[0].shape[:2])])
+        scores = []
+        for t, frame in enumerate(frames):
+            gray = rgb_to_gray(frame)
+            scores.append(psnr(luma_chroma_to_rgb(gray, propagator.step(t, gray)[0].chroma), frame))
+        return float(np.mean(scores))
+
+    by_luma = carried_psnr()
+    monkeypatch.setattr(guidance, "warp_matching_luma", lambda image, flow_field, *_: flow.warp(image, flow_field))
+    assert by_luma > carried_psnr() + 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------------
