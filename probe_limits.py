@@ -40,7 +40,8 @@ VARIANTS = ("sample", "x0", "zero-tokens", "vac-letterbox", "vac-crop", "size-96
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=Path, nargs="+", required=True, help="colour clips held out of training")
+    parser.add_argument("--clips", type=Path, nargs="+", required=True,
+                        help="colour clips (or folders of photos) held out of training")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--every", type=int, default=10, help="score every Nth frame")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
@@ -116,6 +117,14 @@ def edge_band(chroma: np.ndarray, frames: np.ndarray) -> dict[str, float]:
             "middle": float(error[:, :, band:-band].mean())}
 
 
+def same_size_groups(frames: list[np.ndarray]) -> list[np.ndarray]:
+    """Frames stacked by size: a folder of photos holds several."""
+    groups: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for frame in frames:
+        groups.setdefault(frame.shape, []).append(frame)
+    return [np.stack(group) for group in groups.values()]
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -123,15 +132,16 @@ def main() -> None:
     table: dict[str, dict] = {v: {"psnr": [], "colorfulness": []} for v in args.variants}
     bands: dict[str, list[dict]] = {v: [] for v in args.variants if v != "gray"}
     for clip in args.clips:
-        frames = np.stack(list(iter_clip_frames(clip))[:: args.every])
-        for variant in args.variants:
-            chroma = predict(colorizer, variant, frames, args.seed)
-            outputs = [combine(rgb_to_gray(f), c) for f, c in zip(frames, chroma)]
-            table[variant]["psnr"] += [psnr(o, f) for o, f in zip(outputs, frames)]
-            table[variant]["colorfulness"] += [colorfulness(o) for o in outputs]
-            if variant in bands:
-                bands[variant].append(edge_band(chroma, frames))
-        print(f"{clip.name}: {len(frames)} frames", flush=True)
+        picked = list(iter_clip_frames(clip))[:: args.every]
+        for frames in same_size_groups(picked):
+            for variant in args.variants:
+                chroma = predict(colorizer, variant, frames, args.seed)
+                outputs = [combine(rgb_to_gray(f), c) for f, c in zip(frames, chroma)]
+                table[variant]["psnr"] += [psnr(o, f) for o, f in zip(outputs, frames)]
+                table[variant]["colorfulness"] += [colorfulness(o) for o in outputs]
+                if variant in bands:
+                    bands[variant].append(edge_band(chroma, frames))
+        print(f"{clip.name}: {len(picked)} frames", flush=True)
     summary = {v: {k: float(np.mean(values)) for k, values in row.items()} for v, row in table.items()}
     for variant, found in bands.items():
         summary[variant]["edge_cr_error"] = {k: float(np.mean([b[k] for b in found])) for k in found[0]}

@@ -295,3 +295,24 @@ def test_gray_baseline_on_val_first_frames():
     assert 24.0 < result["psnr"] < 25.0
     assert 0.97 < result["ssim"] < 0.99
     assert 25 < result["gt_colorfulness"] < 31
+
+
+def test_probe_scores_every_photo_of_a_folder_of_several_sizes(tmp_path, tiny_model):
+    """probe_limits.py on a folder of photos (held-out photo sets hold portrait and landscape ones): each is scored
+    once, and the true chroma through a resize beats the gray input."""
+    import cv2
+    from skimage import data
+
+    from test_bad_input import run_main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, image in (("a", data.astronaut()), ("b", data.chelsea()), ("c", data.coffee())):
+        small = cv2.resize(image, (96, 64) if name != "c" else (64, 96), interpolation=cv2.INTER_AREA)
+        video_io.write_image_rgb(photos / f"{name}.png", small)
+    result = run_main("probe_limits", "--model", tiny_model, "--clips", photos, "--every", 1, "--variants", "gray", "oracle-resize",
+                      "--json", tmp_path / "probe.json", cwd=REPO)
+    assert result.code == 0, result.stderr
+    summary = json.loads((tmp_path / "probe.json").read_text())["summary"]
+    assert summary["frames"] == 3
+    assert summary["oracle-resize"]["psnr"] > summary["gray"]["psnr"] + 5
