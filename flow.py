@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 
 import numpy as np
 
@@ -66,8 +67,13 @@ def warp_matching_luma(image: np.ndarray, flow: np.ndarray, source_luma: np.ndar
     from luma_warp import luma_weighted_samples
 
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    weight_of_difference = np.exp(-(np.arange(256, dtype=np.float32) / LUMA_SIGMA) ** 2) + np.float32(1e-4)
     return luma_weighted_samples(np.ascontiguousarray(image, np.float32), np.ascontiguousarray(flow, np.float32),
-                               np.ascontiguousarray(source_luma, np.uint8), np.ascontiguousarray(target_luma, np.uint8),
-                               weight_of_difference)
+                                 np.ascontiguousarray(source_luma, np.uint8),
+                                 np.ascontiguousarray(target_luma, np.uint8), weight_of_luma_difference())
 
+
+@cache
+def weight_of_luma_difference() -> np.ndarray:
+    """Weight of a source pixel by its absolute luma difference to the target pixel (0-255), never quite zero so
+    that a pixel whose neighbours all differ still gets their bilinear mean."""
+    return np.exp(-(np.arange(256, dtype=np.float32) / LUMA_SIGMA) ** 2) + np.float32(1e-4)
