@@ -1,6 +1,7 @@
 """Turn a training checkpoint into a self-contained model folder (what `--model` takes, and what ships as
-unet_model/default): the EMA UNet, colorizer.json, and copies of the local VAE and VAC it names. The optimizer and
-training state are left behind; the UNet is stored in fp16.
+unet_model/default): the EMA UNet, colorizer.json, copies of the local VAE and VAC it names, and the run's loss logs
+up to the checkpoint's step in training/ (for plot_training.py). The optimizer and training state are left behind;
+the UNet is stored in fp16.
 
   python export_model.py --checkpoint unet_model/corpus --out unet_model/default --overwrite
 """
@@ -13,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from colorizer import CONFIG_NAME, resolve_component, resolve_model_folder
+from training_log import copy_logs
 from utils import atomic_path, run_cli
 
 
@@ -37,6 +39,9 @@ def export(checkpoint: Path, out: Path, overwrite: bool) -> Path:
             if source.is_dir():
                 shutil.copytree(source, temp / name)
                 config[name] = name
+        # a checkpoint's logs are in its run folder; an exported model's in its own training/
+        logs = folder / "training" if (folder / "training").is_dir() else folder.parent
+        copy_logs(logs, temp / "training", config.get("step"))
         config["exported_from"] = str(folder)
         (temp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return folder

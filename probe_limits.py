@@ -10,6 +10,9 @@ chroma with the frame's own luma at its native size and is scored by PSNR (evalu
 - vac-letterbox / vac-crop: the VAC sees the frame padded or cropped to a square instead of squashed into one;
 - size-N: the model run at a working short side of N instead of its own;
 - pad-N: the sample with the gray frame mirrored out by N pixels on every side, cropped off after sampling;
+- hints-points / hints-regions / hints-full: the sample given hints of the true colour, drawn as in training
+  (guidance.point_hints: a few dots; guidance.region_hints: one to three rectangles; or every pixel): how much a
+  model trained with --hints uses them;
 - oracle-vae: the true chroma through the VAE at the working size (the bound the VAE and working size set);
   oracle-resize: the true chroma down to the working size and back (the bound of the working size alone);
 - gray: no chroma.
@@ -30,12 +33,13 @@ import torch.nn.functional as F
 from colorizer import combine, load_colorizer, prepare_gray
 from evaluate import colorfulness, psnr
 from modules import CHROMA_RANGE
-from utils import choose_device, rgb_to_chroma, rgb_to_gray, run_cli
+from guidance import hint_tensor, point_hints, region_hints
+from utils import UserError, choose_device, rgb_to_chroma, rgb_to_gray, run_cli
 from video_io import iter_clip_frames
 from video_colorization import DEFAULT_MODEL
 
-VARIANTS = ("sample", "x0", "zero-tokens", "vac-letterbox", "vac-crop", "size-96", "pad-8", "pad-16", "oracle-vae",
-            "oracle-resize", "gray")
+VARIANTS = ("sample", "x0", "zero-tokens", "vac-letterbox", "vac-crop", "size-96", "pad-8", "pad-16", "hints-points",
+            "hints-regions", "hints-full", "oracle-vae", "oracle-resize", "gray")
 
 
 def parse_args() -> argparse.Namespace:
@@ -62,6 +66,22 @@ def square_for_vac(gray: torch.Tensor, fit: str) -> torch.Tensor:
     return gray[..., top : top + side, left : left + side]
 
 
+def true_chroma(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    return np.stack([cv2.resize(rgb_to_chroma(f), (size[1], size[0]), interpolation=cv2.INTER_AREA) for f in frames])
+
+
+def truth_hints(truth: np.ndarray, kind: str, seed: int) -> torch.Tensor:
+    """Hints of the true chroma (B x h x w x 2) of one kind, as the UNet's hint input."""
+    if kind == "full":
+        return hint_tensor(truth, np.ones(truth.shape[:3], np.float32))
+    rng = np.random.default_rng(seed)
+    draw = point_hints if kind == "points" else region_hints
+    chroma, mask = zip(*(draw(t, rng) for t in truth))
+    return hint_tensor(np.stack(chroma), np.stack(mask))
+
+
 @torch.inference_mode()
 def predict(colorizer, variant: str, frames: np.ndarray, seed: int) -> np.ndarray:
     """B x H x W x 3 colour frames -> B x h x w x 2 chroma at some working size (combine upsamples it)."""
@@ -76,17 +96,16 @@ def predict(colorizer, variant: str, frames: np.ndarray, seed: int) -> np.ndarra
         size = colorizer.working_size(height, width)
         small = prepare_gray(gray, size)
         if variant.startswith("oracle"):
-            import cv2
-
-            chroma = np.stack([cv2.resize(rgb_to_chroma(f), (size[1], size[0]), interpolation=cv2.INTER_AREA)
-                               for f in frames])
+            chroma = true_chroma(frames, size)
             if variant == "oracle-resize":
                 return chroma
             encoded = colorizer.vae.encode(torch.from_numpy(chroma / CHROMA_RANGE).permute(0, 3, 1, 2).float())
             return colorizer.decode_chroma(encoded.latent_dist.mean * colorizer.vae.config.scaling_factor)
         noise = torch.randn((len(frames), *colorizer.latent_shape(height, width)),
                             generator=torch.Generator().manual_seed(seed))
-        tokens = None
+        tokens, hints = None, None
+        if variant.startswith("hints-"):
+            hints = truth_hints(true_chroma(frames, size), variant.split("-")[1], seed)
         if variant == "zero-tokens":
             tokens = torch.zeros_like(colorizer.vac(small))
         elif variant.startswith("vac-"):
@@ -100,7 +119,7 @@ def predict(colorizer, variant: str, frames: np.ndarray, seed: int) -> np.ndarra
             tokens = colorizer.vac(small)
             latents = colorizer.sample_latents(padded, noise, "ddim", steps, tokens=tokens)
             return colorizer.decode_chroma(latents[..., margin:-margin, margin:-margin])
-        return colorizer.decode_chroma(colorizer.sample_latents(small, noise, "ddim", steps, tokens=tokens))
+        return colorizer.decode_chroma(colorizer.sample_latents(small, noise, "ddim", steps, tokens=tokens, hints=hints))
     finally:
         colorizer.config["image_size"] = image_size
 
@@ -129,6 +148,8 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     colorizer = load_colorizer(args.model, choose_device("cpu"))
+    if not colorizer.takes_hints and any(v.startswith("hints-") for v in args.variants):
+        raise UserError(f"{args.model}: has no hint input (trained without --hints); leave out the hints-* variants")
     table: dict[str, dict] = {v: {"psnr": [], "colorfulness": []} for v in args.variants}
     bands: dict[str, list[dict]] = {v: [] for v in args.variants if v != "gray"}
     for clip in args.clips:

@@ -35,6 +35,7 @@ from dataset import LatentDataset
 from guidance import HINT_CHANNELS, draw_training_hints, hint_channels, spatial_hints
 from modules import (build_unet, first_line, load_vac, load_vae, parameter_count, save_vac, spatial_gray,
                      vac_fingerprint, vae_downscale, vae_fingerprint)
+from training_log import LOG_NAMES, append_log, truncate_log
 from utils import Interrupted, UserError, atomic_path, check_writable, discard, remove_stale_temporaries, run_cli
 from video_io import write_image_rgb
 
@@ -164,23 +165,6 @@ def check_resumable(checkpoint: Path, args: argparse.Namespace, fingerprints: di
         if saved.get(key) is not None and saved[key] != getattr(args, key):
             print(f"warning: {checkpoint} was trained with {name} {saved[key]}; the data order will differ from an "
                   f"uninterrupted run", file=sys.stderr)
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past `step`, written after the checkpoint a resumed run starts from (kill -9)."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by the kill
-    if len(kept) != len(lines):
-        with atomic_path(path, overwrite=True) as temp:
-            temp.write_text("".join(line + "\n" for line in kept))
 
 
 def batch_indices(step: int, batch_size: int, count: int, seed: int, weights: np.ndarray | None = None) -> np.ndarray:
@@ -439,8 +423,8 @@ def resume(args: argparse.Namespace, accelerator, run_dir: Path, fingerprints: d
     step = int(existing[-1].name.split("-")[1])
     accelerator.print(f"resumed {existing[-1]} at step {step}")
     if accelerator.is_main_process:
-        for log in ("train_loss.jsonl", "validation.jsonl"):
-            truncate_log(run_dir / log, step)
+        for name in LOG_NAMES:
+            truncate_log(run_dir / name, step)
     return step
 
 
@@ -505,8 +489,7 @@ def validate(models: Models, accelerator, run_dir: Path, config: dict, step: int
     save_sample_grid(colorizer, dataset, val_ids, run_dir / f"samples-{step:07d}.png")
     model.train()
     models.ema.restore(model.parameters())
-    with open(run_dir / "validation.jsonl", "a") as log:
-        log.write(json.dumps({"step": step, "val_loss": loss}) + "\n")
+    append_log(run_dir / "validation.jsonl", {"step": step, "val_loss": loss})
     accelerator.print(f"step {step}: validation loss {loss:.4f}")
 
 
@@ -604,8 +587,7 @@ def main() -> None:
         if step % args.log_every == 0:
             progress.set_postfix(loss=f"{np.mean(losses[-args.log_every:]):.4f}")
             if accelerator.is_main_process:
-                with open(run_dir / "train_loss.jsonl", "a") as log:
-                    log.write(json.dumps({"step": step, "loss": float(np.mean(losses[-args.log_every:]))}) + "\n")
+                append_log(run_dir / "train_loss.jsonl", {"step": step, "loss": float(np.mean(losses[-args.log_every:]))})
         if signum or out_of_time or step % args.checkpoint_every == 0 or step == args.max_steps:
             save_checkpoint(models, accelerator, run_dir, config, step, args.keep_checkpoints)
         if step % args.validate_every == 0 or step == args.max_steps:

@@ -316,3 +316,24 @@ def test_probe_scores_every_photo_of_a_folder_of_several_sizes(tmp_path, tiny_mo
     summary = json.loads((tmp_path / "probe.json").read_text())["summary"]
     assert summary["frames"] == 3
     assert summary["oracle-resize"]["psnr"] > summary["gray"]["psnr"] + 5
+
+
+def test_probe_hints_hold_the_true_colour_where_given_and_need_a_hint_model(tmp_path, tiny_model, frame_root):
+    from probe_limits import true_chroma, truth_hints
+    from test_bad_input import run_main
+
+    frames = np.stack(list(video_io.iter_clip_frames(frame_root / "pan"))[:2])
+    truth = true_chroma(frames, (32, 48))
+    for kind, coverage in (("points", (0.0, 0.3)), ("regions", (0.0, 1.0)), ("full", (0.999, 1.0))):
+        hints = truth_hints(truth, kind, seed=0).numpy()
+        mask = hints[:, 2]
+        assert coverage[0] < mask.mean() <= coverage[1], kind
+        hinted = mask > 0
+        given = hints[:, :2].transpose(0, 2, 3, 1)[hinted] * 128
+        if kind == "points":  # each dot holds its patch's mean colour
+            assert np.abs(given).max() <= np.abs(truth).max() + 1e-3
+        else:
+            assert np.allclose(given, truth[hinted], atol=1e-3)
+    result = run_main("probe_limits", "--model", tiny_model, "--clips", frame_root / "pan", "--variants", "hints-full",
+                      cwd=REPO)
+    assert result.code == 2 and "has no hint input" in result.stderr
