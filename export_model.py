@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from colorizer import CONFIG_NAME, resolve_component, resolve_model_folder
-from training_log import copy_logs
+from training_log import copy_logs, logs_of
 from utils import atomic_path, run_cli
 
 
@@ -39,8 +39,9 @@ def export(checkpoint: Path, out: Path, overwrite: bool) -> Path:
             if source.is_dir():
                 shutil.copytree(source, temp / name)
                 config[name] = name
-        # a checkpoint's logs are in its run folder; an exported model's in its own training/
-        logs = folder / "training" if (folder / "training").is_dir() else folder.parent
+        logs = logs_of(folder)
+        if logs == folder:  # a checkpoint: its logs are its run folder's
+            logs = folder.parent
         copy_logs(logs, temp / "training", config.get("step"))
         config["exported_from"] = str(folder)
         (temp / CONFIG_NAME).write_text(json.dumps(config, indent=2))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training_log import read_log
+from training_log import logs_of, read_log
 from utils import UserError, run_cli
 
 SCORED_VARIANTS = ("sample", "x0")
@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def loss_curves(run: Path) -> tuple[list[dict], list[dict]]:
-    folder = run / "training" if (run / "training").is_dir() else run
+    folder = logs_of(run)
     paths = [folder / "train_loss.jsonl", folder / "validation.jsonl"]
     for path in paths:
         if not path.exists():

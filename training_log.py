@@ -12,6 +12,11 @@ from utils import atomic_path
 LOG_NAMES = ("train_loss.jsonl", "validation.jsonl")
 
 
+def logs_of(folder: Path) -> Path:
+    """Where a folder's logs are: an exported model keeps them in training/, a run folder holds them itself."""
+    return folder / "training" if (folder / "training").is_dir() else folder
+
+
 def read_log(path: Path, last_step: int | None = None) -> list[dict]:
     """The entries of a log up to `last_step`, skipping a line cut short by a kill."""
     entries = []
