@@ -321,32 +321,55 @@ def sample_indices(frame_count: int, count: int = SAMPLE_FRAMES) -> list[int]:
 
 def save_frames_figure(path: Path, clip: str, samples: dict[str, dict]) -> None:
     """Rows: sampled frames; columns: grayscale input | each prediction | ground truth."""
+    indices = sorted(next(iter(samples.values())))
+    save_grid_figure(path, clip, [(f"frame {index}", samples, index) for index in indices])
+
+
+def middle_sample(samples: dict[str, dict]) -> dict[str, dict]:
+    """The samples of each method cut to the middle sampled frame: what the overview figure shows of a clip."""
+    indices = sorted(next(iter(samples.values())))
+    middle = indices[len(indices) // 2]
+    return {method: {middle: frames[middle]} for method, frames in samples.items()}
+
+
+def save_overview_figure(path: Path, samples_by_clip: dict[str, dict]) -> None:
+    """One row per clip (its middle sampled frame), so every clip can be looked at in one picture."""
+    rows = []
+    for clip, samples in samples_by_clip.items():
+        (index,) = next(iter(samples.values()))
+        rows.append((f"{clip}\nframe {index}", samples, index))
+    save_grid_figure(path, "one frame per clip", rows)
+
+
+def save_grid_figure(path: Path, title: str, rows: list[tuple[str, dict[str, dict], int]]) -> None:
+    """Rows of (label, samples {method: {index: (prediction, ground truth)}}, index); columns: grayscale input |
+    each prediction | ground truth. Row heights follow each row's frame shape."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = next(iter(samples.values()))
-    indices = sorted(first)
-    columns = [("grayscale input", lambda i: np.repeat(utils.rgb_to_gray(first[i][1])[..., None], 3, axis=2))]
-    columns += [(method, lambda i, m=method: samples[m][i][0]) for method in samples if method != "gray"]
-    columns += [("ground truth", lambda i: first[i][1])]
-    height, width = first[indices[0]][1].shape[:2]
+    methods = [method for method in rows[0][1] if method != "gray"]
+    titles = ["grayscale input", *methods, "ground truth"]
     panel_width = 3.2
-    panel_height = panel_width * height / width
-    figure, axes = plt.subplots(len(indices), len(columns), squeeze=False, layout="constrained",
-                                figsize=(panel_width * len(columns), panel_height * len(indices) + 0.6))
-    for row, index in enumerate(indices):
-        for col, (title, image_of) in enumerate(columns):
+    truths = [next(iter(samples.values()))[index][1] for _, samples, index in rows]
+    aspects = [truth.shape[0] / truth.shape[1] for truth in truths]
+    figure, axes = plt.subplots(len(rows), len(titles), squeeze=False, layout="constrained",
+                                gridspec_kw={"height_ratios": aspects},
+                                figsize=(panel_width * len(titles), panel_width * sum(aspects) + 0.6))
+    for row, ((label, samples, index), truth) in enumerate(zip(rows, truths)):
+        images = [np.repeat(utils.rgb_to_gray(truth)[..., None], 3, axis=2)]
+        images += [samples[method][index][0] for method in methods] + [truth]
+        for col, image in enumerate(images):
             axis = axes[row][col]
-            axis.imshow(image_of(index))
+            axis.imshow(image)
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
-                axis.set_title(title, fontsize=10)
+                axis.set_title(titles[col], fontsize=10)
             if col == 0:
-                axis.set_ylabel(f"frame {index}", fontsize=9)
-    figure.suptitle(clip, fontsize=11)
+                axis.set_ylabel(label, fontsize=9)
+    figure.suptitle(title, fontsize=11)
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
@@ -467,6 +490,7 @@ def main() -> None:
         return itertools.islice(video_io.iter_clip_frames(path), args.max_frames)
 
     results: dict[str, dict[str, dict]] = {method: {} for method in methods}
+    overview: dict[str, dict] = {}
     with utils.atomic_path(out, overwrite=args.overwrite, is_dir=True) as folder:
         for clip, pred_path, gt_path in pairs:
             frame_count = min(video_io.probe_clip(gt_path).frame_count, args.max_frames or math.inf)
@@ -479,6 +503,7 @@ def main() -> None:
                 clip_results[method] = results[method][clip] = result
                 print(f"{clip} [{method}]: {result['frames']} frames, PSNR {result['psnr']:.3f} dB", file=sys.stderr)
             save_frames_figure(folder / f"{clip}_frames.png", clip, samples)
+            overview[clip] = middle_sample(samples)
             save_curves_figure(folder / f"{clip}_curves.png", clip, clip_results)
         summaries = {method: summarize(clips) for method, clips in results.items()}
         report = {
@@ -489,6 +514,7 @@ def main() -> None:
             "skipped": skipped,
             "methods": {method: {"mean": summaries[method], "clips": results[method]} for method in methods},
         }
+        save_overview_figure(folder / "overview.png", overview)
         (folder / "results.json").write_text(json.dumps(_json_safe(report), indent=1) + "\n")
         write_csv(folder / "results.csv", results, summaries)
     print(format_table(results, summaries))
@@ -497,7 +523,7 @@ def main() -> None:
         print(f"note: {capped} frame(s) identical to the ground truth; their PSNR counts as {PSNR_CAP_DB:g} dB")
     print("CDC and warp error judge the output alone (a gray video scores well): read them beside the GT columns.")
     print(f"LPIPS {skipped['lpips']}; FID {skipped['fid']}")
-    print(f"wrote {out}/results.json, results.csv and per-clip *_frames.png, *_curves.png")
+    print(f"wrote {out}/results.json, results.csv, overview.png and per-clip *_frames.png, *_curves.png")
 
 
 if __name__ == "__main__":

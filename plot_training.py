@@ -1,12 +1,13 @@
 """Learning curves of a training run: its loss logs, and the held-out scores probe_limits.py measured at its exports.
 
   python plot_training.py --run unet_model/next --out docs/training_guided.png \
-      --probes "held-out clips" default=docs/probes/clips_default.json 10000=docs/probes/clips_10000.json \
-      --probes "held-out photos" default=docs/probes/photos_default.json 10000=docs/probes/photos_10000.json
+      --probes "held-out clips" v1=docs/probes/clips_v1.json 10000=docs/probes/clips_10000.json \
+      --probes "held-out photos" v1=docs/probes/photos_v1.json 10000=docs/probes/photos_10000.json
 
 --run is a training run folder or an exported model (whose training/ holds the logs up to its step). Each --probes
 group is one panel: PSNR of the sampled and the one-step (x0) prediction against the step, the gray input's PSNR
-as a dotted line, and `default=` (another model to compare with) as dashed lines.
+as a dotted line, and NAME=FILE (another model to compare with, named by a label that is not a number) as dashed
+lines.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="run folder or exported model folder")
     parser.add_argument("--probes", nargs="+", action="append", default=[], metavar="TITLE STEP=JSON",
-                        help="a panel title, then probe_limits.py --json files, each as STEP=FILE or default=FILE")
+                        help="a panel title, then probe_limits.py --json files, each as STEP=FILE or NAME=FILE "
+                             "(another model to compare with)")
     parser.add_argument("--smooth", type=int, default=10, help="train-loss lines averaged per plotted point")
     parser.add_argument("--out", type=Path, default=Path("docs/training.png"))
     return parser.parse_args()
@@ -51,12 +53,14 @@ def moving_mean(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def read_probes(title: str, specs: list[str]) -> dict:
-    """{"title", "steps": [...], "scores": {variant: [...]}, "gray": float, "default": {variant: float}}."""
-    panel = {"title": title, "steps": [], "scores": {v: [] for v in SCORED_VARIANTS}, "gray": None, "default": {}}
+    """{"title", "steps": [...], "scores": {variant: [...]}, "gray": float, "compare": (name, {variant: float})}."""
+    panel = {"title": title, "steps": [], "scores": {v: [] for v in SCORED_VARIANTS}, "gray": None, "compare": None}
     for spec in specs:
         label, _, file = spec.partition("=")
-        if not file or not (label == "default" or label.isdigit()):
-            raise UserError(f"--probes {title}: '{spec}' is not STEP=FILE or default=FILE")
+        if not file or not label:
+            raise UserError(f"--probes {title}: '{spec}' is not STEP=FILE or NAME=FILE")
+        if not label.isdigit() and panel["compare"] is not None:
+            raise UserError(f"--probes {title}: '{spec}' is a second model to compare with; give one NAME=FILE a panel")
         try:
             summary = json.loads(Path(file).read_text())["summary"]
         except (OSError, ValueError, KeyError) as error:
@@ -68,8 +72,8 @@ def read_probes(title: str, specs: list[str]) -> dict:
                             f"{' '.join(SCORED_VARIANTS)} gray")
         if "gray" in summary:
             panel["gray"] = summary["gray"]["psnr"]
-        if label == "default":
-            panel["default"] = {v: summary[v]["psnr"] for v in SCORED_VARIANTS}
+        if not label.isdigit():
+            panel["compare"] = label, {v: summary[v]["psnr"] for v in SCORED_VARIANTS}
             continue
         panel["steps"].append(int(label))
         for variant in SCORED_VARIANTS:
@@ -98,8 +102,9 @@ def plot(train: list[dict], validation: list[dict], panels: list[dict], smooth: 
     for axis, panel in zip(axes[0][1:], panels):
         for variant, color in zip(SCORED_VARIANTS, ("C0", "C1")):
             axis.plot(panel["steps"], panel["scores"][variant], marker="o", color=color, label=variant)
-            if variant in panel["default"]:
-                axis.axhline(panel["default"][variant], color=color, linestyle="--", label=f"default, {variant}")
+            if panel["compare"] is not None:
+                name, scores = panel["compare"]
+                axis.axhline(scores[variant], color=color, linestyle="--", label=f"{name}, {variant}")
         if panel["gray"] is not None:
             axis.axhline(panel["gray"], color="0.4", linestyle=":", label="gray input")
         axis.set_title(f"{panel['title']}: PSNR (dB)")

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -338,13 +338,21 @@ def demo_frames(frame_count: int = 48, size: tuple[int, int] = (360, 640)) -> It
 
 
 def make_demo_clip(path: Path, frame_count: int = 48, size: tuple[int, int] = (360, 640),
-                   fps: Fraction = Fraction(24)) -> Path:
-    """The demo input: a grayscale version of demo_frames(), streamed to an mp4."""
+                   fps: Fraction = Fraction(24), original: Path | None = None) -> Path:
+    """The demo input: a grayscale version of demo_frames(), streamed to an mp4; with `original`, the colour frames
+    too (the ground truth evaluate.py scores the demo's output against)."""
+    gray_frames = (np.repeat(rgb_to_gray(frame)[..., None], 3, axis=2) for frame in demo_frames(frame_count, size))
+    write_video(path, gray_frames, size, fps)
+    if original is not None:
+        write_video(original, demo_frames(frame_count, size), size, fps)
+    return path
+
+
+def write_video(path: Path, frames: Iterable[np.ndarray], size: tuple[int, int], fps: Fraction) -> None:
     height, width = size
     with atomic_path(path, overwrite=True) as temp, VideoWriter(temp, width, height, fps) as writer:
-        for frame in demo_frames(frame_count, size):
-            writer.write(np.repeat(rgb_to_gray(frame)[..., None], 3, axis=2))
-    return path
+        for frame in frames:
+            writer.write(frame)
 
 
 def process_share() -> tuple[int, int, int]:
@@ -399,8 +407,9 @@ def main() -> None:
     if not 0 <= args.crf <= 51:
         raise UserError(f"--crf {args.crf}: H.264 takes 0 (lossless) to 51; 18 is the default")
     if args.demo:
-        args.input = make_demo_clip(Path("video_output") / "demo_gray.mp4")
-        print(f"demo input: {args.input}")
+        original = Path("video_output") / "demo.mp4"
+        args.input = make_demo_clip(Path("video_output") / "demo_gray.mp4", original=original)
+        print(f"demo input: {args.input} (its colour original, to score the output against: {original})")
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)

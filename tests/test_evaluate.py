@@ -274,6 +274,27 @@ def test_cli_writes_reports_and_figures(tmp_path):
     assert again.returncode != 0 and "--overwrite" in again.stderr
 
 
+def test_overview_shows_one_frame_of_every_clip(tmp_path):
+    """Two clips of different shapes and colours: the overview holds both colours; each clip's own figure only its."""
+    from PIL import Image
+
+    colours = {"red": ((200, 30, 30), (48, 96)), "blue": ((30, 30, 200), (64, 64))}
+    for clip, (colour, shape) in colours.items():
+        frames = [np.full((*shape, 3), colour, np.uint8) for _ in range(3)]
+        write_frames(tmp_path / "gt" / clip, frames)
+        write_frames(tmp_path / "pred" / clip, frames)
+    out = tmp_path / "out"
+    done = run_cli("--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+
+    def pixels_near(figure: str, colour: tuple) -> int:
+        image = np.asarray(Image.open(out / figure).convert("RGB")).astype(int)
+        return int((np.abs(image - colour).max(axis=2) < 20).sum())
+
+    assert all(pixels_near("overview.png", colour) > 2000 for colour, _ in colours.values())
+    assert pixels_near("red_frames.png", colours["red"][0]) > 2000 and pixels_near("red_frames.png", colours["blue"][0]) == 0
+
+
 def test_cli_errors_are_one_line(tmp_path):
     gt = [smooth_texture(seed=s) for s in range(3)]
     write_frames(tmp_path / "gt" / "clip", gt)

@@ -110,3 +110,17 @@ def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_roo
     for part in ("unet/diffusion_pytorch_model.safetensors", "vac/vac.safetensors"):
         before, after = load_file(str(checkpoint / part)), load_file(str(again / part))
         assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_demo_clip_comes_with_its_colour_original(tmp_path):
+    """--demo writes the colour frames beside the grayscale input, so its output can be scored against them."""
+    from utils import rgb_to_chroma, rgb_to_gray
+    from video_colorization import make_demo_clip
+    from video_io import iter_clip_frames
+
+    gray_path = make_demo_clip(tmp_path / "demo_gray.mp4", frame_count=4, size=(64, 96), original=tmp_path / "demo.mp4")
+    gray, colour = (list(iter_clip_frames(path)) for path in (gray_path, tmp_path / "demo.mp4"))
+    assert len(gray) == len(colour) == 4 and gray[0].shape == colour[0].shape == (64, 96, 3)
+    for gray_frame, colour_frame in zip(gray, colour):
+        assert np.abs(rgb_to_chroma(colour_frame)).mean() > 5 > 1 > np.abs(rgb_to_chroma(gray_frame)).mean()
+        assert np.abs(rgb_to_gray(gray_frame).astype(int) - rgb_to_gray(colour_frame)).mean() < 6  # H.264 noise

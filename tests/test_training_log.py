@@ -49,15 +49,18 @@ def probe_file(path, sample: float, x0: float, gray: float = 20.0):
     return path
 
 
-def test_probes_are_ordered_by_step_and_the_default_is_kept_apart(tmp_path):
+def test_probes_are_ordered_by_step_and_the_compared_model_is_kept_apart(tmp_path):
     from plot_training import read_probes
+    from utils import UserError
 
-    specs = [f"9={probe_file(tmp_path / 'a.json', 21.0, 22.0)}", f"default={probe_file(tmp_path / 'd.json', 25.0, 26.0)}",
+    specs = [f"9={probe_file(tmp_path / 'a.json', 21.0, 22.0)}", f"v1={probe_file(tmp_path / 'd.json', 25.0, 26.0)}",
              f"3={probe_file(tmp_path / 'b.json', 20.5, 21.5)}"]
     panel = read_probes("clips", specs)
     assert panel["steps"] == [3, 9]
     assert panel["scores"] == {"sample": [20.5, 21.0], "x0": [21.5, 22.0]}
-    assert panel["default"] == {"sample": 25.0, "x0": 26.0} and panel["gray"] == 20.0
+    assert panel["compare"] == ("v1", {"sample": 25.0, "x0": 26.0}) and panel["gray"] == 20.0
+    with pytest.raises(UserError, match="second model to compare with"):
+        read_probes("clips", [*specs, f"v2={tmp_path / 'd.json'}"])
 
 
 def test_a_probe_without_the_scored_variants_names_the_file_and_the_fix(tmp_path):
