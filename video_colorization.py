@@ -342,13 +342,14 @@ def make_demo_clip(path: Path, frame_count: int = 48, size: tuple[int, int] = (3
     """The demo input: a grayscale version of demo_frames(), streamed to an mp4; with `original`, the colour frames
     too (the ground truth evaluate.py scores the demo's output against)."""
     gray_frames = (np.repeat(rgb_to_gray(frame)[..., None], 3, axis=2) for frame in demo_frames(frame_count, size))
-    write_video(path, gray_frames, size, fps)
+    write_demo_video(path, gray_frames, size, fps)
     if original is not None:
-        write_video(original, demo_frames(frame_count, size), size, fps)
+        write_demo_video(original, demo_frames(frame_count, size), size, fps)
     return path
 
 
-def write_video(path: Path, frames: Iterable[np.ndarray], size: tuple[int, int], fps: Fraction) -> None:
+def write_demo_video(path: Path, frames: Iterable[np.ndarray], size: tuple[int, int], fps: Fraction) -> None:
+    """A demo file, replaced whole (atomically) on every run: the demo's files are its own, never the user's."""
     height, width = size
     with atomic_path(path, overwrite=True) as temp, VideoWriter(temp, width, height, fps) as writer:
         for frame in frames:
