@@ -29,6 +29,11 @@ UNRELIABLE_KEEP = 0.5  # confidence kept through a step where the flow fails its
 LUMA_MATCH = 16
 SPREAD_STEPS, SPREAD_EDGE = 300, 0.2  # painted colour's diffusion at the working size (see spread_painted)
 PROPAGATION_SHORT_SIDE = 480  # keyframe colour travels at most at this size (cost of the flow grows with area)
+# Where a keyframe's colour did not arrive, the output is the model's colour and the keyframe's palette colour for the
+# pixel's luma, half each (see paste_dense). Chosen on the four clips training held out (128 px): first frame given
+# 36.01 dB with the model alone, 36.28 with the palette alone, 36.32 half each; middle frame 36.47 -> 36.56.
+PALETTE_SHARE = 0.5
+PALETTE_LEVELS = 32  # luma levels of a keyframe's palette (8 grey levels each)
 
 
 def hint_channels(downscale: int) -> int:
@@ -157,6 +162,7 @@ class Guide:
     support: np.ndarray  # HxW float32 in [0, 1]: where colour was given (all of a keyframe, a hint's dots)
     confidence: np.ndarray  # HxW float32 in [0, 1]: support that reached this frame along reliable flow only
     dense: bool
+    palette: np.ndarray | None = None  # a keyframe's PALETTE_LEVELSx2 chroma by luma level (see luma_palette)
 
     @property
     def chroma(self) -> np.ndarray:
@@ -189,8 +195,30 @@ def reference_guide(rgb: np.ndarray, index: int, size: tuple[int, int]) -> Guide
 
     from utils import rgb_to_chroma
 
+    from utils import rgb_to_gray
+
     resized = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    return Guide(index, rgb_to_chroma(resized), np.ones(size, np.float32), np.ones(size, np.float32), dense=True)
+    chroma = rgb_to_chroma(resized)
+    return Guide(index, chroma, np.ones(size, np.float32), np.ones(size, np.float32), dense=True,
+                 palette=luma_palette(rgb_to_gray(resized), chroma))
+
+
+def luma_palette(gray: np.ndarray, chroma: np.ndarray) -> np.ndarray:
+    """A keyframe's mean chroma at each of PALETTE_LEVELS luma levels -> PALETTE_LEVELSx2 (a level the keyframe
+    lacks takes the nearest present level's): the colours its pixels of each brightness have. New content of the
+    shot (what the flow cannot carry the keyframe's colour to) mostly repeats them (Welsh et al. 2002 transfer colour
+    between images by luma in the same spirit)."""
+    levels = palette_levels(gray).ravel()
+    counts = np.bincount(levels, minlength=PALETTE_LEVELS)
+    sums = np.stack([np.bincount(levels, chroma[..., c].ravel(), minlength=PALETTE_LEVELS) for c in range(2)], 1)
+    present = np.flatnonzero(counts)
+    nearest = present[np.abs(np.arange(PALETTE_LEVELS)[:, None] - present[None]).argmin(axis=1)]
+    return (sums[nearest] / counts[nearest, None]).astype(np.float32)
+
+
+def palette_levels(gray: np.ndarray) -> np.ndarray:
+    """uint8 luma -> its palette level."""
+    return gray.astype(np.int32) * PALETTE_LEVELS // 256
 
 
 def load_hint_image(path: Path, index: int, size: tuple[int, int]) -> Guide:
@@ -216,7 +244,7 @@ def carry_guide(guide: Guide, from_gray: np.ndarray, to_gray: np.ndarray) -> Gui
     moved = warp_matching_luma(np.dstack([guide.weighted, guide.support, guide.confidence]), flow, from_gray, to_gray)
     kept = np.where(reliable | luma_matches, 1.0, UNRELIABLE_KEEP).astype(np.float32)
     weighted, support, confidence = (np.ascontiguousarray(a) for a in (moved[..., :2], moved[..., 2], moved[..., 3]))
-    return Guide(guide.origin, weighted, support, confidence * kept, guide.dense)
+    return Guide(guide.origin, weighted, support, confidence * kept, guide.dense, guide.palette)
 
 
 def merge(guides: list[Guide], t: int) -> Guide | None:
@@ -232,7 +260,15 @@ def merge(guides: list[Guide], t: int) -> Guide | None:
     chroma = sum(w[..., None] * g.chroma for w, g in zip(weights, guides)) / np.maximum(sum(weights), 1e-9)[..., None]
     support = np.maximum.reduce([g.support for g in guides])
     confidence = np.maximum.reduce([g.confidence for g in guides])
-    return Guide(t, chroma * support[..., None], support, confidence, guides[0].dense)
+    return Guide(t, chroma * support[..., None], support, confidence, guides[0].dense, merge_palettes(guides, closeness))
+
+
+def merge_palettes(guides: list[Guide], closeness: list[float]) -> np.ndarray | None:
+    """The keyframes' palettes, the nearer keyframe weighing more, as their colours do."""
+    weighted = [(c, g.palette) for c, g in zip(closeness, guides) if g.palette is not None]
+    if not weighted:
+        return None
+    return sum(c * palette for c, palette in weighted) / sum(c for c, _ in weighted)
 
 
 class GuidePropagator:
@@ -281,7 +317,7 @@ class GuidePropagator:
 def compact(guide: Guide, dtype) -> Guide:
     """The guide's arrays in `dtype` (float16 while backward results wait for their frame)."""
     return Guide(guide.origin, guide.weighted.astype(dtype), guide.support.astype(dtype),
-                 guide.confidence.astype(dtype), guide.dense)
+                 guide.confidence.astype(dtype), guide.dense, guide.palette)
 
 
 def model_hints(dense: Guide | None, sparse: Guide | None, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -352,8 +388,12 @@ def paste_painted(chroma: np.ndarray, sparse: Guide | None, luma: np.ndarray) ->
     return blend(spread, reach, chroma, 1.0)
 
 
-def paste_dense(chroma: np.ndarray, dense: Guide | None) -> np.ndarray:
-    """The model's chroma (at the propagation size) with the keyframe colour as far as it is trusted."""
+def paste_dense(chroma: np.ndarray, dense: Guide | None, gray: np.ndarray) -> np.ndarray:
+    """The model's chroma (HxWx2 at the propagation size, with the frame's uint8 luma) with the keyframe colour as far
+    as it is trusted; where it is not, half the model's colour and half the keyframe's palette colour of the pixel's
+    luma (PALETTE_SHARE): the model alone colours new content with less certainty than the shot's own colours do."""
     if dense is None:
         return chroma
+    if dense.palette is not None:
+        chroma = PALETTE_SHARE * dense.palette[palette_levels(gray)] + (1.0 - PALETTE_SHARE) * chroma
     return blend(dense.chroma, dense.confidence, chroma, 1.0)

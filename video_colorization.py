@@ -182,8 +182,9 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ar
         small = np.stack([working_gray(g, size) for g in gray])
         cuts = [previous is not None and args.scene_cuts and is_scene_cut(previous, current, args.cut_threshold)
                 for previous, current in zip([previous_gray, *small[:-1]], small)]
-        frame_guides = [guides.step(frame_number + i, working_gray(g, guide_size), cut) if guides else (None, None)
-                        for i, (g, cut) in enumerate(zip(gray, cuts))]
+        guide_gray = [working_gray(g, guide_size) for g in gray] if guides else [None] * len(gray)
+        frame_guides = [guides.step(frame_number + i, g, cut) if guides else (None, None)
+                        for i, (g, cut) in enumerate(zip(guide_gray, cuts))]
         frame_number += len(batch)
         hints = None
         if guides and colorizer.takes_hints:
@@ -197,12 +198,13 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ar
         latents = colorizer.sample_latents(prepare_gray(gray, size), torch.stack(noise), args.sampler, args.steps,
                                            args.guidance, generator=step_generator, hints=hints)
         predicted = colorizer.decode_chroma(latents) * args.saturation
-        for g, g_small, chroma, cut, (dense, sparse) in zip(gray, small, predicted, cuts, frame_guides):
+        for g, g_small, g_guide, chroma, cut, (dense, sparse) in zip(gray, small, guide_gray, predicted, cuts,
+                                                                      frame_guides):
             if previous_chroma is not None and not cut and args.propagation > 0:
                 chroma = propagate_chroma(previous_gray, g_small, previous_chroma, chroma, args.propagation)
             chroma = paste_painted(chroma, sparse, g_small / np.float32(255))
             if dense is not None:
-                chroma = paste_dense(resize_to(chroma, guide_size), dense)
+                chroma = paste_dense(resize_to(chroma, guide_size), dense, g_guide)
             previous_gray, previous_chroma = g_small, resize_to(chroma, size)
             yield combine(g, chroma)
 

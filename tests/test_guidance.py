@@ -91,6 +91,24 @@ def test_a_scene_cut_stops_a_keyframe():
     assert propagator.step(2, 255 - gray, cut=True) == (None, None)
 
 
+def test_a_keyframe_palette_colours_what_the_flow_cannot_reach():
+    """The shot pans onto content the keyframe's colour cannot be carried to: there the keyframe's colours by luma
+    bring a model that says gray nearer the truth; where the colour arrived, it is kept as it is."""
+    from guidance import GuidePropagator, paste_dense, reference_guide
+    from utils import rgb_to_gray
+
+    frames = panning_clip(8)
+    propagator = GuidePropagator([reference_guide(frames[0], 0, frames[0].shape[:2])])
+    for t, frame in enumerate(frames):
+        dense, _ = propagator.step(t, rgb_to_gray(frame))
+    truth = chroma_of(frames[-1:])[0]
+    output = paste_dense(np.zeros_like(truth), dense, rgb_to_gray(frames[-1]))
+    unreached = dense.confidence < 0.5
+    assert 0.02 < unreached.mean() < 0.5
+    gray_error = np.abs(truth[unreached]).mean()
+    assert np.abs(output - truth)[unreached].mean() < 0.7 * gray_error
+    assert np.abs(output - truth)[~unreached].mean() < 1.5
+
 def test_model_hints_keep_a_one_pixel_dot_of_a_large_frame():
     from guidance import Guide, model_hints
 
@@ -191,7 +209,9 @@ def test_a_reference_frame_colours_the_clip(tmp_path, tiny_model, colour_clip):
     folder, frames = colour_clip
     scores = {}
     for name, extra in (("automatic", []), ("first", ["--reference", folder / "colour" / "00000.png"]),
-                        ("middle", ["--reference", f"4={folder / 'colour' / '00004.png'}"])):
+                        ("middle", ["--reference", f"4={folder / 'colour' / '00004.png'}"]),
+                        ("both ends", ["--reference", folder / "colour" / "00000.png",
+                                       "--reference", f"7={folder / 'colour' / '00007.png'}"])):
         out = tmp_path / name
         result = run_main("video_colorization", "--input", folder / "gray", "--output", out, "--model", tiny_model,
                           "--steps", "1", *extra, cwd=tmp_path)
@@ -199,6 +219,7 @@ def test_a_reference_frame_colours_the_clip(tmp_path, tiny_model, colour_clip):
         scores[name] = np.mean([psnr(o, f) for o, f in zip(iter_clip_frames(out), frames)])
     assert scores["first"] > scores["automatic"] + 8
     assert scores["middle"] > scores["automatic"] + 8
+    assert scores["both ends"] > max(scores["first"], scores["middle"])  # every frame near a keyframe
 
 
 GUIDE_ERRORS = [  # (flags, what the message says, given the clip folder)
