@@ -4,7 +4,9 @@
       --probes "held-out clips" v1=docs/probes/clips_v1.json 10000=docs/probes/clips_10000.json \
       --probes "held-out photos" v1=docs/probes/photos_v1.json 10000=docs/probes/photos_10000.json
 
---run is a training run folder or an exported model (whose training/ holds the logs up to its step). Each --probes
+--run is a training run folder or an exported model (whose training/ holds the logs up to its step); a run that
+went on from another's export (train_diffusion.py --init-from) follows it: `--run <earlier logs> <later run>`, and
+the later run's steps count on from the last step of the one before. Each --probes
 group is one panel: PSNR of the sampled and the one-step (x0) prediction against the step, the gray input's PSNR
 as a dotted line, and NAME=FILE (another model to compare with, named by a label that is not a number) as dashed
 lines.
@@ -26,7 +28,8 @@ SCORED_VARIANTS = ("sample", "x0")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True, help="run folder or exported model folder")
+    parser.add_argument("--run", type=Path, nargs="+", required=True,
+                        help="run folder or exported model folder; several: each went on from the one before")
     parser.add_argument("--probes", nargs="+", action="append", default=[], metavar="TITLE STEP=JSON",
                         help="a panel title, then probe_limits.py --json files, each as STEP=FILE or NAME=FILE "
                              "(another model to compare with)")
@@ -35,13 +38,20 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def loss_curves(run: Path) -> tuple[list[dict], list[dict]]:
-    folder = logs_of(run)
-    paths = [folder / "train_loss.jsonl", folder / "validation.jsonl"]
-    for path in paths:
-        if not path.exists():
-            raise UserError(f"{path}: not found; pass a run folder of train_diffusion.py or a model exported from one")
-    return read_log(paths[0]), read_log(paths[1])
+def loss_curves(runs: list[Path]) -> tuple[list[dict], list[dict]]:
+    """The runs' training and validation logs end to end, each run's steps shifted past the one before's last."""
+    train, validation, offset = [], [], 0
+    for run in runs:
+        folder = logs_of(run)
+        paths = [folder / "train_loss.jsonl", folder / "validation.jsonl"]
+        for path in paths:
+            if not path.exists():
+                raise UserError(f"{path}: not found; pass a run folder of train_diffusion.py or a model exported "
+                                "from one")
+        run_train, run_validation = ([{**e, "step": e["step"] + offset} for e in read_log(path)] for path in paths)
+        train, validation = train + run_train, validation + run_validation
+        offset = max((e["step"] for e in run_train + run_validation), default=offset)
+    return train, validation
 
 
 def moving_mean(values: np.ndarray, window: int) -> np.ndarray:

@@ -91,6 +91,9 @@ def test_plot_training_draws_an_exported_model(run_with_logs, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "2 training and 1 validation points, up to step 4" in result.stdout
     assert out.stat().st_size > 10_000
+    continued = subprocess.run([sys.executable, str(REPO / "plot_training.py"), "--run", str(tmp_path / "model"),
+                                str(run_with_logs), "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert "5 training and 3 validation points, up to step 10" in continued.stdout  # the second run's 6 is step 10
     missing = subprocess.run([sys.executable, str(REPO / "plot_training.py"), "--run", str(tmp_path)],
                              capture_output=True, text=True, cwd=tmp_path)
     assert missing.returncode == 2 and "train_loss.jsonl: not found" in missing.stderr
