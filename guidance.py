@@ -193,9 +193,7 @@ def load_reference(path: Path, index: int, size: tuple[int, int]) -> Guide:
 def reference_guide(rgb: np.ndarray, index: int, size: tuple[int, int]) -> Guide:
     import cv2
 
-    from utils import rgb_to_chroma
-
-    from utils import rgb_to_gray
+    from utils import rgb_to_chroma, rgb_to_gray
 
     resized = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
     chroma = rgb_to_chroma(resized)

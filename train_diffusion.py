@@ -406,6 +406,20 @@ def initialize_from(folder: Path, unet, vac) -> None:
                         f"--hints and data it was trained with") from None
 
 
+def steps_before(args: argparse.Namespace, run_dir: Path) -> int:
+    """The training steps behind the run's starting weights: those of the --init-from model, counting the runs it
+    went on from; a resumed run keeps what its checkpoint recorded."""
+    from colorizer import resolve_model_folder
+
+    resumed = checkpoints_of(run_dir)[-1:] if args.resume else []
+    if resumed:
+        return int(json.loads((resumed[0] / CONFIG_NAME).read_text()).get("steps_before", 0))
+    if not args.init_from:
+        return 0
+    config = json.loads((resolve_model_folder(args.init_from) / CONFIG_NAME).read_text())
+    return int(config.get("step", 0)) + int(config.get("steps_before", 0))
+
+
 def resume(args: argparse.Namespace, accelerator, run_dir: Path, fingerprints: dict) -> int:
     """With --resume, load the newest complete checkpoint's state; returns the step to continue from."""
     existing = checkpoints_of(run_dir)
@@ -544,6 +558,7 @@ def main() -> None:
         **({"train_vac": True, "vac": "vac"} if args.train_vac else {}),
         "dataset": str(data_path),
         "train_frames": len(train_ids),
+        "steps_before": steps_before(args, run_dir),
     }
     accelerator.print(f"UNet {parameter_count(models.unet) / 1e6:.2f}M parameters; {len(train_ids)} train / "
                       f"{len(val_ids)} val items; {accelerator.num_processes} process(es) on {accelerator.device}")

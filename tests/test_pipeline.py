@@ -110,6 +110,10 @@ def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_roo
     for part in ("unet/diffusion_pytorch_model.safetensors", "vac/vac.safetensors"):
         before, after = load_file(str(checkpoint / part)), load_file(str(again / part))
         assert all(torch.equal(before[key], after[key]) for key in before)
+    run_script(*train, "--max-steps", "2", "--resume", "--run-name", "again", "--checkpoint-every", "1", cwd=tmp_path)
+    for step in (1, 2):  # the steps behind its starting weights, kept through --resume
+        config = json.loads((tmp_path / "unet_model" / "again" / f"checkpoint-{step}" / "colorizer.json").read_text())
+        assert config["steps_before"] == 8
 
 
 def test_demo_clip_comes_with_its_colour_original(tmp_path):
