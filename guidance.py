@@ -163,6 +163,7 @@ class Guide:
     confidence: np.ndarray  # HxW float32 in [0, 1]: support that reached this frame along reliable flow only
     dense: bool
     palette: np.ndarray | None = None  # a keyframe's PALETTE_LEVELSx2 chroma by luma level (see luma_palette)
+    keyframe: tuple[np.ndarray, np.ndarray] | None = None  # a keyframe's uint8 luma and chroma (see reanchor)
 
     @property
     def chroma(self) -> np.ndarray:
@@ -196,9 +197,9 @@ def reference_guide(rgb: np.ndarray, index: int, size: tuple[int, int]) -> Guide
     from utils import rgb_to_chroma, rgb_to_gray
 
     resized = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    chroma = rgb_to_chroma(resized)
+    chroma, gray = rgb_to_chroma(resized), rgb_to_gray(resized)
     return Guide(index, chroma, np.ones(size, np.float32), np.ones(size, np.float32), dense=True,
-                 palette=luma_palette(rgb_to_gray(resized), chroma))
+                 palette=luma_palette(gray, chroma), keyframe=(gray, chroma))
 
 
 def luma_palette(gray: np.ndarray, chroma: np.ndarray) -> np.ndarray:
@@ -242,7 +243,26 @@ def carry_guide(guide: Guide, from_gray: np.ndarray, to_gray: np.ndarray) -> Gui
     moved = warp_matching_luma(np.dstack([guide.weighted, guide.support, guide.confidence]), flow, from_gray, to_gray)
     kept = np.where(reliable | luma_matches, 1.0, UNRELIABLE_KEEP).astype(np.float32)
     weighted, support, confidence = (np.ascontiguousarray(a) for a in (moved[..., :2], moved[..., 2], moved[..., 3]))
-    return Guide(guide.origin, weighted, support, confidence * kept, guide.dense, guide.palette)
+    return replace(guide, weighted=weighted, support=support, confidence=confidence * kept)
+
+
+def reanchor(guide: Guide, gray: np.ndarray) -> Guide:
+    """A keyframe's carried guide with the keyframe's own colour, fully trusted, wherever a direct flow from the
+    keyframe to this frame passes the forward-backward check and brings the right luma: colour the chain lost comes
+    back (an occlusion that ended, a step whose flow failed), and the chain's resampling does not build up. Chosen on
+    the four clips training held out, first frame given: 36.32 -> 36.66 dB (36.37 re-anchoring only where the chain's
+    confidence fell below a half); middle frame 36.56 -> 36.87; eight training clips 34.45 -> 34.99."""
+    if guide.keyframe is None:
+        return guide
+    key_gray, key_chroma = guide.keyframe
+    flow, reliable = reliable_flow(key_gray, gray)
+    found = reliable & (np.abs(warp(key_gray.astype(np.float32), flow) - gray.astype(np.float32)) <= LUMA_MATCH)
+    if not found.any():
+        return guide
+    direct = warp_matching_luma(key_chroma, flow, key_gray, gray)
+    return replace(guide, weighted=np.where(found[..., None], direct, guide.weighted).astype(np.float32),
+                   support=np.where(found, 1.0, guide.support).astype(np.float32),
+                   confidence=np.where(found, 1.0, guide.confidence).astype(np.float32))
 
 
 def merge(guides: list[Guide], t: int) -> Guide | None:
@@ -258,7 +278,8 @@ def merge(guides: list[Guide], t: int) -> Guide | None:
     chroma = sum(w[..., None] * g.chroma for w, g in zip(weights, guides)) / np.maximum(sum(weights), 1e-9)[..., None]
     support = np.maximum.reduce([g.support for g in guides])
     confidence = np.maximum.reduce([g.confidence for g in guides])
-    return Guide(t, chroma * support[..., None], support, confidence, guides[0].dense, merge_palettes(guides, closeness))
+    return Guide(t, chroma * support[..., None], support, confidence, guides[0].dense,
+                 merge_palettes(guides, closeness))
 
 
 def merge_palettes(guides: list[Guide], closeness: list[float]) -> np.ndarray | None:
@@ -294,7 +315,7 @@ class GuidePropagator:
             for t in range(guide.origin - 1, -1, -1):
                 if cuts[t + 1]:
                     break
-                carried = carry_guide(carried, grays[t + 1], grays[t])
+                carried = reanchor(carry_guide(carried, grays[t + 1], grays[t]), grays[t])
                 if not carried.confidence.any():
                     break
                 self.backward.setdefault(t, []).append(compact(carried, np.float16))
@@ -303,7 +324,7 @@ class GuidePropagator:
         if cut:
             self.forward = []
         elif self.previous_gray is not None and self.forward:
-            self.forward = [g for g in (carry_guide(g, self.previous_gray, gray) for g in self.forward)
+            self.forward = [g for g in (reanchor(carry_guide(g, self.previous_gray, gray), gray) for g in self.forward)
                             if g.confidence.any()]
         self.forward += [g for g in self.guides if g.origin == t]
         self.previous_gray = gray
@@ -314,8 +335,8 @@ class GuidePropagator:
 
 def compact(guide: Guide, dtype) -> Guide:
     """The guide's arrays in `dtype` (float16 while backward results wait for their frame)."""
-    return Guide(guide.origin, guide.weighted.astype(dtype), guide.support.astype(dtype),
-                 guide.confidence.astype(dtype), guide.dense, guide.palette)
+    return replace(guide, weighted=guide.weighted.astype(dtype), support=guide.support.astype(dtype),
+                   confidence=guide.confidence.astype(dtype))
 
 
 def model_hints(dense: Guide | None, sparse: Guide | None, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
