@@ -239,11 +239,16 @@ def carry_guide(guide: Guide, from_gray: np.ndarray, to_gray: np.ndarray) -> Gui
     pixels of the target pixel's luma (no colour trails); its confidence is kept where the flow passes the
     forward-backward check or brings the right luma."""
     flow, reliable = reliable_flow(from_gray, to_gray)
-    luma_matches = np.abs(warp(from_gray.astype(np.float32), flow) - to_gray.astype(np.float32)) <= LUMA_MATCH
+    luma_matches = brings_matching_luma(from_gray, flow, to_gray)
     moved = warp_matching_luma(np.dstack([guide.weighted, guide.support, guide.confidence]), flow, from_gray, to_gray)
     kept = np.where(reliable | luma_matches, 1.0, UNRELIABLE_KEEP).astype(np.float32)
     weighted, support, confidence = (np.ascontiguousarray(a) for a in (moved[..., :2], moved[..., 2], moved[..., 3]))
     return replace(guide, weighted=weighted, support=support, confidence=confidence * kept)
+
+
+def brings_matching_luma(source_gray: np.ndarray, flow: np.ndarray, gray: np.ndarray) -> np.ndarray:
+    """Where the flow brings source luma within LUMA_MATCH levels of this frame's."""
+    return np.abs(warp(source_gray.astype(np.float32), flow) - gray.astype(np.float32)) <= LUMA_MATCH
 
 
 def reanchor(guide: Guide, gray: np.ndarray) -> Guide:
@@ -257,7 +262,7 @@ def reanchor(guide: Guide, gray: np.ndarray) -> Guide:
         return guide
     key_gray, key_chroma = guide.keyframe
     flow, reliable = reliable_flow(key_gray, gray)
-    found = reliable & (np.abs(warp(key_gray.astype(np.float32), flow) - gray.astype(np.float32)) <= LUMA_MATCH)
+    found = reliable & brings_matching_luma(key_gray, flow, gray)
     if not found.any():
         return guide
     direct = warp_matching_luma(key_chroma, flow, key_gray, gray)
