@@ -155,6 +155,25 @@ def test_flow_reference_baseline_beats_gray_and_starts_from_the_truth():
     assert np.mean([psnr(c, f) for c, f in zip(carried, frames)]) > np.mean([psnr(g, f) for g, f in zip(gray, frames)]) + 8
 
 
+def test_propagation_probe_tells_drift_from_a_change_of_the_true_colour():
+    """probe_propagation.py on a pan: the carried colour holds and matches the truth; when the truth's colour itself
+    shifts after the keyframe (a new grade), the error rises as much for the alignment oracle, which no alignment
+    beats, so the probe reports it as a change of colour, not as drift."""
+    from probe_propagation import score_clip
+    from utils import luma_chroma_to_rgb, rgb_to_chroma, rgb_to_gray
+
+    frames = panning_clip(12)
+    steady = score_clip(frames)
+    shift = np.float32([0.0, 12.0])  # Cr up 12 levels in every frame after the keyframe
+    regraded = frames[:1] + [luma_chroma_to_rgb(rgb_to_gray(f), rgb_to_chroma(f).astype(np.float32) + shift)
+                             for f in frames[1:]]
+    changed = score_clip(regraded)
+    assert steady["held"] > 0.7 and changed["held"] > 0.7
+    assert steady["carried"] < 15
+    assert changed["carried"] > steady["carried"] + 80
+    assert changed["oracle"] > 0.8 * changed["carried"]
+
+
 def test_colour_warped_by_luma_does_not_cross_a_luma_edge_and_is_bilinear_where_luma_is_flat():
     from flow import warp, warp_matching_luma
 
