@@ -55,22 +55,24 @@ def score_clip(frames: list[np.ndarray]) -> dict[str, float]:
 
     size = propagation_size(*frames[0].shape[:2])
     frames = [cv2.resize(f, (size[1], size[0]), interpolation=cv2.INTER_AREA) for f in frames]
-    key_gray, key_chroma = rgb_to_gray(frames[0]), rgb_to_chroma(frames[0]).astype(np.float32)
-    propagator = GuidePropagator([reference_guide(frames[0], 0, size)])
+    keyframe = reference_guide(frames[0], 0, size)
+    key_gray, key_chroma = keyframe.keyframe
+    propagator = GuidePropagator([keyframe])
     first_scored = len(frames) - len(frames) // 3
     rows = []
     for t, frame in enumerate(frames):
         gray = rgb_to_gray(frame)
         dense, _ = propagator.step(t, gray)
-        if t < first_scored or t == 0:
+        if t < first_scored:
             continue
         truth = rgb_to_chroma(frame).astype(np.float32)
         held = dense.confidence >= HELD
-        output = blend(dense.chroma, dense.confidence, dense.palette[palette_levels(gray)], 1.0)
+        output_error = squared_chroma_error(blend(dense.chroma, dense.confidence,
+                                                  dense.palette[palette_levels(gray)], 1.0), truth)
         flow, _ = reliable_flow(key_gray, gray)
         rows.append({"held": float(held.mean()),
-                     "carried": mean_where(squared_chroma_error(output, truth), held),
-                     "rest": mean_where(squared_chroma_error(output, truth), ~held),
+                     "carried": mean_where(output_error, held),
+                     "rest": mean_where(output_error, ~held),
                      "direct": mean_where(squared_chroma_error(warp(key_chroma, flow), truth), held),
                      "oracle": mean_where(oracle_error(key_chroma, flow, truth), held)})
     clip = {column: float(np.nanmean([row[column] for row in rows])) for column in COLUMNS[:-1]}
@@ -83,6 +85,11 @@ def mean_where(values: np.ndarray, where: np.ndarray) -> float:
     return float(values[where].mean()) if where.any() else float("nan")
 
 
+def table_line(name: str, row: dict[str, float]) -> str:
+    errors = " ".join(f"{row[c]:8.1f}" for c in ("carried", "rest", "direct", "oracle"))
+    return f"{name[:32]:<32} {row['held']:5.2f} {errors} {row['held_error_share']:17.2f}"
+
+
 def main() -> None:
     args = parse_args()
     table = {}
@@ -92,11 +99,9 @@ def main() -> None:
         if len(frames) < 3:
             raise UserError(f"{clip}: has {len(frames)} frames; the probe scores the last third of at least 3")
         table[str(clip)] = row = score_clip(frames)
-        print(f"{clip.name[:32]:<32} {row['held']:5.2f} " + " ".join(f"{row[c]:8.1f}" for c in COLUMNS[1:-1])
-              + f" {row['held_error_share']:17.2f}", flush=True)
+        print(table_line(clip.name, row), flush=True)
     mean = {c: float(np.nanmean([row[c] for row in table.values()])) for c in COLUMNS}
-    print(f"{'mean':<32} {mean['held']:5.2f} " + " ".join(f"{mean[c]:8.1f}" for c in COLUMNS[1:-1])
-          + f" {mean['held_error_share']:17.2f}")
+    print(table_line("mean", mean))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"clips": table, "mean": mean}, indent=2))
