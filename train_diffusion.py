@@ -352,6 +352,17 @@ class Models:
     def trained_parameters(self) -> list[torch.nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    def update(self, accelerator, loss: torch.Tensor) -> None:
+        """One optimizer step on this loss (gradients clipped to norm 1), then the schedule and the EMA weights."""
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(self.trained_parameters(), 1.0)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.step(self.unet.parameters())
+        if self.ema_vac is not None:
+            self.ema_vac.step(self.vac.parameters())
+
     def averaged_vac(self) -> torch.nn.Module:
         """The VAC inference uses: its EMA weights when it trains."""
         if self.ema_vac is None:
@@ -440,6 +451,41 @@ def resume(args: argparse.Namespace, accelerator, run_dir: Path, fingerprints: d
         for name in LOG_NAMES:
             truncate_log(run_dir / name, step)
     return step
+
+
+def run_config(args: argparse.Namespace, accelerator, run_dir: Path, data: tuple[LatentDataset, Path, int],
+               component_specs: tuple[str, str], fingerprints: dict, scheduler) -> dict:
+    """What a checkpoint's colorizer.json records: the components (copied into the run folder when local), the
+    network's shape and the data and settings it was trained with. data: the dataset, its path and the number of
+    training items."""
+    dataset, data_path, train_count = data
+    vae_spec, vac_spec = component_specs
+    return {
+        "vae": copy_local_component(vae_spec, run_dir, "vae") if accelerator.is_main_process else None,
+        "vac": copy_local_component(vac_spec, run_dir, "vac") if accelerator.is_main_process else None,
+        **fingerprints,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "image_size": int(dataset.meta.get("image_size", 64)),
+        "scheduler": dict(scheduler.config),
+        "net_dimension": args.net_dimension,
+        "dropout": args.dropout,
+        "cond_dropout": args.cond_dropout,
+        **({"hint_channels": HINT_CHANNELS} if args.hints else {}),
+        **({"train_vac": True, "vac": "vac"} if args.train_vac else {}),
+        "dataset": str(data_path),
+        "train_frames": train_count,
+        "steps_before": steps_before(args, run_dir),
+    }
+
+
+def share_step_state(accelerator, loss: torch.Tensor, signum: int, out_of_time: bool) -> tuple[float, int, bool]:
+    """One collective per step: the loss averaged over the processes, and whether any of them got a signal or ran
+    out of time, so that all of them checkpoint and stop together (a process stopping alone would leave the others
+    waiting). -> (mean loss, the largest signal number, out of time)."""
+    flags = torch.tensor([signum, out_of_time], device=accelerator.device)
+    shared = accelerator.gather(torch.cat([loss.detach().float().reshape(1), flags.float()])).reshape(-1, 3)
+    return shared[:, 0].mean().item(), int(shared[:, 1].max().item()), bool(shared[:, 2].max().item())
 
 
 def install_stop_handler(accelerator) -> list:
@@ -543,23 +589,8 @@ def main() -> None:
         return
     train_ids, val_ids = split(dataset, args)
     weights = source_weights(dataset.sources()[train_ids], args.source_power)
-    config = {
-        "vae": copy_local_component(vae_spec, run_dir, "vae") if accelerator.is_main_process else None,
-        "vac": copy_local_component(vac_spec, run_dir, "vac") if accelerator.is_main_process else None,
-        **fingerprints,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "image_size": int(dataset.meta.get("image_size", 64)),
-        "scheduler": dict(scheduler.config),
-        "net_dimension": args.net_dimension,
-        "dropout": args.dropout,
-        "cond_dropout": args.cond_dropout,
-        **({"hint_channels": HINT_CHANNELS} if args.hints else {}),
-        **({"train_vac": True, "vac": "vac"} if args.train_vac else {}),
-        "dataset": str(data_path),
-        "train_frames": len(train_ids),
-        "steps_before": steps_before(args, run_dir),
-    }
+    config = run_config(args, accelerator, run_dir, (dataset, data_path, len(train_ids)), (vae_spec, vac_spec),
+                        fingerprints, scheduler)
     accelerator.print(f"UNet {parameter_count(models.unet) / 1e6:.2f}M parameters; {len(train_ids)} train / "
                       f"{len(val_ids)} val items; {accelerator.num_processes} process(es) on {accelerator.device}")
     stop_requested = install_stop_handler(accelerator)
@@ -579,22 +610,12 @@ def main() -> None:
                                    args.hint_none_fraction)
             loss = diffusion_loss(models.unet, batch, scheduler, args.cond_dropout, downscale, args.snr_gamma,
                                   step_generator(args.seed, step, accelerator.device), part)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(models.trained_parameters(), 1.0)
-        models.optimizer.step()
-        models.lr_schedule.step()
-        models.optimizer.zero_grad(set_to_none=True)
-        models.ema.step(models.unet.parameters())
-        if models.ema_vac is not None:
-            models.ema_vac.step(models.vac.parameters())
+        models.update(accelerator, loss)
         step += 1
-        # One collective per step: the loss, and whether any process got a signal or ran out of time, so that
-        # all of them checkpoint and stop together (a process stopping alone would leave the others waiting).
         out_of_time = bool(args.max_minutes) and time.time() - start > args.max_minutes * 60
-        flags = torch.tensor([stop_requested[0] if stop_requested else 0, out_of_time], device=accelerator.device)
-        shared = accelerator.gather(torch.cat([loss.detach().float().reshape(1), flags.float()])).reshape(-1, 3)
-        losses.append(shared[:, 0].mean().item())
-        signum, out_of_time = int(shared[:, 1].max().item()), bool(shared[:, 2].max().item())
+        signal_here = stop_requested[0] if stop_requested else 0
+        mean_loss, signum, out_of_time = share_step_state(accelerator, loss, signal_here, out_of_time)
+        losses.append(mean_loss)
         if not math.isfinite(losses[-1]):
             raise UserError(f"{run_dir}: the loss became {losses[-1]} at step {step}; resume from the last checkpoint "
                             f"with a lower --lr (or --mixed-precision no)")
