@@ -167,11 +167,7 @@ def main() -> None:
     from tqdm import tqdm
 
     args = parse_args()
-    if args.random_crops < 0:
-        raise UserError(f"--random-crops {args.random_crops}: must be 0 (centre squares) or more")
-    for name in ("image_size", "batch_size", "shard_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    check_args(args)
     out_dir = args.data_dir / args.dataset_name
     final = out_dir / "latent.npz"
     if final.exists() and not args.overwrite:
@@ -190,11 +186,7 @@ def main() -> None:
     if args.image_size % model_multiple(vae):
         raise UserError(f"--image-size {args.image_size}: must be a multiple of {model_multiple(vae)} for this VAE "
                         f"(its downscale x 4), e.g. {round_to_multiple(args.image_size, model_multiple(vae))}")
-    records = []
-    for root in args.dataroot:
-        # With several roots, the same folder name under two of them must stay two videos.
-        prefix = f"{root.name}/" if len(args.dataroot) > 1 else ""
-        records += [FrameRecord(prefix + r.video, r.index, r.path) for r in scan_frame_folders(root)]
+    records = scan_records(args.dataroot)
     clips = frozenset(r.video for r in records if any(fnmatch.fnmatch(r.video, p) for p in args.clips))
     dataset = FrameFolderDataset(records, args.image_size, args.random_crops, args.seed, args.flip,
                                  args.partner_distance if args.hints else 0, clips)
@@ -239,14 +231,37 @@ def main() -> None:
     merged = merge_shards(sorted(shard_dir.glob("shard-*.npz")), len(shard_ranges))
     merged.update(vae=args.vae, vac=args.vac, image_size=args.image_size, downscale=vae_downscale(vae),
                   scaling_factor=vae.config.scaling_factor, vae_fingerprint=vae_print, vac_fingerprint=vac_print)
-    with atomic_path(final, overwrite=args.overwrite) as temp:
+    write_dataset(merged, final, shard_dir, args.overwrite)
+    tokens = f"tokens {merged['tokens'].shape[1:]}" if "tokens" in merged else "no tokens"
+    print(f"wrote {final}: {len(merged['latents'])} items, latents {merged['latents'].shape[1:]}, {tokens}"
+          + (", hint sources" if args.hints else ""))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.random_crops < 0:
+        raise UserError(f"--random-crops {args.random_crops}: must be 0 (centre squares) or more")
+    for name in ("image_size", "batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+
+
+def scan_records(roots: list[Path]) -> list[FrameRecord]:
+    """Every frame under the --dataroot folders; with several roots, each video's name starts with its root's, so
+    the same folder name under two of them stays two videos."""
+    records = []
+    for root in roots:
+        prefix = f"{root.name}/" if len(roots) > 1 else ""
+        records += [FrameRecord(prefix + r.video, r.index, r.path) for r in scan_frame_folders(root)]
+    return records
+
+
+def write_dataset(merged: dict[str, np.ndarray], final: Path, shard_dir: Path, overwrite: bool) -> None:
+    """The merged dataset written whole (a temporary file renamed), then the shards it came from removed."""
+    with atomic_path(final, overwrite=overwrite) as temp:
         np.savez(temp, **merged)
     for path in shard_dir.glob("shard-*.npz"):
         path.unlink()
     shard_dir.rmdir()
-    tokens = f"tokens {merged['tokens'].shape[1:]}" if "tokens" in merged else "no tokens"
-    print(f"wrote {final}: {len(merged['latents'])} items, latents {merged['latents'].shape[1:]}, {tokens}"
-          + (", hint sources" if args.hints else ""))
 
 
 def wait_for_all(accelerator) -> None:
