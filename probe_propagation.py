@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from flow import reliable_flow, warp
-from guidance import GuidePropagator, blend, palette_levels, propagation_size, reference_guide
+from guidance import GuidePropagator, palette_levels, paste_dense, propagation_size, reference_guide
 from utils import UserError, rgb_to_chroma, rgb_to_gray, run_cli
 from video_io import iter_clip_frames
 
@@ -67,8 +67,8 @@ def score_clip(frames: list[np.ndarray]) -> dict[str, float]:
             continue
         truth = rgb_to_chroma(frame).astype(np.float32)
         held = dense.confidence >= HELD
-        output_error = squared_chroma_error(blend(dense.chroma, dense.confidence,
-                                                  dense.palette[palette_levels(gray)], 1.0), truth)
+        # the pipeline's paste with the palette in place of the model's colour, so the rest is the palette's alone
+        output_error = squared_chroma_error(paste_dense(dense.palette[palette_levels(gray)], dense, gray), truth)
         flow, _ = reliable_flow(key_gray, gray)
         rows.append({"held": float(held.mean()),
                      "carried": mean_where(output_error, held),
