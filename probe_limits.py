@@ -119,7 +119,10 @@ def predict(colorizer, variant: str, frames: np.ndarray, seed: int) -> np.ndarra
             tokens = colorizer.vac(small)
             latents = colorizer.sample_latents(padded, noise, "ddim", steps, tokens=tokens)
             return colorizer.decode_chroma(latents[..., margin:-margin, margin:-margin])
-        return colorizer.decode_chroma(colorizer.sample_latents(small, noise, "ddim", steps, tokens=tokens, hints=hints))
+        vac_size = colorizer.vac_size(height, width)
+        vac_gray = prepare_gray(gray, vac_size) if vac_size != size and tokens is None else None
+        return colorizer.decode_chroma(colorizer.sample_latents(small, noise, "ddim", steps, tokens=tokens, hints=hints,
+                                                                vac_gray=vac_gray))
     finally:
         colorizer.config["image_size"] = image_size
 

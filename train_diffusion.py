@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from colorizer import CONFIG_NAME, Colorizer, combine
 from dataset import LatentDataset
 from guidance import HINT_CHANNELS, draw_training_hints, hint_channels, spatial_hints
-from modules import (build_unet, first_line, load_vac, load_vae, parameter_count, save_vac, spatial_gray,
-                     vac_fingerprint, vae_downscale, vae_fingerprint)
+from modules import (BACKBONE_KEYS, HybridVAC, build_unet, first_line, load_vac, load_vae, parameter_count, save_vac,
+                     spatial_gray, vac_fingerprint, vac_spatial_channels, vae_downscale, vae_fingerprint)
 from training_log import LOG_NAMES, append_log, truncate_log
 from utils import Interrupted, UserError, atomic_path, check_writable, discard, remove_stale_temporaries, run_cli
 from video_io import write_image_rgb
@@ -122,6 +122,14 @@ def check_components(dataset: LatentDataset, data_path: Path, vae, vac, vae_spec
         problems["vae"].append(f"downscale {meta['downscale']}, not {vae_downscale(vae)}")
     if dataset.latents.shape[1] != vae.config.latent_channels:
         problems["vae"].append(f"{dataset.latents.shape[1]} latent channels, not {vae.config.latent_channels}")
+    if isinstance(vac, HybridVAC):
+        stored = dataset.meta.get("backbone_name")
+        if stored != vac.config["backbone"] or set(dataset.backbone) != set(BACKBONE_KEYS):
+            what = f"{stored} features" if stored else "no backbone features"
+            raise UserError(f"{data_path}: holds {what}, not the {vac.config['backbone']} features the hybrid VAC "
+                            f"{vac_spec} reads; re-run feature_extraction.py --overwrite with --vac {vac_spec}")
+    else:
+        dataset.backbone = {}  # features of a hybrid VAC's backbone, which this VAC does not read
     if dataset.tokens is None:
         pass  # tokens are computed with this VAC during training: any VAC fits
     elif meta.get("vac_fingerprint", vac_fingerprint(vac)) != vac_fingerprint(vac):
@@ -214,7 +222,7 @@ def diffusion_loss(unet, batch: dict, scheduler, cond_dropout: float, downscale:
     drawn for the whole global batch and sliced, so N processes draw what one process would."""
     from diffusers.training_utils import compute_snr
 
-    latents, tokens, gray = batch["latents"], batch["tokens"], batch["gray"]
+    latents, tokens, gray, spatial = batch["latents"], batch["tokens"], batch["gray"], batch.get("spatial")
     start, total = part or (0, len(latents))
     rows, device = slice(start, start + len(latents)), latents.device
     noise = torch.randn((total, *latents.shape[1:]), generator=generator, device=device)[rows]
@@ -223,10 +231,13 @@ def diffusion_loss(unet, batch: dict, scheduler, cond_dropout: float, downscale:
     if cond_dropout > 0:
         keep = torch.rand(total, 1, 1, generator=generator, device=device)[rows] >= cond_dropout
         tokens = tokens * keep
+        spatial = spatial * keep.unsqueeze(-1) if spatial is not None else None  # the VAC's whole condition
     noisy = scheduler.add_noise(latents, noise, timesteps)
     inputs = [noisy, spatial_gray(gray, downscale)]
     if "hints" in batch:
         inputs.append(spatial_hints(batch["hints"], downscale))
+    if spatial is not None:
+        inputs.append(spatial)
     prediction = unet(torch.cat(inputs, dim=1), timesteps, encoder_hidden_states=tokens).sample
     if scheduler.config.prediction_type == "epsilon":
         target = noise
@@ -251,11 +262,14 @@ def stack(dataset: LatentDataset, indices, device) -> dict:
 
 
 def complete_batch(batch: dict, vac, hint_rngs: list[np.random.Generator] | None, none_fraction: float = 1.0) -> dict:
-    """The model's inputs for a batch: VAC tokens when latent.npz has none (with gradients when the VAC trains),
-    and colour hints when the UNet takes them (`hint_rngs`: one generator per row, None for a UNet without hints)."""
+    """The model's inputs for a batch: VAC tokens when latent.npz has none (with gradients when the VAC trains; a
+    hybrid VAC's head makes them, and its spatial map, from the cached backbone features), and colour hints when the
+    UNet takes them (`hint_rngs`: one generator per row, None for a UNet without hints)."""
     batch = {key: value for key, value in batch.items() if torch.is_tensor(value)} | \
         {key: value for key, value in batch.items() if not torch.is_tensor(value) and hint_rngs is not None}
-    if "tokens" not in batch:
+    if isinstance(vac, HybridVAC):
+        batch["tokens"], batch["spatial"] = vac.head([batch.pop(key) for key in BACKBONE_KEYS])
+    elif "tokens" not in batch:
         batch["tokens"] = vac(batch["gray"])
     if hint_rngs is not None:
         hints = draw_training_hints(batch.pop("chroma"), batch.pop("partner_chroma"), batch.pop("partner_mask"),
@@ -286,7 +300,11 @@ def save_sample_grid(colorizer: Colorizer, dataset, indices, path: Path) -> None
     """A PNG for people: grayscale | sampled colours | ground truth, one row per held-out frame."""
     batch = stack(dataset, indices[:: max(1, len(indices) // 6)][:6], colorizer.device)
     noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(0))
-    latents = colorizer.sample_latents(batch["gray"], noise, "ddim", 20, tokens=batch.get("tokens"))
+    tokens, spatial = batch.get("tokens"), None
+    if isinstance(colorizer.vac, HybridVAC):
+        with torch.no_grad():
+            tokens, spatial = colorizer.vac.head([batch[key] for key in BACKBONE_KEYS])
+    latents = colorizer.sample_latents(batch["gray"], noise, "ddim", 20, tokens=tokens, spatial=spatial)
     predicted, truth = colorizer.decode_chroma(latents), colorizer.decode_chroma(batch["latents"])
     gray = (batch["gray"][:, 0].cpu().numpy() * 255).round().astype(np.uint8)
     rows = [np.concatenate([np.repeat(g[..., None], 3, 2), combine(g, p), combine(g, t)], 1)
@@ -377,13 +395,13 @@ def build_models(args: argparse.Namespace, accelerator, dataset: LatentDataset, 
 
     latent_channels, latent_size = dataset.latents.shape[1], dataset.latents.shape[-1]
     unet = build_unet(latent_channels, downscale, vac.token_dim, args.net_dimension, latent_size, args.dropout,
-                      hint_channels(downscale) if args.hints else 0)
+                      (hint_channels(downscale) if args.hints else 0) + vac_spatial_channels(vac))
     if args.init_from:
         initialize_from(args.init_from, unet, vac if args.train_vac else None)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=type(unet), model_config=unet.config)
     groups = [{"params": list(unet.parameters())}]
     if args.train_vac:
-        groups.append({"params": list(vac.parameters()), "lr": args.lr * args.vac_lr_scale})
+        groups.append({"params": [p for p in vac.parameters() if p.requires_grad], "lr": args.lr * args.vac_lr_scale})
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     if args.train_vac:
@@ -401,17 +419,30 @@ def build_models(args: argparse.Namespace, accelerator, dataset: LatentDataset, 
 
 
 def initialize_from(folder: Path, unet, vac) -> None:
-    """Copy a model folder's UNet (and VAC) weights into the freshly built ones; the shapes must match."""
+    """Copy a model folder's UNet (and VAC) weights into the freshly built ones; the shapes must match, but for a
+    UNet input widened by a hybrid VAC's spatial map: those new input channels start at zero weight, so the run
+    begins as the model it came from. A VAC of another kind than the folder's keeps its fresh weights."""
     from diffusers import UNet2DConditionModel
 
     from colorizer import resolve_component, resolve_model_folder
 
     folder = resolve_model_folder(folder)
     try:
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).state_dict())
+        weights = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).state_dict()
+        widened = unet.state_dict()["conv_in.weight"].shape[1] - weights["conv_in.weight"].shape[1]
+        if widened > 0:
+            weights["conv_in.weight"] = F.pad(weights["conv_in.weight"], (0, 0, 0, 0, 0, widened))
+        unet.load_state_dict(weights)
         if vac is not None:
             config = json.loads((folder / CONFIG_NAME).read_text())
-            vac.vit.load_state_dict(load_vac(resolve_component(config["vac"], folder)).vit.state_dict())
+            source = load_vac(resolve_component(config["vac"], folder))
+            if isinstance(source, HybridVAC) and isinstance(vac, HybridVAC):
+                vac.load_state_dict(source.head_state_dict(), strict=False)
+            elif not isinstance(source, HybridVAC) and not isinstance(vac, HybridVAC):
+                vac.vit.load_state_dict(source.vit.state_dict())
+            else:
+                print(f"note: --init-from {folder}: its VAC is of another kind; the run's VAC starts fresh",
+                      file=sys.stderr)
     except (RuntimeError, OSError, ValueError, KeyError) as error:
         raise UserError(f"--init-from {folder}: does not fit this run ({first_line(error)}); pass the --net-dimension, "
                         f"--hints and data it was trained with") from None
@@ -574,8 +605,12 @@ def main() -> None:
                         f"{math.ceil(args.batch_size / accelerator.num_processes) * accelerator.num_processes}")
     set_seed(args.seed)
     dataset, data_path, vae_spec, vac_spec = load_data(args)
+    if vac_spec.startswith("timm:") and not args.train_vac:
+        raise UserError(f"VAC {vac_spec}: a new hybrid VAC, its head untrained; add --train-vac")
     vae = load_vae(vae_spec).eval().requires_grad_(False)
     vac = load_vac(vac_spec).eval().requires_grad_(args.train_vac)
+    if isinstance(vac, HybridVAC):
+        vac.backbone.requires_grad_(False)  # frozen: its features come cached from latent.npz
     check_components(dataset, data_path, vae, vac, vae_spec, vac_spec)
     fingerprints = {"vae_fingerprint": vae_fingerprint(vae), "vac_fingerprint": vac_fingerprint(vac)}
     run_dir = prepare_run_dir(args, accelerator)

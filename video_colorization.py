@@ -195,8 +195,10 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ar
                 shot += 1
                 shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed + shot))
             noise.append(shot_noise if args.shared_noise else torch.randn(latent_shape, generator=noise_generator))
+        vac_size = colorizer.vac_size(height, width)
+        vac_gray = prepare_gray(gray, vac_size) if vac_size != size else None
         latents = colorizer.sample_latents(prepare_gray(gray, size), torch.stack(noise), args.sampler, args.steps,
-                                           args.guidance, generator=step_generator, hints=hints)
+                                           args.guidance, generator=step_generator, hints=hints, vac_gray=vac_gray)
         predicted = colorizer.decode_chroma(latents) * args.saturation
         for g, g_small, g_guide, chroma, cut, (dense, sparse) in zip(gray, small, guide_gray, predicted, cuts,
                                                                       frame_guides):
