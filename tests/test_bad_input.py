@@ -7,8 +7,6 @@ paid once); a few run the real scripts as subprocesses, as do the SIGINT / SIGTE
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -16,56 +14,16 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, panning_clip
+from conftest import REPO, Result, files_under, panning_clip, run_main
 
 # ---------------------------------------------------------------------------------------------------------------
 # Running the scripts
-
-
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def error(self) -> str:
-        """The error line; the message must be exactly one line and come without a traceback."""
-        assert "Traceback" not in self.stderr, self.stderr[-3000:]
-        lines = [line for line in self.stderr.splitlines() if line.strip()]
-        assert lines and lines[-1].startswith("error: "), self.stderr[-3000:]
-        return lines[-1]
-
-
-def run_main(script: str, *argv, cwd: Path) -> Result:
-    """A script's main() through utils.run_cli in this process: its exit code, stdout and stderr."""
-    import importlib
-
-    from utils import run_cli
-
-    module = importlib.import_module(script)
-    saved = sys.argv, os.getcwd(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    sys.argv = [f"{script}.py", *map(str, argv)]
-    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            run_cli(module.main)
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = saved[0]
-        os.chdir(saved[1])
-        for number, handler in saved[2].items():
-            signal.signal(number, handler)
-    return Result(code, stdout.getvalue(), stderr.getvalue())
 
 
 def script_command(script: str, *argv) -> list[str]:
@@ -79,11 +37,6 @@ def run_script(script: str, *argv, cwd: Path) -> Result:
     result = subprocess.run(script_command(script, *argv), cwd=cwd, env=SCRIPT_ENV, capture_output=True, text=True,
                             timeout=600)
     return Result(result.returncode, result.stdout, result.stderr)
-
-
-def files_under(folder: Path) -> list[str]:
-    """Everything under `folder`, hidden temporaries included."""
-    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*")) if Path(folder).exists() else []
 
 
 # ---------------------------------------------------------------------------------------------------------------

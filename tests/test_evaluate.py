@@ -324,7 +324,7 @@ def test_probe_scores_every_photo_of_a_folder_of_several_sizes(tmp_path, tiny_mo
     import cv2
     from skimage import data
 
-    from test_bad_input import run_main
+    from conftest import run_main
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -341,7 +341,7 @@ def test_probe_scores_every_photo_of_a_folder_of_several_sizes(tmp_path, tiny_mo
 
 def test_probe_hints_hold_the_true_colour_where_given_and_need_a_hint_model(tmp_path, tiny_model, frame_root):
     from probe_limits import true_chroma, truth_hints
-    from test_bad_input import run_main
+    from conftest import run_main
 
     frames = np.stack(list(video_io.iter_clip_frames(frame_root / "pan"))[:2])
     truth = true_chroma(frames, (32, 48))

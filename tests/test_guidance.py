@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, panning_clip
-from test_bad_input import files_under, run_main
+from conftest import SHARED_DATA, files_under, panning_clip, run_main
 
 
 def chroma_of(frames: list[np.ndarray]) -> np.ndarray:
@@ -330,22 +327,6 @@ def test_a_reference_needs_a_single_clip(tmp_path, tiny_model, colour_clip):
     result = run_main("video_colorization", "--input", folder / "clips", "--output", tmp_path / "out", "--model", tiny_model,
                       "--reference", folder / "colour" / "00000.png", cwd=tmp_path)
     assert result.code == 2 and "--reference / --hints colour one clip" in result.error
-
-
-@pytest.fixture(scope="module")
-def hint_model(tiny_model, tmp_path_factory):
-    """The tiny model with an (untrained) hint input."""
-    import shutil
-
-    from guidance import hint_channels
-    from modules import build_unet
-
-    folder = tmp_path_factory.mktemp("hint_model")
-    shutil.copytree(tiny_model, folder, dirs_exist_ok=True)
-    build_unet(4, 4, 32, net_dimension=8, sample_size=8, extra_channels=hint_channels(4)).save_pretrained(folder / "unet")
-    config = json.loads((folder / "colorizer.json").read_text())
-    (folder / "colorizer.json").write_text(json.dumps({**config, "hint_channels": 3}))
-    return folder
 
 
 def test_painted_hints_reach_a_model_with_a_hint_input(tmp_path, hint_model, colour_clip):
