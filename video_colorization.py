@@ -145,7 +145,8 @@ def take_options(namespace: argparse.Namespace) -> ColorizationOptions:
 
 
 def parse_options(flags: list[str]) -> ColorizationOptions:
-    """Sampling flags alone (--sampler ... --batch-size): what bench.py and sampler_sweep.py take as --settings."""
+    """Sampling flags alone (--sampler ... --batch-size): what bench.py and experiments/sampler_sweep.py
+    take as --settings."""
     parser = argparse.ArgumentParser(prog="--settings", description="video_colorization.py's sampling flags")
     add_sampling_arguments(parser)
     return take_options(parser.parse_args(flags))

@@ -319,7 +319,7 @@ def test_gray_baseline_on_val_first_frames():
 
 
 def test_probe_scores_every_photo_of_a_folder_of_several_sizes(tmp_path, tiny_model):
-    """probe_limits.py on a folder of photos (held-out photo sets hold portrait and landscape ones): each is scored
+    """experiments/probe_limits.py on a folder of photos (held-out photo sets hold portrait and landscape ones): each is scored
     once, and the true chroma through a resize beats the gray input."""
     import cv2
     from skimage import data
@@ -331,7 +331,7 @@ def test_probe_scores_every_photo_of_a_folder_of_several_sizes(tmp_path, tiny_mo
     for name, image in (("a", data.astronaut()), ("b", data.chelsea()), ("c", data.coffee())):
         small = cv2.resize(image, (96, 64) if name != "c" else (64, 96), interpolation=cv2.INTER_AREA)
         video_io.write_image_rgb(photos / f"{name}.png", small)
-    result = run_main("probe_limits", "--model", tiny_model, "--clips", photos, "--every", 1, "--variants", "gray", "oracle-resize",
+    result = run_main("experiments.probe_limits", "--model", tiny_model, "--clips", photos, "--every", 1, "--variants", "gray", "oracle-resize",
                       "--json", tmp_path / "probe.json", cwd=REPO)
     assert result.code == 0, result.stderr
     summary = json.loads((tmp_path / "probe.json").read_text())["summary"]
@@ -340,7 +340,7 @@ def test_probe_scores_every_photo_of_a_folder_of_several_sizes(tmp_path, tiny_mo
 
 
 def test_probe_hints_hold_the_true_colour_where_given_and_need_a_hint_model(tmp_path, tiny_model, frame_root):
-    from probe_limits import true_chroma, truth_hints
+    from experiments.probe_limits import true_chroma, truth_hints
     from conftest import run_main
 
     frames = np.stack(list(video_io.iter_clip_frames(frame_root / "pan"))[:2])
@@ -355,6 +355,6 @@ def test_probe_hints_hold_the_true_colour_where_given_and_need_a_hint_model(tmp_
             assert np.abs(given).max() <= np.abs(truth).max() + 1e-3
         else:
             assert np.allclose(given, truth[hinted], atol=1e-3)
-    result = run_main("probe_limits", "--model", tiny_model, "--clips", frame_root / "pan", "--variants", "hints-full",
+    result = run_main("experiments.probe_limits", "--model", tiny_model, "--clips", frame_root / "pan", "--variants", "hints-full",
                       cwd=REPO)
     assert result.code == 2 and "has no hint input" in result.stderr

@@ -153,10 +153,10 @@ def test_flow_reference_baseline_beats_gray_and_starts_from_the_truth():
 
 
 def test_propagation_probe_tells_drift_from_a_change_of_the_true_colour():
-    """probe_propagation.py on a pan: the carried colour holds and matches the truth; when the truth's colour itself
+    """experiments/probe_propagation.py on a pan: the carried colour holds and matches the truth; when the truth's colour itself
     shifts after the keyframe (a new grade), the one-pixel alignment oracle's error rises with the carried colour's,
     so the probe reports it as a change of colour, not as drift."""
-    from probe_propagation import score_clip
+    from experiments.probe_propagation import score_clip
     from utils import luma_chroma_to_rgb, rgb_to_chroma, rgb_to_gray
 
     frames = panning_clip(12)

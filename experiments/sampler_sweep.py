@@ -1,6 +1,6 @@
 """Quality versus sampling steps for each sampler, on held-out clips: picks the default sampler and step count.
 
-  python sampler_sweep.py --clips ../shared/data/val --frames 16 --out docs/sampler_sweep.png
+  python experiments/sampler_sweep.py --clips ../shared/data/val --frames 16 --out docs/sampler_sweep.png
 
 Every (sampler, steps) pair colorizes the first --frames frames of each clip (grayscale of the colour frames) with
 the same weights, noise and temporal settings, and is scored with evaluate.py against the colour frames. Writes a
@@ -13,10 +13,14 @@ import argparse
 import dataclasses
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
 from colorizer import SAMPLERS, load_colorizer
 from evaluate import evaluate_clip
