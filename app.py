@@ -2,7 +2,7 @@
 colour strokes painted on a frame or a coloured version of a frame, and colorize again.
 
   python app.py                                   # -> http://127.0.0.1:7860
-  python app.py --model unet_model/mine --port 8080
+  python app.py --model runs/mine --port 8080
 
 The page runs the command line's own code: video_colorization.colorize_clip with its ColorizationOptions.
 Painted strokes become `--hints N=IMAGE` and an uploaded keyframe `--reference N=IMAGE`, so the page and the CLI
@@ -273,8 +273,8 @@ def build_page(app: ColorizeApp) -> gr.Blocks:
 def main() -> None:
     options = parse_app_args()
     if not options.model.exists():
-        raise UserError(f"{options.model}: model folder not found; pass --model unet_model/<run> or restore "
-                        f"unet_model/default")
+        raise UserError(f"{options.model}: model folder not found; pass --model runs/<run> (a training run) or a "
+                        f"model folder, or restore unet_model/default")
     colorizer = load_colorizer(options.model, choose_device(options.device))
     with tempfile.TemporaryDirectory(prefix="colorize-app-") as work:
         page = build_page(ColorizeApp(colorizer, options, Path(work)))

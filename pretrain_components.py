@@ -1,8 +1,8 @@
 """Pretrain the project's own small VAE (E/D) or VAC (ViT) on colour frames, for machines without the paper's
 pretrained Stable Diffusion VAE and ImageNet ViT.
 
-  python pretrain_components.py vae --dataroot ../shared/data/train --out unet_model/mine/vae --minutes 30
-  python pretrain_components.py vac --dataroot ../shared/data/train --out unet_model/mine/vac --minutes 30
+  python pretrain_components.py vae --dataroot ../shared/data/train --out runs/mine/vae --minutes 30
+  python pretrain_components.py vac --dataroot ../shared/data/train --out runs/mine/vac --minutes 30
 
 vae: chroma-only (Cb, Cr) reconstruction (L1) + a small KL term, as Stable Diffusion's autoencoder; its scaling factor is set so the
      latents have unit variance.

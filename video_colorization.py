@@ -2,7 +2,7 @@
 
   python video_colorization.py --input old_film.mp4
   python video_colorization.py --input frames_folder/ --output out_frames/      # lossless PNG frames
-  python video_colorization.py --input clips/ --model unet_model/mine          # every clip in a folder
+  python video_colorization.py --input clips/ --model runs/mine                 # every clip in a folder
   torchrun --nproc_per_node 4 video_colorization.py --input clips/ --output out/ --skip-existing  # 4 processes
 
 Each frame is resized to the model's working size (aspect ratio kept), its chroma is sampled by the latent
@@ -509,7 +509,8 @@ def main() -> None:
     rank, world, local_rank = process_share()
     device = process_device(args.device, local_rank, world)
     if not args.model.exists():
-        raise UserError(f"{args.model}: model folder not found; pass --model unet_model/<run> or restore unet_model/default")
+        raise UserError(f"{args.model}: model folder not found; pass --model runs/<run> (a training run) or a model "
+                        f"folder, or restore unet_model/default")
     # Clips rank, rank + N, ... of the sorted list, split before skipping finished ones: the split must not depend
     # on when each process looks at the outputs.
     mine = plan[rank::world]

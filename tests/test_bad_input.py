@@ -521,7 +521,7 @@ def test_training_rejects_mismatched_data(tmp_path, inputs, latent_npz, others, 
 def test_resume_refuses_other_settings(tmp_path, latent_npz):
     edited_latents(latent_npz, tmp_path)
     assert run_main("train_diffusion", *TRAIN, "--max-steps", "5", cwd=tmp_path).code == 0
-    run = tmp_path / "unet_model" / "tiny"
+    run = tmp_path / "runs" / "tiny"
     before = files_under(run)
     result = run_main("train_diffusion", *TRAIN, "--max-steps", "10", cwd=tmp_path)
     assert result.code == 2 and "already holds a run; pass --resume" in result.error
@@ -564,13 +564,13 @@ def reference_run(tmp_path_factory, latent_npz) -> Path:
     edited_latents(latent_npz, folder)
     result = subprocess.run(train_command(), cwd=folder, env=SCRIPT_ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return folder / "unet_model" / "tiny"
+    return folder / "runs" / "tiny"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_interrupted_training_resumes_exactly(tmp_path, latent_npz, reference_run, sig):
     edited_latents(latent_npz, tmp_path)
-    run = tmp_path / "unet_model" / "tiny"
+    run = tmp_path / "runs" / "tiny"
     process = subprocess.Popen(train_command(), cwd=tmp_path, env=SCRIPT_ENV, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -599,7 +599,7 @@ def test_interrupted_training_resumes_exactly(tmp_path, latent_npz, reference_ru
     resumed = subprocess.run(train_command("--resume"), cwd=tmp_path, env=SCRIPT_ENV, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed unet_model/tiny/checkpoint-{steps[-1]} at step {steps[-1]}" in resumed.stdout
+    assert f"resumed runs/tiny/checkpoint-{steps[-1]} at step {steps[-1]}" in resumed.stdout
     final = run / f"checkpoint-{MAX_STEPS}"
     assert json.loads((final / "colorizer.json").read_text())["step"] == MAX_STEPS
     assert [c.name for c in checkpoints_of(run)] == [c.name for c in checkpoints_of(reference_run)]

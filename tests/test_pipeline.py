@@ -44,7 +44,7 @@ def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_vid
     train = ["train_diffusion.py", "--dataset-name", "tiny", "--run-name", "tiny", "--net-dimension", "8",
              "--batch-size", "4", "--checkpoint-every", "5", "--validate-every", "10", "--warmup-steps", "2"]
     run_script(*train, "--max-steps", "10", cwd=tmp_path)
-    run_dir = tmp_path / "unet_model" / "tiny"
+    run_dir = tmp_path / "runs" / "tiny"
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
     resumed = run_script(*train, "--max-steps", "20", "--resume", cwd=tmp_path)
     assert "resumed" in resumed.stdout and "step 10" in resumed.stdout
@@ -94,7 +94,7 @@ def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_roo
     run_script(*train, "--max-steps", "4", cwd=tmp_path)
     resumed = run_script(*train, "--max-steps", "8", "--resume", cwd=tmp_path)
     assert "resumed" in resumed.stdout and "step 4" in resumed.stdout
-    checkpoint = tmp_path / "unet_model" / "guided" / "checkpoint-8"
+    checkpoint = tmp_path / "runs" / "guided" / "checkpoint-8"
     config = json.loads((checkpoint / "colorizer.json").read_text())
     assert config["hint_channels"] == 3 and config["vac"] == "vac" and config["train_vac"]
     trained_vac = load_vac(str(checkpoint / "vac"))
@@ -106,13 +106,13 @@ def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_roo
                "--checkpoint-every", "1", cwd=tmp_path)
     from safetensors.torch import load_file
 
-    again = tmp_path / "unet_model" / "again" / "checkpoint-1"
+    again = tmp_path / "runs" / "again" / "checkpoint-1"
     for part in ("unet/diffusion_pytorch_model.safetensors", "vac/vac.safetensors"):
         before, after = load_file(str(checkpoint / part)), load_file(str(again / part))
         assert all(torch.equal(before[key], after[key]) for key in before)
     run_script(*train, "--max-steps", "2", "--resume", "--run-name", "again", "--checkpoint-every", "1", cwd=tmp_path)
     for step in (1, 2):  # the steps behind its starting weights, kept through --resume
-        config = json.loads((tmp_path / "unet_model" / "again" / f"checkpoint-{step}" / "colorizer.json").read_text())
+        config = json.loads((tmp_path / "runs" / "again" / f"checkpoint-{step}" / "colorizer.json").read_text())
         assert config["steps_before"] == 8
 
 
