@@ -123,7 +123,8 @@ def time_codec(frames: list[np.ndarray], clock: StageClock, folder: Path) -> Non
     from video_io import VideoWriter
 
     path = folder / "bench.mp4"
-    with clock.measure("encode video"), VideoWriter(path, frames[0].shape[1], frames[0].shape[0], Fraction(25)) as writer:
+    with clock.measure("encode video"), \
+            VideoWriter(path, frames[0].shape[1], frames[0].shape[0], Fraction(25)) as writer:
         for frame in frames:
             writer.write(frame)
     with clock.measure("decode video"):
@@ -143,7 +144,8 @@ def bench_setting(name: str, settings: ColorizationOptions, colorizer, color_fra
         clock.hook(colorizer.unet, "denoise (UNet)")
         clock.hook(colorizer.vac, "VAC tokens")
         clock.hook(colorizer.vae.decoder, "VAE decode")
-        seconds, outputs = run_once(colorizer, clock, gray_frames, settings, color_frames[0] if args.reference else None)
+        keyframe = color_frames[0] if args.reference else None
+        seconds, outputs = run_once(colorizer, clock, gray_frames, settings, keyframe)
         with tempfile.TemporaryDirectory() as folder:
             time_codec(outputs, clock, Path(folder))
         total = seconds + clock.seconds["encode video"] + clock.seconds["decode video"]
@@ -152,23 +154,26 @@ def bench_setting(name: str, settings: ColorizationOptions, colorizer, color_fra
             module._forward_hooks.clear()
             module._forward_pre_hooks.clear()
     median = statistics.median(r["seconds"] for r in runs)
-    stages = {k: statistics.median(r["stages"].get(k, 0.0) for r in runs) / len(color_frames) for k in runs[0]["stages"]}
+    stages = {k: statistics.median(r["stages"].get(k, 0.0) for r in runs) / len(color_frames)
+              for k in runs[0]["stages"]}
     quality = evaluate_clip(iter(outputs), iter(color_frames))
     return {"setting": name, "flags": " ".join(settings.flags()), "frames": len(color_frames), "median_seconds": median,
             "frames_per_second": len(color_frames) / median, "seconds_per_frame_by_stage": stages,
-            "psnr": quality["psnr"], "ssim": quality["ssim"], "cdc": quality["cdc"], "colorfulness": quality["colorfulness"],
+            "psnr": quality["psnr"], "ssim": quality["ssim"], "cdc": quality["cdc"],
+            "colorfulness": quality["colorfulness"],
             "gt_cdc": quality["gt_cdc"], "gt_colorfulness": quality["gt_colorfulness"],
             "all_runs_seconds": [r["seconds"] for r in runs]}
 
 
 def print_result(result: dict) -> None:
     print(f"\n== {result['setting']}: {result['flags'] or 'defaults'}")
-    print(f"{result['frames']} frames at {result['median_seconds']:.2f} s (median of {len(result['all_runs_seconds'])}): "
-          f"{result['frames_per_second']:.2f} frames/s")
+    print(f"{result['frames']} frames at {result['median_seconds']:.2f} s "
+          f"(median of {len(result['all_runs_seconds'])}): {result['frames_per_second']:.2f} frames/s")
     for stage, seconds in sorted(result["seconds_per_frame_by_stage"].items(), key=lambda kv: -kv[1]):
         print(f"  {stage:<20} {seconds * 1000:8.1f} ms/frame")
-    print(f"  PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.4f}  CDC {result['cdc']:.5f} (GT {result['gt_cdc']:.5f})"
-          f"  colorfulness {result['colorfulness']:.1f} (GT {result['gt_colorfulness']:.1f})")
+    print(f"  PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.4f}  CDC {result['cdc']:.5f} "
+          f"(GT {result['gt_cdc']:.5f})  colorfulness {result['colorfulness']:.1f} "
+          f"(GT {result['gt_colorfulness']:.1f})")
 
 
 def main() -> None:
@@ -182,7 +187,8 @@ def main() -> None:
     ours = parse_options(args.settings.split())
     if args.quick:
         ours = dataclasses.replace(ours, steps=2)
-    results = [bench_setting("ours, first frame given" if args.reference else "ours", ours, colorizer, color_frames, args)]
+    name = "ours, first frame given" if args.reference else "ours"
+    results = [bench_setting(name, ours, colorizer, color_frames, args)]
     print_result(results[0])
     if args.compare:
         paper = PAPER if not args.quick else dataclasses.replace(PAPER, steps=3)

@@ -302,7 +302,9 @@ def resize_if_needed(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     """Frame folders may mix sizes; every frame of a clip is brought to the first frame's size."""
     import cv2
 
-    return frame if frame.shape[:2] == (height, width) else cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+    if frame.shape[:2] == (height, width):
+        return frame
+    return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def output_bit_depth(choice: str, info: VideoInfo) -> int:
@@ -425,7 +427,8 @@ def demo_frames(frame_count: int = 48, size: tuple[int, int] = (360, 640)) -> It
             zoom = 1.0 - 0.15 * i / per_shot
             crop_h, crop_w = int(photo_height * zoom), int(min(photo_width, photo_height * zoom * width / height))
             top, left = (photo_height - crop_h) // 2, int((photo_width - crop_w) * i / per_shot)
-            yield cv2.resize(photo[top : top + crop_h, left : left + crop_w], (width, height), interpolation=cv2.INTER_AREA)
+            crop = photo[top : top + crop_h, left : left + crop_w]
+            yield cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def make_demo_clip(path: Path, frame_count: int = 48, size: tuple[int, int] = (360, 640),

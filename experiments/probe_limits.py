@@ -123,7 +123,8 @@ def predict(colorizer, variant: str, frames: np.ndarray, seed: int) -> np.ndarra
             tokens = colorizer.vac(small)
             latents = colorizer.sample_latents(padded, noise, "ddim", steps, tokens=tokens)
             return colorizer.decode_chroma(latents[..., margin:-margin, margin:-margin])
-        return colorizer.decode_chroma(colorizer.sample_latents(small, noise, "ddim", steps, tokens=tokens, hints=hints))
+        latents = colorizer.sample_latents(small, noise, "ddim", steps, tokens=tokens, hints=hints)
+        return colorizer.decode_chroma(latents)
     finally:
         colorizer.config["image_size"] = image_size
 

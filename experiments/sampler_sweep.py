@@ -91,8 +91,8 @@ def main() -> None:
             result = {"sampler": sampler, "steps": steps, **score(colorizer, clips, settings)}
             results.append(result)
             print(f"{sampler:6} {steps:4d} steps: PSNR {result['psnr']:.2f}  SSIM {result['ssim']:.4f}  "
-                  f"CF {result['colorfulness']:.1f}  CDC {result['cdc']:.5f}  {result['seconds_per_frame']:.2f} s/frame",
-                  flush=True)
+                  f"CF {result['colorfulness']:.1f}  CDC {result['cdc']:.5f}  "
+                  f"{result['seconds_per_frame']:.2f} s/frame", flush=True)
     plot(results, args.out)
     args.out.with_suffix(".json").write_text(json.dumps({"settings": args.settings, "frames": args.frames,
                                                          "results": results}, indent=2))

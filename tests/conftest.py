@@ -27,7 +27,8 @@ def panning_clip(frame_count: int = 12, size: tuple[int, int] = (72, 96)) -> lis
 
     photo = cv2.resize(data.astronaut(), (256, 256), interpolation=cv2.INTER_AREA)
     height, width = size
-    return [np.ascontiguousarray(photo[20 + i : 20 + i + height, 10 + 2 * i : 10 + 2 * i + width]) for i in range(frame_count)]
+    return [np.ascontiguousarray(photo[20 + i : 20 + i + height, 10 + 2 * i : 10 + 2 * i + width])
+            for i in range(frame_count)]
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +82,8 @@ def tiny_model(tiny_components, tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("model")
-    build_unet(latent_channels=4, downscale=4, token_dim=32, net_dimension=8, sample_size=8).save_pretrained(folder / "unet")
+    unet = build_unet(latent_channels=4, downscale=4, token_dim=32, net_dimension=8, sample_size=8)
+    unet.save_pretrained(folder / "unet")
     for name in ("vae", "vac"):
         shutil.copytree(tiny_components[name], folder / name)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", clip_sample=False)
@@ -101,7 +103,8 @@ def hint_model(tiny_model, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("hint_model")
     shutil.copytree(tiny_model, folder, dirs_exist_ok=True)
-    build_unet(4, 4, 32, net_dimension=8, sample_size=8, extra_channels=hint_channels(4)).save_pretrained(folder / "unet")
+    unet = build_unet(4, 4, 32, net_dimension=8, sample_size=8, extra_channels=hint_channels(4))
+    unet.save_pretrained(folder / "unet")
     config = json.loads((folder / "colorizer.json").read_text())
     (folder / "colorizer.json").write_text(json.dumps({**config, "hint_channels": 3}))
     return folder

@@ -98,7 +98,8 @@ def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_roo
     config = json.loads((checkpoint / "colorizer.json").read_text())
     assert config["hint_channels"] == 3 and config["vac"] == "vac" and config["train_vac"]
     trained_vac = load_vac(str(checkpoint / "vac"))
-    assert vac_fingerprint(trained_vac) == config["vac_fingerprint"] != vac_fingerprint(load_vac(str(tiny_components["vac"])))
+    untrained = vac_fingerprint(load_vac(str(tiny_components["vac"])))
+    assert vac_fingerprint(trained_vac) == config["vac_fingerprint"] != untrained
     colorizer = load_colorizer(checkpoint, torch.device("cpu"))
     assert colorizer.takes_hints and colorizer.unet.config.in_channels == 4 + 16 + 48
     # --init-from starts a new run on those weights (with a learning rate of 0 they stay exactly those weights)

@@ -1,4 +1,5 @@
-"""The run's loss logs: carried into exported models (export_model.py) and drawn as learning curves (experiments/plot_training.py)."""
+"""The run's loss logs: carried into exported models (export_model.py) and drawn as learning curves
+(experiments/plot_training.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def run_with_logs(tiny_model, tmp_path):
     shutil.copytree(tiny_model, checkpoint)
     config = json.loads((checkpoint / "colorizer.json").read_text())
     (checkpoint / "colorizer.json").write_text(json.dumps({**config, "step": 4}))
-    write_lines(run / "train_loss.jsonl", [json.dumps({"step": s, "loss": 1.0 / s}) for s in (2, 4, 6)] + ['{"step": 8, "lo'])
+    losses = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (2, 4, 6)]
+    write_lines(run / "train_loss.jsonl", losses + ['{"step": 8, "lo'])
     write_lines(run / "validation.jsonl", [json.dumps({"step": s, "val_loss": 2.0 / s}) for s in (4, 6)])
     return run
 
