@@ -4,7 +4,7 @@
     python evaluate.py --gt ../shared/data/val --baseline gray
 
 Every metric is computed in float64: the paper's PSNR was taken on uint8 tensors, whose differences wrap modulo 256.
-The exact definitions are in DEFINITIONS below (also written into every results.json) and in README_EVALUATE.md.
+The exact definitions are in DEFINITIONS below (also written into every results.json) and in docs/evaluation.md.
 Other scripts import `evaluate_clip` and the metric functions; heavy libraries load only inside functions.
 """
 

@@ -3,7 +3,7 @@ unet_model/default): the EMA UNet, colorizer.json, copies of the local VAE and V
 up to the checkpoint's step in training/ (for experiments/plot_training.py). The optimizer and training state are
 left behind; the UNet is stored in fp16.
 
-  python export_model.py --checkpoint unet_model/guided/checkpoint-28000 --out unet_model/default --overwrite
+  python export_model.py --checkpoint runs/guided/checkpoint-28000 --out unet_model/default --overwrite
 """
 
 from __future__ import annotations
