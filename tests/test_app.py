@@ -207,6 +207,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # app_server before browser: the browser is closed first, so the app does not wait on an open page to stop.
+@pytest.mark.slow  # a browser driving the page: about 90 s
 def test_guided_colorization_in_a_browser(app_server, browser, gray_video, tmp_path):
     import cv2
 

@@ -569,6 +569,7 @@ def reference_run(tmp_path_factory, latent_npz) -> Path:
     return folder / "runs" / "tiny"
 
 
+@pytest.mark.slow  # four training runs in subprocesses, signalled and resumed: about a minute in all
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_interrupted_training_resumes_exactly(tmp_path, latent_npz, reference_run, sig):
     edited_latents(latent_npz, tmp_path)

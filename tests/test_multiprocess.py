@@ -23,6 +23,8 @@ import pytest
 
 from conftest import REPO, panning_clip
 
+pytestmark = pytest.mark.slow  # several processes: minutes in all
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 

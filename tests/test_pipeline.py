@@ -9,6 +9,7 @@ import sys
 from fractions import Fraction
 
 import numpy as np
+import pytest
 
 from conftest import REPO
 
@@ -21,6 +22,7 @@ def run_script(*args: str, cwd) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow  # whole training runs: about 2 minutes
 def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_video):
     from video_io import iter_clip_frames, probe_clip
 
@@ -70,6 +72,7 @@ def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_vid
     assert len(list(frames_out.iterdir())) == 12
 
 
+@pytest.mark.slow  # about 2 minutes
 def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_root):
     """--hints data -> a UNet with a hint input and a VAC trained with it, both in every checkpoint."""
     import torch
