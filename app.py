@@ -2,9 +2,9 @@
 colour strokes painted on a frame or a coloured version of a frame, and colorize again.
 
   python app.py                                   # -> http://127.0.0.1:7860
-  python app.py --model unet_model/mine --port 8080
+  python app.py --model runs/mine --port 8080
 
-The page runs the command line's own code: video_colorization.colorize_clip with arguments from its parse_args.
+The page runs the command line's own code: video_colorization.colorize_clip with its ColorizationOptions.
 Painted strokes become `--hints N=IMAGE` and an uploaded keyframe `--reference N=IMAGE`, so the page and the CLI
 give the same video (frame count, frame rate, size and audio kept). It listens on this machine only unless --host
 says otherwise, makes no share link, sends no telemetry and downloads nothing.
@@ -30,7 +30,7 @@ import gradio as gr  # noqa: E402
 
 from colorizer import Colorizer, load_colorizer  # noqa: E402
 from utils import UserError, choose_device, run_cli, seed_everything  # noqa: E402
-from video_colorization import DEFAULT_MODEL, colorize_clip, make_demo_clip, parse_args  # noqa: E402
+from video_colorization import DEFAULT_MODEL, ColorizationOptions, colorize_clip, make_demo_clip  # noqa: E402
 from video_io import iter_clip_frames, probe_clip  # noqa: E402
 
 GUIDE_NAMES = {"--reference": "keyframe (a coloured version of the frame)", "--hints": "painted hints"}
@@ -203,18 +203,18 @@ class ColorizeApp:
         return session, guide_list(session)
 
     def colorize(self, session: Session, progress=gr.Progress(track_tqdm=True)):
-        """colorize_clip with the CLI's arguments; its tqdm bar becomes the page's progress bar."""
+        """colorize_clip with the CLI's defaults and the guides; its tqdm bar becomes the page's progress bar."""
         if session.clip is None:
             raise page_error("Load a video or the demo clip first")
-        guides = [arg for g in session.guides for arg in (g.flag, f"{g.frame}={g.path}")]
+        guides = {flag: [f"{g.frame}={g.path}" for g in session.guides if g.flag == flag] for flag in GUIDE_NAMES}
         # 8-bit output whatever the input: 10-bit H.264 does not play in browsers.
-        args = parse_args(["--input", str(session.clip), "--model", str(self.options.model), "--bit-depth", "8",
-                           "--overwrite", *guides])
+        options = ColorizationOptions(reference=guides["--reference"], hints=guides["--hints"], bit_depth="8",
+                                      overwrite=True)
         output = self.folder(session) / f"{session.clip.stem}_color.mp4"
         progress(0, desc="reading the clip and its guides")
-        seed_everything(args.seed)  # as video_colorization.py does: the same video as a fresh command-line run
+        seed_everything(options.seed)  # as video_colorization.py does: the same video as a fresh command-line run
         try:
-            count = colorize_clip(self.colorizer, session.clip, output, args)
+            count = colorize_clip(self.colorizer, session.clip, output, options)
         except UserError as error:
             raise page_error(error) from None
         guided = f", guided by {len(session.guides)} guide(s)" if session.guides else ""
@@ -273,8 +273,8 @@ def build_page(app: ColorizeApp) -> gr.Blocks:
 def main() -> None:
     options = parse_app_args()
     if not options.model.exists():
-        raise UserError(f"{options.model}: model folder not found; pass --model unet_model/<run> or restore "
-                        f"unet_model/default")
+        raise UserError(f"{options.model}: model folder not found; pass --model runs/<run> (a training run) or a "
+                        f"model folder, or restore unet_model/default")
     colorizer = load_colorizer(options.model, choose_device(options.device))
     with tempfile.TemporaryDirectory(prefix="colorize-app-") as work:
         page = build_page(ColorizeApp(colorizer, options, Path(work)))

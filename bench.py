@@ -13,6 +13,7 @@ The clip is colour: it is the ground truth, and its grayscale version is what th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import resource
@@ -28,10 +29,10 @@ import torch
 
 from colorizer import load_colorizer
 from utils import UserError, choose_device, rgb_to_gray, run_cli
+from video_colorization import DEFAULT_MODEL, ColorizationOptions, colorize_frames, demo_frames, parse_options
 from video_io import iter_clip_frames
-from video_colorization import DEFAULT_MODEL, colorize_frames, demo_frames, parse_args as colorization_args
 
-PAPER = ["--sampler", "ddpm", "--steps", "1000", "--guidance", "1", "--no-shared-noise", "--propagation", "0"]
+PAPER = ColorizationOptions(sampler="ddpm", steps=1000, guidance=1.0, shared_noise=False, propagation=0.0)
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,7 +44,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compare", action="store_true", help="also run the paper's settings and print the ratio")
     parser.add_argument("--paper-frames", type=int, default=8, help="frames for the (slow) paper settings")
-    parser.add_argument("--settings", default="", help="extra video_colorization.py flags for our run, quoted")
+    parser.add_argument("--settings", default="", help="video_colorization.py's sampling flags for our run (--sampler "
+                        "... --batch-size), quoted")
     parser.add_argument("--reference", action="store_true",
                         help="time guided colorization: the first colour frame is the keyframe (--reference)")
     parser.add_argument("--threads", type=int, default=0)
@@ -100,7 +102,7 @@ class StageClock:
             yield frame
 
 
-def run_once(colorizer, clock: StageClock, gray_frames: list[np.ndarray], settings: argparse.Namespace,
+def run_once(colorizer, clock: StageClock, gray_frames: list[np.ndarray], settings: ColorizationOptions,
              keyframe: np.ndarray | None) -> tuple[float, list]:
     """Colorize the decoded clip (with `keyframe` as frame 0's reference); returns the wall time and the outputs."""
     from guidance import GuidePropagator, propagation_size, reference_guide
@@ -121,7 +123,8 @@ def time_codec(frames: list[np.ndarray], clock: StageClock, folder: Path) -> Non
     from video_io import VideoWriter
 
     path = folder / "bench.mp4"
-    with clock.measure("encode video"), VideoWriter(path, frames[0].shape[1], frames[0].shape[0], Fraction(25)) as writer:
+    with clock.measure("encode video"), \
+            VideoWriter(path, frames[0].shape[1], frames[0].shape[0], Fraction(25)) as writer:
         for frame in frames:
             writer.write(frame)
     with clock.measure("decode video"):
@@ -129,12 +132,11 @@ def time_codec(frames: list[np.ndarray], clock: StageClock, folder: Path) -> Non
     assert count == len(frames)
 
 
-def bench_setting(name: str, flags: list[str], colorizer, color_frames, args) -> dict:
+def bench_setting(name: str, settings: ColorizationOptions, colorizer, color_frames, args) -> dict:
     import tempfile
 
     from evaluate import evaluate_clip
 
-    settings = colorization_args(["--input", "unused", *flags])
     gray_frames = [np.repeat(rgb_to_gray(f)[..., None], 3, axis=2) for f in color_frames]
     runs = []
     for _ in range(args.repeats):
@@ -142,7 +144,8 @@ def bench_setting(name: str, flags: list[str], colorizer, color_frames, args) ->
         clock.hook(colorizer.unet, "denoise (UNet)")
         clock.hook(colorizer.vac, "VAC tokens")
         clock.hook(colorizer.vae.decoder, "VAE decode")
-        seconds, outputs = run_once(colorizer, clock, gray_frames, settings, color_frames[0] if args.reference else None)
+        keyframe = color_frames[0] if args.reference else None
+        seconds, outputs = run_once(colorizer, clock, gray_frames, settings, keyframe)
         with tempfile.TemporaryDirectory() as folder:
             time_codec(outputs, clock, Path(folder))
         total = seconds + clock.seconds["encode video"] + clock.seconds["decode video"]
@@ -151,23 +154,26 @@ def bench_setting(name: str, flags: list[str], colorizer, color_frames, args) ->
             module._forward_hooks.clear()
             module._forward_pre_hooks.clear()
     median = statistics.median(r["seconds"] for r in runs)
-    stages = {k: statistics.median(r["stages"].get(k, 0.0) for r in runs) / len(color_frames) for k in runs[0]["stages"]}
+    stages = {k: statistics.median(r["stages"].get(k, 0.0) for r in runs) / len(color_frames)
+              for k in runs[0]["stages"]}
     quality = evaluate_clip(iter(outputs), iter(color_frames))
-    return {"setting": name, "flags": " ".join(flags), "frames": len(color_frames), "median_seconds": median,
+    return {"setting": name, "flags": " ".join(settings.flags()), "frames": len(color_frames), "median_seconds": median,
             "frames_per_second": len(color_frames) / median, "seconds_per_frame_by_stage": stages,
-            "psnr": quality["psnr"], "ssim": quality["ssim"], "cdc": quality["cdc"], "colorfulness": quality["colorfulness"],
+            "psnr": quality["psnr"], "ssim": quality["ssim"], "cdc": quality["cdc"],
+            "colorfulness": quality["colorfulness"],
             "gt_cdc": quality["gt_cdc"], "gt_colorfulness": quality["gt_colorfulness"],
             "all_runs_seconds": [r["seconds"] for r in runs]}
 
 
 def print_result(result: dict) -> None:
     print(f"\n== {result['setting']}: {result['flags'] or 'defaults'}")
-    print(f"{result['frames']} frames at {result['median_seconds']:.2f} s (median of {len(result['all_runs_seconds'])}): "
-          f"{result['frames_per_second']:.2f} frames/s")
+    print(f"{result['frames']} frames at {result['median_seconds']:.2f} s "
+          f"(median of {len(result['all_runs_seconds'])}): {result['frames_per_second']:.2f} frames/s")
     for stage, seconds in sorted(result["seconds_per_frame_by_stage"].items(), key=lambda kv: -kv[1]):
         print(f"  {stage:<20} {seconds * 1000:8.1f} ms/frame")
-    print(f"  PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.4f}  CDC {result['cdc']:.5f} (GT {result['gt_cdc']:.5f})"
-          f"  colorfulness {result['colorfulness']:.1f} (GT {result['gt_colorfulness']:.1f})")
+    print(f"  PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.4f}  CDC {result['cdc']:.5f} "
+          f"(GT {result['gt_cdc']:.5f})  colorfulness {result['colorfulness']:.1f} "
+          f"(GT {result['gt_colorfulness']:.1f})")
 
 
 def main() -> None:
@@ -178,11 +184,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     colorizer = load_colorizer(args.model, choose_device(args.device))
     color_frames = load_clip(args)
-    ours = args.settings.split() + (["--steps", "2"] if args.quick else [])
-    results = [bench_setting("ours, first frame given" if args.reference else "ours", ours, colorizer, color_frames, args)]
+    ours = parse_options(args.settings.split())
+    if args.quick:
+        ours = dataclasses.replace(ours, steps=2)
+    name = "ours, first frame given" if args.reference else "ours"
+    results = [bench_setting(name, ours, colorizer, color_frames, args)]
     print_result(results[0])
     if args.compare:
-        paper = PAPER if not args.quick else [*PAPER[:2], "--steps", "3", *PAPER[4:]]
+        paper = PAPER if not args.quick else dataclasses.replace(PAPER, steps=3)
         subset = color_frames[: args.paper_frames]
         results.append(bench_setting("paper", paper, colorizer, subset, args))
         print_result(results[1])

@@ -4,7 +4,7 @@
     python evaluate.py --gt ../shared/data/val --baseline gray
 
 Every metric is computed in float64: the paper's PSNR was taken on uint8 tensors, whose differences wrap modulo 256.
-The exact definitions are in DEFINITIONS below (also written into every results.json) and in README_EVALUATE.md.
+The exact definitions are in DEFINITIONS below (also written into every results.json) and in docs/evaluation.md.
 Other scripts import `evaluate_clip` and the metric functions; heavy libraries load only inside functions.
 """
 
@@ -31,7 +31,8 @@ SAMPLE_FRAMES = 4  # frames shown per clip in the side-by-side figure
 SSIM_MIN_SIDE = 7  # scikit-image's default 7x7 window
 
 DEFINITIONS = {
-    "psnr": f"float64 RGB, data range 255, per frame then mean over frames; identical frames count as {PSNR_CAP_DB:g} dB",
+    "psnr": f"float64 RGB, data range 255, per frame then mean over frames; identical frames count as "
+            f"{PSNR_CAP_DB:g} dB",
     "ssim": "skimage.metrics.structural_similarity(channel_axis=2, data_range=255) on float64 RGB, mean over frames",
     "cdc": "TCVC colour distribution consistency of the output alone: per RGB channel a 256-bin histogram over "
     "[0, 256) / pixel count; Jensen-Shannon divergence (natural log) between frames t and t+k, mean over t, "

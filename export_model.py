@@ -1,9 +1,9 @@
 """Turn a training checkpoint into a self-contained model folder (what `--model` takes, and what ships as
 unet_model/default): the EMA UNet, colorizer.json, copies of the local VAE and VAC it names, and the run's loss logs
-up to the checkpoint's step in training/ (for plot_training.py). The optimizer and training state are left behind;
-the UNet is stored in fp16.
+up to the checkpoint's step in training/ (for experiments/plot_training.py). The optimizer and training state are
+left behind; the UNet is stored in fp16.
 
-  python export_model.py --checkpoint unet_model/guided/checkpoint-28000 --out unet_model/default --overwrite
+  python export_model.py --checkpoint runs/guided/checkpoint-28000 --out unet_model/default --overwrite
 """
 
 from __future__ import annotations

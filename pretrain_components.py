@@ -1,11 +1,11 @@
 """Pretrain the project's own small VAE (E/D) or VAC (ViT) on colour frames, for machines without the paper's
 pretrained Stable Diffusion VAE and ImageNet ViT.
 
-  python pretrain_components.py vae --dataroot ../shared/data/train --out unet_model/mine/vae --minutes 30
-  python pretrain_components.py vac --dataroot ../shared/data/train --out unet_model/mine/vac --minutes 30
+  python pretrain_components.py vae --dataroot ../shared/data/train --out runs/mine/vae --minutes 30
+  python pretrain_components.py vac --dataroot ../shared/data/train --out runs/mine/vac --minutes 30
 
-vae: chroma-only (Cb, Cr) reconstruction (L1) + a small KL term, as Stable Diffusion's autoencoder; its scaling factor is set so the
-     latents have unit variance.
+vae: chroma-only (Cb, Cr) reconstruction (L1) + a small KL term, as Stable Diffusion's autoencoder; its scaling factor
+     is set so the latents have unit variance.
 --decoder-only --init FOLDER fine-tunes only the VAE decoder, so latents already cached stay valid.
 vac: a colourization pretext: from the grayscale crop, each patch token predicts the quantized mean chroma (Lab
      a/b) of its patch, and the class token that of the whole crop, so the tokens learn what colour things are.
@@ -36,7 +36,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="folder to write the component to")
     parser.add_argument("--image-size", type=int, default=64, help="crop size (the model's working resolution)")
     parser.add_argument("--crop-size", type=int, default=0,
-                        help="vae: train on smaller crops of frames at the working scale (cheaper steps); 0: image size")
+                        help="vae: train on smaller crops of frames at the working scale (cheaper steps); 0: image "
+                        "size")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--minutes", type=float, default=30.0, help="training time budget")
@@ -89,8 +90,8 @@ def main() -> None:
     crop_size = args.crop_size if args.component == "vae" and args.crop_size else args.image_size
     data = RandomCropDataset(args.dataroot, crop_size, short_side=round(args.image_size * 1.25), seed=args.seed)
     if len(data) < args.batch_size:
-        raise UserError(f"{args.dataroot[0]}: {len(data)} frames, fewer than --batch-size {args.batch_size}; add frames "
-                        f"or lower --batch-size")
+        raise UserError(f"{args.dataroot[0]}: {len(data)} frames, fewer than --batch-size {args.batch_size}; add "
+                        f"frames or lower --batch-size")
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=np.stack)
 
     if args.component == "vae":

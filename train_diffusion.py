@@ -1,4 +1,4 @@
-"""Stage 2: train the latent UNet denoiser on data/<dataset>/latent.npz -> checkpoints in unet_model/<run>/.
+"""Stage 2: train the latent UNet denoiser on data/<dataset>/latent.npz -> checkpoints in runs/<run>/.
 
   python train_diffusion.py --dataset-name corpus --run-name mine --max-steps 20000
   python train_diffusion.py --dataset-name corpus --run-name mine --max-steps 40000 --resume   # continue
@@ -47,8 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--vae", help="the VAE that made the latents, if it is no longer where latent.npz says (checked)")
     parser.add_argument("--vac", help="the VAC that made the tokens, if it is no longer where latent.npz says (checked)")
-    parser.add_argument("--run-name", default="run", help="writes unet_model/<run-name>/")
-    parser.add_argument("--output-dir", type=Path, default=Path("unet_model"))
+    parser.add_argument("--run-name", default="run", help="writes runs/<run-name>/ (--output-dir/<run-name>/)")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs"))
     parser.add_argument("--net-dimension", type=int, default=64, help="width of the UNet's first block")
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout in the UNet's ResNet blocks (regularizes small corpora)")
     parser.add_argument("--batch-size", type=int, default=16, help="global batch (split across processes)")
@@ -340,7 +340,7 @@ def load_data(args: argparse.Namespace) -> tuple[LatentDataset, Path, str, str]:
 
 
 def prepare_run_dir(args: argparse.Namespace, accelerator) -> Path:
-    """unet_model/<run>/, checked and cleaned (of a --overwrite'd run, of what a kill left half-written)."""
+    """runs/<run>/, checked and cleaned (of a --overwrite'd run, of what a kill left half-written)."""
     run_dir = args.output_dir / args.run_name
     check_writable(run_dir, "an --output-dir")
     if run_dir.exists() and any(run_dir.iterdir()) and not (args.resume or args.overwrite):

@@ -1,6 +1,6 @@
 """A training run's logs: train_loss.jsonl (the mean loss of every --log-every steps) and validation.jsonl (the
 validation loss at every --validate-every steps), one JSON object with its "step" a line. train_diffusion.py writes
-them, export_model.py carries them into a model folder's training/, plot_training.py draws them."""
+them, export_model.py carries them into a model folder's training/, experiments/plot_training.py draws them."""
 
 from __future__ import annotations
 

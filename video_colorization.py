@@ -2,7 +2,7 @@
 
   python video_colorization.py --input old_film.mp4
   python video_colorization.py --input frames_folder/ --output out_frames/      # lossless PNG frames
-  python video_colorization.py --input clips/ --model unet_model/mine          # every clip in a folder
+  python video_colorization.py --input clips/ --model runs/mine                 # every clip in a folder
   torchrun --nproc_per_node 4 video_colorization.py --input clips/ --output out/ --skip-existing  # 4 processes
 
 Each frame is resized to the model's working size (aspect ratio kept), its chroma is sampled by the latent
@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -45,7 +46,115 @@ def positive_int(text: str) -> int:
     return value
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+BIT_DEPTHS = ("auto", "8", "10")
+
+
+@dataclass
+class ColorizationOptions:
+    """How a clip is colorized: the settings video_colorization.py's flags set (parse_args builds one from them), with
+    the command line's defaults. app.py, bench.py, the experiments and the tests construct one directly:
+    `ColorizationOptions(steps=2, reference=["0=key.png"])`."""
+
+    sampler: str = "ddim"
+    # Defaults chosen from the sampler sweep on the clips training held out (model card, docs/sampler_sweep_*.png):
+    # the highest PSNR among settings that reach 60% of the ground truth's colourfulness there.
+    steps: int = 4
+    guidance: float = 1.0
+    saturation: float = 1.0
+    seed: int = 0
+    shared_noise: bool = True
+    propagation: float = 0.99
+    scene_cuts: bool = True
+    cut_threshold: float = 0.35
+    reference: list[str] = field(default_factory=list)  # "[N=]IMAGE", as --reference takes them
+    hints: list[str] = field(default_factory=list)  # "[N=]IMAGE", as --hints takes them
+    batch_size: int = 8
+    crf: int = 18
+    bit_depth: str = "auto"
+    overwrite: bool = False
+
+    def check(self) -> None:
+        """The checks argparse does not make, as one-line errors."""
+        if not 0 <= self.propagation < 1 or self.saturation < 0:
+            raise UserError(f"--propagation {self.propagation} / --saturation {self.saturation}: propagation must be "
+                            f"in [0, 1) and saturation at least 0")
+        if not 0 <= self.crf <= 51:
+            raise UserError(f"--crf {self.crf}: H.264 takes 0 (lossless) to 51; 18 is the default")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1; pass a "
+                                f"positive number")
+        if self.sampler not in SAMPLERS or self.bit_depth not in BIT_DEPTHS:
+            raise UserError(f"--sampler {self.sampler} / --bit-depth {self.bit_depth}: the sampler must be one of "
+                            f"{', '.join(SAMPLERS)} and the bit depth one of {', '.join(BIT_DEPTHS)}")
+
+    def flags(self) -> list[str]:
+        """The video_colorization.py flags that set these options: those of the fields that differ from the
+        defaults (for reports: bench.py records them)."""
+        flags = []
+        for option in fields(self):
+            value, flag = getattr(self, option.name), "--" + option.name.replace("_", "-")
+            if value == getattr(DEFAULTS, option.name):
+                continue
+            if isinstance(value, bool):
+                flags.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, list):
+                flags += [item for spec in value for item in (flag, spec)]
+            else:
+                flags += [flag, str(value)]
+        return flags
+
+
+DEFAULTS = ColorizationOptions()
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the model's sampling, the temporal features, the guides and the batch size."""
+    parser.add_argument("--sampler", default=DEFAULTS.sampler, choices=SAMPLERS)
+    parser.add_argument("--steps", type=positive_int, default=DEFAULTS.steps, help="denoising steps per frame")
+    parser.add_argument("--guidance", type=float, default=DEFAULTS.guidance,
+                        help="classifier-free guidance on the VAC tokens")
+    parser.add_argument("--saturation", type=float, default=DEFAULTS.saturation,
+                        help="multiply the sampled chroma by this; few steps give the model's mean colour, which "
+                        "is right more often than a full sample but pale, and a gain restores colour cheaper in PSNR")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    parser.add_argument("--no-shared-noise", dest="shared_noise", action="store_false",
+                        help="draw fresh noise for every frame (the paper's behaviour) instead of one per shot")
+    parser.add_argument("--propagation", type=float, default=DEFAULTS.propagation,
+                        help="weight of the previous output's flow-warped chroma where the flow is reliable; 0: off")
+    parser.add_argument("--no-scene-cuts", dest="scene_cuts", action="store_false",
+                        help="never start a new shot (new noise, no propagation) at a detected cut")
+    parser.add_argument("--cut-threshold", type=float, default=DEFAULTS.cut_threshold,
+                        help="Bhattacharyya distance of gray histograms")
+    parser.add_argument("--reference", action="append", default=[], metavar="[N=]IMAGE",
+                        help="a colour version of frame N (default 0): its colours travel along the motion to the "
+                        "frames before and after it; repeat for several keyframes (any size; only chroma is used)")
+    parser.add_argument("--hints", action="append", default=[], metavar="[N=]IMAGE",
+                        help="an RGBA image of frame N (default 0) whose opaque pixels are colour hints, painted "
+                        "dots or strokes on a transparent background (any size); repeatable")
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="frames denoised together")
+
+
+def take_options(namespace: argparse.Namespace) -> ColorizationOptions:
+    """The ColorizationOptions fields of parsed flags, moved out of `namespace` into the dataclass."""
+    names = [f.name for f in fields(ColorizationOptions) if hasattr(namespace, f.name)]
+    options = ColorizationOptions(**{name: getattr(namespace, name) for name in names})
+    for name in names:
+        delattr(namespace, name)
+    return options
+
+
+def parse_options(flags: list[str]) -> ColorizationOptions:
+    """Sampling flags alone (--sampler ... --batch-size): what bench.py and experiments/sampler_sweep.py
+    take as --settings."""
+    parser = argparse.ArgumentParser(prog="--settings", description="video_colorization.py's sampling flags")
+    add_sampling_arguments(parser)
+    return take_options(parser.parse_args(flags))
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, ColorizationOptions]:
+    """The command line: what to colorize, where, with which model and device (the namespace), and how (the
+    options)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", "--dataroot", dest="input", type=Path,
@@ -60,41 +169,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae", help="use this VAE instead of the one colorizer.json names (it must be the one the "
                         "model was trained with, e.g. after moving it)")
     parser.add_argument("--vac", help="use this VAC instead of the one colorizer.json names (same rule)")
-    parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
-    # Defaults chosen from the sampler sweep on the clips training held out (model card, docs/sampler_sweep_*.png):
-    # the highest PSNR among settings that reach 60% of the ground truth's colourfulness there.
-    parser.add_argument("--steps", type=positive_int, default=4, help="denoising steps per frame")
-    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance on the VAC tokens")
-    parser.add_argument("--saturation", type=float, default=1.0,
-                        help="multiply the sampled chroma by this; few steps give the model's mean colour, which "
-                        "is right more often than a full sample but pale, and a gain restores colour cheaper in PSNR")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-shared-noise", dest="shared_noise", action="store_false",
-                        help="draw fresh noise for every frame (the paper's behaviour) instead of one per shot")
-    parser.add_argument("--propagation", type=float, default=0.99,
-                        help="weight of the previous output's flow-warped chroma where the flow is reliable; 0: off")
-    parser.add_argument("--no-scene-cuts", dest="scene_cuts", action="store_false",
-                        help="never start a new shot (new noise, no propagation) at a detected cut")
-    parser.add_argument("--cut-threshold", type=float, default=0.35, help="Bhattacharyya distance of gray histograms")
-    parser.add_argument("--reference", action="append", default=[], metavar="[N=]IMAGE",
-                        help="a colour version of frame N (default 0): its colours travel along the motion to the "
-                        "frames before and after it; repeat for several keyframes (any size; only chroma is used)")
-    parser.add_argument("--hints", action="append", default=[], metavar="[N=]IMAGE",
-                        help="an RGBA image of frame N (default 0) whose opaque pixels are colour hints, painted "
-                        "dots or strokes on a transparent background (any size); repeatable")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="frames denoised together")
+    add_sampling_arguments(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--crf", type=int, default=18, help="H.264 quality of the output video: lower is better and "
-                        "larger; 0 is lossless (the output's luma is then the input's, to within one level)")
-    parser.add_argument("--bit-depth", default="auto", choices=("auto", "8", "10"),
+    parser.add_argument("--crf", type=int, default=DEFAULTS.crf, help="H.264 quality of the output video: lower is "
+                        "better and larger; 0 is lossless (the output's luma is then the input's, to within one level)")
+    parser.add_argument("--bit-depth", default=DEFAULTS.bit_depth, choices=BIT_DEPTHS,
                         help="bits per sample of the output video (PNG frames: 8 or 16); auto: 10 for inputs of more "
                         "than 8 bits, else 8. 10-bit H.264 does not play in browsers or on most hardware decoders")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     existing.add_argument("--skip-existing", action="store_true", help="keep existing outputs and colorize only the "
                           "clips without one: a killed or failed run over a folder of clips resumes")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    return args, take_options(args)
 
 
 def batched(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
@@ -125,13 +213,13 @@ def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (size[1], size[0]), interpolation=interpolation)
 
 
-def load_guides(clip: Path, info, args: argparse.Namespace, colorizer: Colorizer) -> GuidePropagator | None:
+def load_guides(clip: Path, info, options: ColorizationOptions, colorizer: Colorizer) -> GuidePropagator | None:
     """--reference and --hints for this clip, checked against its frame count, with their backward propagation
     done (it reads the frames up to the last guided one once more)."""
     size = propagation_size(info.height, info.width)
     guides = []
     for option, load in (("--reference", load_reference), ("--hints", load_hint_image)):
-        for spec in getattr(args, option[2:]):
+        for spec in getattr(options, option[2:]):
             index, path = parse_guide_spec(spec)
             if index >= info.frame_count:
                 raise UserError(f"{option} {spec}: {clip} has no frame {index} (it has {info.frame_count}, numbered "
@@ -147,7 +235,8 @@ def load_guides(clip: Path, info, args: argparse.Namespace, colorizer: Colorizer
             gray = rgb_to_gray(resize_if_needed(frame, info.height, info.width))
             grays.append(working_gray(gray, size))
             small.append(working_gray(gray, working))
-        cuts = [False] + [args.scene_cuts and is_scene_cut(a, b, args.cut_threshold) for a, b in zip(small, small[1:])]
+        cuts = [False] + [options.scene_cuts and is_scene_cut(a, b, options.cut_threshold)
+                          for a, b in zip(small, small[1:])]
         propagator.backward_pass(grays, cuts)
     return propagator
 
@@ -157,7 +246,7 @@ def working_gray(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (prepare_gray(gray[None], size)[0, 0].numpy() * 255).round().astype(np.uint8)
 
 
-def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: argparse.Namespace,
+def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ColorizationOptions,
                     first_frame_shape: tuple[int, int], guides: GuidePropagator | None = None) -> Iterator[np.ndarray]:
     """Yield the colorized frames of one clip (HxWx3 RGB of the input frames' type, uint8 or uint16), streaming in
     batches of --batch-size.
@@ -215,7 +304,9 @@ def resize_if_needed(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     """Frame folders may mix sizes; every frame of a clip is brought to the first frame's size."""
     import cv2
 
-    return frame if frame.shape[:2] == (height, width) else cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+    if frame.shape[:2] == (height, width):
+        return frame
+    return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def output_bit_depth(choice: str, info: VideoInfo) -> int:
@@ -249,7 +340,7 @@ def output_path(clip: Path, output: Path | None, several: bool, png: bool) -> Pa
     return output
 
 
-def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse.Namespace,
+def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, options: ColorizationOptions,
                   frame_bar: bool = True) -> int:
     """Colorize one clip into `output` (.mp4 or a PNG folder), written to a temporary path and renamed at the end.
     `frame_bar` False hides the frame progress bar (several processes would draw theirs over each other).
@@ -263,13 +354,13 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
         raise UserError(f"{clip}: has no frames; pass a video with at least one frame")
     written = 0
     as_video = output.suffix.lower() == ".mp4"
-    bit_depth = output_bit_depth(args.bit_depth, info)
+    bit_depth = output_bit_depth(options.bit_depth, info)
     # Deep frames carry the input's luma at 16 bits through colorize_frames to the 10-bit output.
     pixels, timestamps = pixels_and_timestamps(iter_timed_frames(clip, deep=bit_depth > 8))
     # The bar shows only on a terminal and is cleared when the clip ends or fails, so an error stays one line.
-    guides = load_guides(clip, info, args, colorizer)
-    frames = colorize_frames(colorizer, pixels, args, (info.height, info.width), guides)
-    with atomic_path(output, overwrite=args.overwrite, is_dir=not as_video) as temp, \
+    guides = load_guides(clip, info, options, colorizer)
+    frames = colorize_frames(colorizer, pixels, options, (info.height, info.width), guides)
+    with atomic_path(output, overwrite=options.overwrite, is_dir=not as_video) as temp, \
             tqdm(frames, total=info.frame_count, desc=clip.name, unit="frame", leave=False,
                  disable=None if frame_bar else True) as colorized:
         if as_video:
@@ -279,7 +370,7 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
                 # Evenly spaced frames at the average rate would drift from the copied audio on a variable-rate
                 # input: those frames keep their own timestamps.
                 time_base = info.time_base if info.variable_rate else None
-                with VideoWriter(video_path, info.width, info.height, info.fps, args.crf, bit_depth,
+                with VideoWriter(video_path, info.width, info.height, info.fps, options.crf, bit_depth,
                                  time_base) as writer:
                     for frame in colorized:
                         writer.write(frame, timestamps.popleft())
@@ -300,7 +391,7 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, args: argparse
     return written
 
 
-def plan_outputs(clips: list[Path], args: argparse.Namespace) -> list[tuple[Path, Path]]:
+def plan_outputs(clips: list[Path], args: argparse.Namespace, options: ColorizationOptions) -> list[tuple[Path, Path]]:
     """Each clip with its output, all checked before any work, so a run never stops half-way through a folder on
     an output problem: the format, an existing output (kept unless --overwrite; --skip-existing skips its clip
     later), two clips writing one output, and a folder that cannot be written."""
@@ -317,7 +408,7 @@ def plan_outputs(clips: list[Path], args: argparse.Namespace) -> list[tuple[Path
         seen[output.resolve()] = clip
         if output.resolve() == clip.resolve():
             raise UserError(f"{output}: is the input itself; choose another --output")
-        if output.exists() and not (args.overwrite or args.skip_existing):
+        if output.exists() and not (options.overwrite or args.skip_existing):
             raise UserError(f"{output}: already exists; pass --overwrite to replace it, --skip-existing to keep it, "
                             f"or choose another --output")
         check_writable(output.parent, "an --output")
@@ -338,7 +429,8 @@ def demo_frames(frame_count: int = 48, size: tuple[int, int] = (360, 640)) -> It
             zoom = 1.0 - 0.15 * i / per_shot
             crop_h, crop_w = int(photo_height * zoom), int(min(photo_width, photo_height * zoom * width / height))
             top, left = (photo_height - crop_h) // 2, int((photo_width - crop_w) * i / per_shot)
-            yield cv2.resize(photo[top : top + crop_h, left : left + crop_w], (width, height), interpolation=cv2.INTER_AREA)
+            crop = photo[top : top + crop_h, left : left + crop_w]
+            yield cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def make_demo_clip(path: Path, frame_count: int = 48, size: tuple[int, int] = (360, 640),
@@ -405,28 +497,25 @@ def gather_failures(store: torch.distributed.Store | None, failures: list[str], 
 
 
 def main() -> None:
-    args = parse_args()
-    if not 0 <= args.propagation < 1 or args.saturation < 0:
-        raise UserError(f"--propagation {args.propagation} / --saturation {args.saturation}: propagation must be in "
-                        f"[0, 1) and saturation at least 0")
-    if not 0 <= args.crf <= 51:
-        raise UserError(f"--crf {args.crf}: H.264 takes 0 (lossless) to 51; 18 is the default")
+    args, options = parse_args()
+    options.check()
     if args.demo:
         original = Path("video_output") / "demo.mp4"
         args.input = make_demo_clip(Path("video_output") / "demo_gray.mp4", original=original)
         print(f"demo input: {args.input} (its colour original, to score the output against: {original})")
     if args.threads:
         torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
+    seed_everything(options.seed)
     clips = list_clips(args.input)
-    if (args.reference or args.hints) and len(clips) > 1:
+    if (options.reference or options.hints) and len(clips) > 1:
         raise UserError(f"{args.input}: holds {len(clips)} clips, and --reference / --hints colour one clip; pass a "
                         f"single video or frame folder")
-    plan = plan_outputs(clips, args)  # every process checks every output, so all refuse a bad plan alike
+    plan = plan_outputs(clips, args, options)  # every process checks every output, so all refuse a bad plan alike
     rank, world, local_rank = process_share()
     device = process_device(args.device, local_rank, world)
     if not args.model.exists():
-        raise UserError(f"{args.model}: model folder not found; pass --model unet_model/<run> or restore unet_model/default")
+        raise UserError(f"{args.model}: model folder not found; pass --model runs/<run> (a training run) or a model "
+                        f"folder, or restore unet_model/default")
     # Clips rank, rank + N, ... of the sorted list, split before skipping finished ones: the split must not depend
     # on when each process looks at the outputs.
     mine = plan[rank::world]
@@ -439,7 +528,7 @@ def main() -> None:
     failures = []
     for number, (clip, output) in enumerate(todo, 1):
         try:
-            count = colorize_clip(colorizer, clip, output, args, frame_bar=world == 1)
+            count = colorize_clip(colorizer, clip, output, options, frame_bar=world == 1)
         except UserError as error:
             if len(plan) == 1 and world == 1:
                 raise  # a single clip: its own message is the whole report

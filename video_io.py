@@ -36,7 +36,8 @@ def is_video_file(path: Path) -> bool:
 
 def list_frames(folder: Path) -> list[Path]:
     """The image files of a frame folder, in natural order."""
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS), key=natural_key)
+    frames = (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(frames, key=natural_key)
 
 
 def list_clips(root: Path) -> list[Path]:
@@ -105,7 +106,8 @@ def read_image_rgba(path: Path) -> np.ndarray:
 
     image = decode_image_8bit(path)
     if image.ndim == 2 or image.shape[2] != 4:
-        raise UserError(f"{path}: has no alpha channel; save it as an RGBA PNG, hints opaque on a transparent background")
+        raise UserError(f"{path}: has no alpha channel; save it as an RGBA PNG, hints opaque on a transparent "
+                        f"background")
     return cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
 
 

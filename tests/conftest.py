@@ -1,8 +1,14 @@
-"""Shared fixtures: tiny random components saved to disk and a short real colour clip made from skimage photos."""
+"""Shared fixtures and helpers: tiny random components saved to disk, a short real colour clip made from skimage
+photos, colorization options, and a script's main() run in this process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import signal
 import sys
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -21,7 +27,8 @@ def panning_clip(frame_count: int = 12, size: tuple[int, int] = (72, 96)) -> lis
 
     photo = cv2.resize(data.astronaut(), (256, 256), interpolation=cv2.INTER_AREA)
     height, width = size
-    return [np.ascontiguousarray(photo[20 + i : 20 + i + height, 10 + 2 * i : 10 + 2 * i + width]) for i in range(frame_count)]
+    return [np.ascontiguousarray(photo[20 + i : 20 + i + height, 10 + 2 * i : 10 + 2 * i + width])
+            for i in range(frame_count)]
 
 
 @pytest.fixture(scope="session")
@@ -75,10 +82,84 @@ def tiny_model(tiny_components, tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("model")
-    build_unet(latent_channels=4, downscale=4, token_dim=32, net_dimension=8, sample_size=8).save_pretrained(folder / "unet")
+    unet = build_unet(latent_channels=4, downscale=4, token_dim=32, net_dimension=8, sample_size=8)
+    unet.save_pretrained(folder / "unet")
     for name in ("vae", "vac"):
         shutil.copytree(tiny_components[name], folder / name)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", clip_sample=False)
     config = {"vae": "vae", "vac": "vac", "image_size": 32, "scheduler": dict(scheduler.config)}
     (folder / "colorizer.json").write_text(json.dumps(config))
     return folder
+
+
+@pytest.fixture(scope="module")
+def hint_model(tiny_model, tmp_path_factory):
+    """The tiny model with an (untrained) hint input."""
+    import json
+    import shutil
+
+    from guidance import hint_channels
+    from modules import build_unet
+
+    folder = tmp_path_factory.mktemp("hint_model")
+    shutil.copytree(tiny_model, folder, dirs_exist_ok=True)
+    unet = build_unet(4, 4, 32, net_dimension=8, sample_size=8, extra_channels=hint_channels(4))
+    unet.save_pretrained(folder / "unet")
+    config = json.loads((folder / "colorizer.json").read_text())
+    (folder / "colorizer.json").write_text(json.dumps({**config, "hint_channels": 3}))
+    return folder
+
+
+def options(**overrides):
+    """video_colorization.ColorizationOptions with 2 sampling steps (fast) and `overrides`."""
+    from video_colorization import ColorizationOptions
+
+    return ColorizationOptions(**{"steps": 2, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running the scripts
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error(self) -> str:
+        """The error line; the message must be exactly one line and come without a traceback."""
+        assert "Traceback" not in self.stderr, self.stderr[-3000:]
+        lines = [line for line in self.stderr.splitlines() if line.strip()]
+        assert lines and lines[-1].startswith("error: "), self.stderr[-3000:]
+        return lines[-1]
+
+
+def run_main(script: str, *argv, cwd: Path) -> Result:
+    """A script's main() through utils.run_cli in this process: its exit code, stdout and stderr."""
+    import importlib
+
+    from utils import run_cli
+
+    module = importlib.import_module(script)  # "video_colorization", or "experiments.probe_limits"
+    saved = sys.argv, os.getcwd(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    sys.argv = [f"{script.replace('.', '/')}.py", *map(str, argv)]
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            run_cli(module.main)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        for number, handler in saved[2].items():
+            signal.signal(number, handler)
+    return Result(code, stdout.getvalue(), stderr.getvalue())
+
+
+def files_under(folder: Path) -> list[str]:
+    """Everything under `folder`, hidden temporaries included."""
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*")) if Path(folder).exists() else []

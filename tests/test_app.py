@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from conftest import REPO, panning_clip
-from test_guidance import hint_model  # noqa: F401  (a fixture: the tiny model with an untrained hint input)
 
 gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install -r requirements.txt)")
 
@@ -70,6 +69,28 @@ def test_bad_input_is_a_one_line_page_error(tiny_model, gray_video, tmp_path):
         actions.colorize(app.Session(clip=gray_video, frame_count=12, guides=[app.Guide(0, "--reference", broken)]))
     assert "keyframe.png" in error.value.message and "\n" not in error.value.message
     assert not list(tmp_path.rglob("*_color.mp4"))
+
+
+def test_the_page_colorizes_with_the_command_lines_options(hint_model, gray_video, tmp_path, monkeypatch):
+    """The page's Colorize action writes the clip's frames, and its guides become the options the command line's
+    --reference and --hints give (at 8 bits, replacing the page's previous result)."""
+    from video_colorization import parse_args
+    from video_io import probe_clip
+
+    (tmp_path / "work").mkdir()
+    app, actions = app_actions(hint_model, tmp_path / "work")
+    page_video, _, status = actions.colorize(app.Session(clip=gray_video, frame_count=12))
+    info = probe_clip(Path(page_video))
+    assert status == "Colorized 12 frames." and (info.frame_count, info.height, info.width) == (12, 72, 96)
+
+    used = []
+    monkeypatch.setattr(app, "colorize_clip", lambda colorizer, clip, output, options: used.append(options) or 12)
+    guides = [app.Guide(3, "--reference", tmp_path / "key.png"), app.Guide(0, "--hints", tmp_path / "dots.png"),
+              app.Guide(9, "--reference", tmp_path / "key9.png")]
+    actions.colorize(app.Session(clip=gray_video, frame_count=12, guides=guides))
+    flags = ["--reference", f"3={tmp_path / 'key.png'}", "--hints", f"0={tmp_path / 'dots.png'}", "--reference",
+             f"9={tmp_path / 'key9.png'}"]
+    assert used == [parse_args(["--input", str(gray_video), "--bit-depth", "8", "--overwrite", *flags])[1]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,6 +207,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # app_server before browser: the browser is closed first, so the app does not wait on an open page to stop.
+@pytest.mark.slow  # a browser driving the page: about 90 s
 def test_guided_colorization_in_a_browser(app_server, browser, gray_video, tmp_path):
     import cv2
 

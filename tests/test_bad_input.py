@@ -7,8 +7,6 @@ paid once); a few run the real scripts as subprocesses, as do the SIGINT / SIGTE
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -16,56 +14,16 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, panning_clip
+from conftest import REPO, Result, files_under, panning_clip, run_main
 
 # ---------------------------------------------------------------------------------------------------------------
 # Running the scripts
-
-
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def error(self) -> str:
-        """The error line; the message must be exactly one line and come without a traceback."""
-        assert "Traceback" not in self.stderr, self.stderr[-3000:]
-        lines = [line for line in self.stderr.splitlines() if line.strip()]
-        assert lines and lines[-1].startswith("error: "), self.stderr[-3000:]
-        return lines[-1]
-
-
-def run_main(script: str, *argv, cwd: Path) -> Result:
-    """A script's main() through utils.run_cli in this process: its exit code, stdout and stderr."""
-    import importlib
-
-    from utils import run_cli
-
-    module = importlib.import_module(script)
-    saved = sys.argv, os.getcwd(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    sys.argv = [f"{script}.py", *map(str, argv)]
-    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            run_cli(module.main)
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = saved[0]
-        os.chdir(saved[1])
-        for number, handler in saved[2].items():
-            signal.signal(number, handler)
-    return Result(code, stdout.getvalue(), stderr.getvalue())
 
 
 def script_command(script: str, *argv) -> list[str]:
@@ -79,11 +37,6 @@ def run_script(script: str, *argv, cwd: Path) -> Result:
     result = subprocess.run(script_command(script, *argv), cwd=cwd, env=SCRIPT_ENV, capture_output=True, text=True,
                             timeout=600)
     return Result(result.returncode, result.stdout, result.stderr)
-
-
-def files_under(folder: Path) -> list[str]:
-    """Everything under `folder`, hidden temporaries included."""
-    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*")) if Path(folder).exists() else []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,13 +204,15 @@ def test_colorization_finishes_a_folder_past_its_bad_clips(tmp_path, inputs, mod
     assert result.error.startswith("error: 2 of 4 clips failed, the others are done: ")
     assert "cut.mp4: only 21 of its 40 frames can be decoded" in result.error
     assert "text.mp4: cannot be read as a video" in result.error and "--skip-existing" in result.error
-    assert f"[1/4] failed: {clips / 'cut.mp4'}: " in result.stderr and f"[3/4] failed: {clips / 'text.mp4'}: " in result.stderr
+    assert f"[1/4] failed: {clips / 'cut.mp4'}: " in result.stderr
+    assert f"[3/4] failed: {clips / 'text.mp4'}: " in result.stderr
     assert f"[4/4] {clips / 'tiny'} -> {out / 'tiny.mp4'} (2 frames)" in result.stdout
     assert files_under(out) == ["one.mp4", "tiny.mp4"]  # the good clips whole, nothing of the bad ones
     finished = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     result = colorize()
     assert result.code == 2 and f"{out / 'cut.mp4'}" not in result.error  # refused before any work
-    assert f"{out / 'one.mp4'}: already exists; pass --overwrite to replace it, --skip-existing to keep it" in result.error
+    existing = f"{out / 'one.mp4'}: already exists; pass --overwrite to replace it, --skip-existing to keep it"
+    assert existing in result.error
     result = colorize("--skip-existing")
     assert result.code == 2 and result.error.startswith("error: 2 of 4 clips failed")
     assert "2 clip(s) to colorize, 2 already done" in result.stdout
@@ -568,7 +523,7 @@ def test_training_rejects_mismatched_data(tmp_path, inputs, latent_npz, others, 
 def test_resume_refuses_other_settings(tmp_path, latent_npz):
     edited_latents(latent_npz, tmp_path)
     assert run_main("train_diffusion", *TRAIN, "--max-steps", "5", cwd=tmp_path).code == 0
-    run = tmp_path / "unet_model" / "tiny"
+    run = tmp_path / "runs" / "tiny"
     before = files_under(run)
     result = run_main("train_diffusion", *TRAIN, "--max-steps", "10", cwd=tmp_path)
     assert result.code == 2 and "already holds a run; pass --resume" in result.error
@@ -611,13 +566,14 @@ def reference_run(tmp_path_factory, latent_npz) -> Path:
     edited_latents(latent_npz, folder)
     result = subprocess.run(train_command(), cwd=folder, env=SCRIPT_ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return folder / "unet_model" / "tiny"
+    return folder / "runs" / "tiny"
 
 
+@pytest.mark.slow  # four training runs in subprocesses, signalled and resumed: about a minute in all
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_interrupted_training_resumes_exactly(tmp_path, latent_npz, reference_run, sig):
     edited_latents(latent_npz, tmp_path)
-    run = tmp_path / "unet_model" / "tiny"
+    run = tmp_path / "runs" / "tiny"
     process = subprocess.Popen(train_command(), cwd=tmp_path, env=SCRIPT_ENV, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -646,7 +602,7 @@ def test_interrupted_training_resumes_exactly(tmp_path, latent_npz, reference_ru
     resumed = subprocess.run(train_command("--resume"), cwd=tmp_path, env=SCRIPT_ENV, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed unet_model/tiny/checkpoint-{steps[-1]} at step {steps[-1]}" in resumed.stdout
+    assert f"resumed runs/tiny/checkpoint-{steps[-1]} at step {steps[-1]}" in resumed.stdout
     final = run / f"checkpoint-{MAX_STEPS}"
     assert json.loads((final / "colorizer.json").read_text())["step"] == MAX_STEPS
     assert [c.name for c in checkpoints_of(run)] == [c.name for c in checkpoints_of(reference_run)]

@@ -1,4 +1,5 @@
-"""bench.py in its short CI mode: it runs end to end and reports consistent numbers (not how fast)."""
+"""bench.py in its short CI mode and experiments/bench_memory.py: they run end to end and report consistent numbers
+(not how fast)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import subprocess
 import sys
 
 from conftest import REPO
+
+BENCH_MEMORY = REPO / "experiments" / "bench_memory.py"
 
 
 def test_bench_quick_compare_reports_speed_and_quality(tiny_model, tmp_path):
@@ -30,7 +33,7 @@ def test_bench_quick_compare_reports_speed_and_quality(tiny_model, tmp_path):
 
 def test_bench_memory_reads_each_runs_own_peak(tiny_model, tmp_path):
     report = tmp_path / "memory.json"
-    result = subprocess.run([sys.executable, str(REPO / "bench_memory.py"), "--frames", "12", "4", "--height", "48",
+    result = subprocess.run([sys.executable, str(BENCH_MEMORY), "--frames", "12", "4", "--height", "48",
                              "--width", "64", "--settings", f"--model {tiny_model} --steps 1", "--json", str(report)],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -43,7 +46,7 @@ def test_bench_memory_reads_each_runs_own_peak(tiny_model, tmp_path):
 
 
 def test_bench_memory_reports_a_failing_run_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "bench_memory.py"), "--frames", "2", "3", "--height", "48",
+    result = subprocess.run([sys.executable, str(BENCH_MEMORY), "--frames", "2", "3", "--height", "48",
                              "--width", "64", "--settings", f"--model {tmp_path / 'missing'}"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2

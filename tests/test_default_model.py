@@ -24,12 +24,12 @@ def test_default_model_is_complete_and_small():
 def test_default_model_colorizes_a_frame_offline(monkeypatch):
     from colorizer import load_colorizer
     from utils import rgb_to_chroma, rgb_to_gray
-    from video_colorization import colorize_frames, parse_args
+    from video_colorization import ColorizationOptions, colorize_frames
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     colorizer = load_colorizer(DEFAULT, torch.device("cpu"))
     frames = [np.repeat(rgb_to_gray(f)[..., None], 3, axis=2) for f in panning_clip(2, (96, 128))]
-    args = parse_args(["--input", "unused", "--steps", "4"])
+    args = ColorizationOptions(steps=4)
     output = list(colorize_frames(colorizer, iter(frames), args, (96, 128)))
     assert len(output) == 2 and output[0].shape == (96, 128, 3)
     assert np.abs(rgb_to_chroma(output[0])).mean() > 1.0  # really coloured, not gray
@@ -75,7 +75,7 @@ def test_default_hints_pull_their_region_and_leave_far_regions_alone(tmp_path):
     from colorizer import load_colorizer
     from guidance import GuidePropagator, load_hint_image
     from utils import rgb_to_chroma, rgb_to_gray
-    from video_colorization import colorize_frames, parse_args
+    from video_colorization import ColorizationOptions, colorize_frames
 
     colorizer = load_colorizer(DEFAULT, torch.device("cpu"))
     photo = cv2.resize(data.coffee(), (128, 96), interpolation=cv2.INTER_AREA)
@@ -85,7 +85,7 @@ def test_default_hints_pull_their_region_and_leave_far_regions_alone(tmp_path):
     for row in range(12, 84, 12):  # a column of 2x2 dots in the left sixth
         dots[row : row + 2, 9:11] = (*green[::-1], 255)  # BGRA
     cv2.imwrite(str(tmp_path / "dots.png"), dots)
-    settings = parse_args(["--input", "unused"])
+    settings = ColorizationOptions()
     plain, hinted = (rgb_to_chroma(next(colorize_frames(colorizer, iter([gray]), settings, (96, 128), guides)))
                      for guides in (None, GuidePropagator([load_hint_image(tmp_path / "dots.png", 0, (96, 128))])))
     target = rgb_to_chroma(green[None, None])[0, 0]

@@ -260,7 +260,8 @@ def test_cli_writes_reports_and_figures(tmp_path):
     write_frames(tmp_path / "gt" / "clip", gt)
     write_frames(tmp_path / "pred" / "clip", [np.roll(f, 1, axis=2) for f in gt])
     out = tmp_path / "out"
-    done = run_cli("--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--baseline", "gray", "--out", str(out))
+    done = run_cli("--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--baseline", "gray", "--out",
+                   str(out))
     assert done.returncode == 0, done.stderr
     assert "MEAN" in done.stdout and "skipped: no weights given (never downloaded)" in done.stdout
     report = json.loads((out / "results.json").read_text())
@@ -292,7 +293,8 @@ def test_overview_shows_one_frame_of_every_clip(tmp_path):
         return int((np.abs(image - colour).max(axis=2) < 20).sum())
 
     assert all(pixels_near("overview.png", colour) > 2000 for colour, _ in colours.values())
-    assert pixels_near("red_frames.png", colours["red"][0]) > 2000 and pixels_near("red_frames.png", colours["blue"][0]) == 0
+    assert pixels_near("red_frames.png", colours["red"][0]) > 2000
+    assert pixels_near("red_frames.png", colours["blue"][0]) == 0
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -319,20 +321,20 @@ def test_gray_baseline_on_val_first_frames():
 
 
 def test_probe_scores_every_photo_of_a_folder_of_several_sizes(tmp_path, tiny_model):
-    """probe_limits.py on a folder of photos (held-out photo sets hold portrait and landscape ones): each is scored
-    once, and the true chroma through a resize beats the gray input."""
+    """experiments/probe_limits.py on a folder of photos (held-out photo sets hold portrait and landscape ones): each
+    is scored once, and the true chroma through a resize beats the gray input."""
     import cv2
     from skimage import data
 
-    from test_bad_input import run_main
+    from conftest import run_main
 
     photos = tmp_path / "photos"
     photos.mkdir()
     for name, image in (("a", data.astronaut()), ("b", data.chelsea()), ("c", data.coffee())):
         small = cv2.resize(image, (96, 64) if name != "c" else (64, 96), interpolation=cv2.INTER_AREA)
         video_io.write_image_rgb(photos / f"{name}.png", small)
-    result = run_main("probe_limits", "--model", tiny_model, "--clips", photos, "--every", 1, "--variants", "gray", "oracle-resize",
-                      "--json", tmp_path / "probe.json", cwd=REPO)
+    result = run_main("experiments.probe_limits", "--model", tiny_model, "--clips", photos, "--every", 1, "--variants",
+                      "gray", "oracle-resize", "--json", tmp_path / "probe.json", cwd=REPO)
     assert result.code == 0, result.stderr
     summary = json.loads((tmp_path / "probe.json").read_text())["summary"]
     assert summary["frames"] == 3
@@ -340,8 +342,8 @@ def test_probe_scores_every_photo_of_a_folder_of_several_sizes(tmp_path, tiny_mo
 
 
 def test_probe_hints_hold_the_true_colour_where_given_and_need_a_hint_model(tmp_path, tiny_model, frame_root):
-    from probe_limits import true_chroma, truth_hints
-    from test_bad_input import run_main
+    from experiments.probe_limits import true_chroma, truth_hints
+    from conftest import run_main
 
     frames = np.stack(list(video_io.iter_clip_frames(frame_root / "pan"))[:2])
     truth = true_chroma(frames, (32, 48))
@@ -355,6 +357,6 @@ def test_probe_hints_hold_the_true_colour_where_given_and_need_a_hint_model(tmp_
             assert np.abs(given).max() <= np.abs(truth).max() + 1e-3
         else:
             assert np.allclose(given, truth[hinted], atol=1e-3)
-    result = run_main("probe_limits", "--model", tiny_model, "--clips", frame_root / "pan", "--variants", "hints-full",
-                      cwd=REPO)
+    result = run_main("experiments.probe_limits", "--model", tiny_model, "--clips", frame_root / "pan", "--variants",
+                      "hints-full", cwd=REPO)
     assert result.code == 2 and "has no hint input" in result.stderr

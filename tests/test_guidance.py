@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, panning_clip
-from test_bad_input import files_under, run_main
+from conftest import SHARED_DATA, files_under, panning_clip, run_main
 
 
 def chroma_of(frames: list[np.ndarray]) -> np.ndarray:
@@ -42,7 +39,8 @@ def test_training_hints_keep_half_the_items_unhinted_and_copy_true_colours():
             assert np.abs(given[inside] - chroma[i][inside]).mean() < 6
     assert any(np.array_equal(mask[i] > 0, partner_mask[i] > 0) for i in np.flatnonzero(hinted))
     # the same generators draw the same hints (a resumed run trains on the same ones)
-    again = draw_training_hints(chroma, partner_chroma, partner_mask, [np.random.default_rng([0, i]) for i in range(64)])
+    generators = [np.random.default_rng([0, i]) for i in range(64)]
+    again = draw_training_hints(chroma, partner_chroma, partner_mask, generators)
     assert torch.equal(again, torch.from_numpy(hints))
 
 
@@ -152,14 +150,15 @@ def test_flow_reference_baseline_beats_gray_and_starts_from_the_truth():
     carried = list(flow_reference_baseline(iter(frames)))
     gray = list(gray_baseline(iter(frames)))
     assert psnr(carried[0], frames[0]) > 45
-    assert np.mean([psnr(c, f) for c, f in zip(carried, frames)]) > np.mean([psnr(g, f) for g, f in zip(gray, frames)]) + 8
+    gray_psnr = np.mean([psnr(g, f) for g, f in zip(gray, frames)])
+    assert np.mean([psnr(c, f) for c, f in zip(carried, frames)]) > gray_psnr + 8
 
 
 def test_propagation_probe_tells_drift_from_a_change_of_the_true_colour():
-    """probe_propagation.py on a pan: the carried colour holds and matches the truth; when the truth's colour itself
-    shifts after the keyframe (a new grade), the one-pixel alignment oracle's error rises with the carried colour's,
-    so the probe reports it as a change of colour, not as drift."""
-    from probe_propagation import score_clip
+    """experiments/probe_propagation.py on a pan: the carried colour holds and matches the truth; when the truth's
+    colour itself shifts after the keyframe (a new grade), the one-pixel alignment oracle's error rises with the
+    carried colour's, so the probe reports it as a change of colour, not as drift."""
+    from experiments.probe_propagation import score_clip
     from utils import luma_chroma_to_rgb, rgb_to_chroma, rgb_to_gray
 
     frames = panning_clip(12)
@@ -327,25 +326,9 @@ def test_painted_colour_spreads_over_its_region_and_stops_at_edges():
 
 def test_a_reference_needs_a_single_clip(tmp_path, tiny_model, colour_clip):
     folder, _ = colour_clip
-    result = run_main("video_colorization", "--input", folder / "clips", "--output", tmp_path / "out", "--model", tiny_model,
-                      "--reference", folder / "colour" / "00000.png", cwd=tmp_path)
+    result = run_main("video_colorization", "--input", folder / "clips", "--output", tmp_path / "out", "--model",
+                      tiny_model, "--reference", folder / "colour" / "00000.png", cwd=tmp_path)
     assert result.code == 2 and "--reference / --hints colour one clip" in result.error
-
-
-@pytest.fixture(scope="module")
-def hint_model(tiny_model, tmp_path_factory):
-    """The tiny model with an (untrained) hint input."""
-    import shutil
-
-    from guidance import hint_channels
-    from modules import build_unet
-
-    folder = tmp_path_factory.mktemp("hint_model")
-    shutil.copytree(tiny_model, folder, dirs_exist_ok=True)
-    build_unet(4, 4, 32, net_dimension=8, sample_size=8, extra_channels=hint_channels(4)).save_pretrained(folder / "unet")
-    config = json.loads((folder / "colorizer.json").read_text())
-    (folder / "colorizer.json").write_text(json.dumps({**config, "hint_channels": 3}))
-    return folder
 
 
 def test_painted_hints_reach_a_model_with_a_hint_input(tmp_path, hint_model, colour_clip):

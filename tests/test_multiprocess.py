@@ -23,6 +23,8 @@ import pytest
 
 from conftest import REPO, panning_clip
 
+pytestmark = pytest.mark.slow  # several processes: minutes in all
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -97,10 +99,10 @@ def test_two_process_training_follows_the_one_process_run(extracted):
     for name, launch in (("one", single), ("two", torchrun)):
         first = run(launch("train_diffusion.py", *TRAIN, "--run-name", name, "--max-steps", 4), folder)
         resumed = run(launch("train_diffusion.py", *TRAIN, "--run-name", name, "--max-steps", 8, "--resume"), folder)
-        assert f"resumed unet_model/{name}/checkpoint-4 at step 4" in resumed
+        assert f"resumed runs/{name}/checkpoint-4 at step 4" in resumed
         processes = "1 process(es)" if name == "one" else "2 process(es)"
         assert processes in first and processes in resumed
-    one, two = folder / "unet_model" / "one", folder / "unet_model" / "two"
+    one, two = folder / "runs" / "one", folder / "runs" / "two"
     for run_dir in (one, two):  # one checkpoint per interval, one validation and sample grid per interval
         assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (2, 4, 6, 8)]
         assert [json.loads(line)["step"] for line in (run_dir / "validation.jsonl").read_text().splitlines()] == [4, 8]
@@ -130,7 +132,7 @@ def test_a_signal_to_one_process_stops_them_all_with_one_checkpoint(extracted):
                        "--checkpoint-every", 100000, "--validate-every", 100000)
     launcher = subprocess.Popen(command, cwd=folder, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
-    run_dir, deadline = folder / "unet_model" / "stop", time.time() + 120
+    run_dir, deadline = folder / "runs" / "stop", time.time() + 120
     try:
         while not (run_dir / "train_loss.jsonl").exists() and launcher.poll() is None and time.time() < deadline:
             time.sleep(0.05)

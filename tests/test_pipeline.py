@@ -9,6 +9,7 @@ import sys
 from fractions import Fraction
 
 import numpy as np
+import pytest
 
 from conftest import REPO
 
@@ -21,6 +22,7 @@ def run_script(*args: str, cwd) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow  # whole training runs: about 2 minutes
 def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_video):
     from video_io import iter_clip_frames, probe_clip
 
@@ -44,7 +46,7 @@ def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_vid
     train = ["train_diffusion.py", "--dataset-name", "tiny", "--run-name", "tiny", "--net-dimension", "8",
              "--batch-size", "4", "--checkpoint-every", "5", "--validate-every", "10", "--warmup-steps", "2"]
     run_script(*train, "--max-steps", "10", cwd=tmp_path)
-    run_dir = tmp_path / "unet_model" / "tiny"
+    run_dir = tmp_path / "runs" / "tiny"
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
     resumed = run_script(*train, "--max-steps", "20", "--resume", cwd=tmp_path)
     assert "resumed" in resumed.stdout and "step 10" in resumed.stdout
@@ -70,6 +72,7 @@ def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_vid
     assert len(list(frames_out.iterdir())) == 12
 
 
+@pytest.mark.slow  # about 2 minutes
 def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_root):
     """--hints data -> a UNet with a hint input and a VAC trained with it, both in every checkpoint."""
     import torch
@@ -94,11 +97,12 @@ def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_roo
     run_script(*train, "--max-steps", "4", cwd=tmp_path)
     resumed = run_script(*train, "--max-steps", "8", "--resume", cwd=tmp_path)
     assert "resumed" in resumed.stdout and "step 4" in resumed.stdout
-    checkpoint = tmp_path / "unet_model" / "guided" / "checkpoint-8"
+    checkpoint = tmp_path / "runs" / "guided" / "checkpoint-8"
     config = json.loads((checkpoint / "colorizer.json").read_text())
     assert config["hint_channels"] == 3 and config["vac"] == "vac" and config["train_vac"]
     trained_vac = load_vac(str(checkpoint / "vac"))
-    assert vac_fingerprint(trained_vac) == config["vac_fingerprint"] != vac_fingerprint(load_vac(str(tiny_components["vac"])))
+    untrained = vac_fingerprint(load_vac(str(tiny_components["vac"])))
+    assert vac_fingerprint(trained_vac) == config["vac_fingerprint"] != untrained
     colorizer = load_colorizer(checkpoint, torch.device("cpu"))
     assert colorizer.takes_hints and colorizer.unet.config.in_channels == 4 + 16 + 48
     # --init-from starts a new run on those weights (with a learning rate of 0 they stay exactly those weights)
@@ -106,13 +110,13 @@ def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_roo
                "--checkpoint-every", "1", cwd=tmp_path)
     from safetensors.torch import load_file
 
-    again = tmp_path / "unet_model" / "again" / "checkpoint-1"
+    again = tmp_path / "runs" / "again" / "checkpoint-1"
     for part in ("unet/diffusion_pytorch_model.safetensors", "vac/vac.safetensors"):
         before, after = load_file(str(checkpoint / part)), load_file(str(again / part))
         assert all(torch.equal(before[key], after[key]) for key in before)
     run_script(*train, "--max-steps", "2", "--resume", "--run-name", "again", "--checkpoint-every", "1", cwd=tmp_path)
     for step in (1, 2):  # the steps behind its starting weights, kept through --resume
-        config = json.loads((tmp_path / "unet_model" / "again" / f"checkpoint-{step}" / "colorizer.json").read_text())
+        config = json.loads((tmp_path / "runs" / "again" / f"checkpoint-{step}" / "colorizer.json").read_text())
         assert config["steps_before"] == 8
 
 

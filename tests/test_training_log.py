@@ -1,4 +1,5 @@
-"""The run's loss logs: carried into exported models (export_model.py) and drawn as learning curves (plot_training.py)."""
+"""The run's loss logs: carried into exported models (export_model.py) and drawn as learning curves
+(experiments/plot_training.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def run_with_logs(tiny_model, tmp_path):
     shutil.copytree(tiny_model, checkpoint)
     config = json.loads((checkpoint / "colorizer.json").read_text())
     (checkpoint / "colorizer.json").write_text(json.dumps({**config, "step": 4}))
-    write_lines(run / "train_loss.jsonl", [json.dumps({"step": s, "loss": 1.0 / s}) for s in (2, 4, 6)] + ['{"step": 8, "lo'])
+    losses = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (2, 4, 6)]
+    write_lines(run / "train_loss.jsonl", losses + ['{"step": 8, "lo'])
     write_lines(run / "validation.jsonl", [json.dumps({"step": s, "val_loss": 2.0 / s}) for s in (4, 6)])
     return run
 
@@ -39,7 +41,7 @@ def test_an_export_carries_the_run_logs_up_to_its_step_and_a_reexport_keeps_them
 
 
 def test_moving_mean_averages_the_trailing_window():
-    from plot_training import moving_mean
+    from experiments.plot_training import moving_mean
 
     assert np.allclose(moving_mean(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
 
@@ -50,7 +52,7 @@ def probe_file(path, sample: float, x0: float, gray: float = 20.0):
 
 
 def test_probes_are_ordered_by_step_and_the_compared_model_is_kept_apart(tmp_path):
-    from plot_training import read_probes
+    from experiments.plot_training import read_probes
     from utils import UserError
 
     specs = [f"9={probe_file(tmp_path / 'a.json', 21.0, 22.0)}", f"v1={probe_file(tmp_path / 'd.json', 25.0, 26.0)}",
@@ -64,7 +66,7 @@ def test_probes_are_ordered_by_step_and_the_compared_model_is_kept_apart(tmp_pat
 
 
 def test_a_probe_without_the_scored_variants_names_the_file_and_the_fix(tmp_path):
-    from plot_training import read_probes
+    from experiments.plot_training import read_probes
     from utils import UserError
 
     partial = tmp_path / "partial.json"
@@ -83,17 +85,17 @@ def test_plot_training_draws_an_exported_model(run_with_logs, tmp_path):
     from export_model import export
 
     export(run_with_logs / "checkpoint-4", tmp_path / "model", overwrite=False)
-    out = tmp_path / "curves.png"
+    plot_training, out = str(REPO / "experiments" / "plot_training.py"), tmp_path / "curves.png"
     probe = probe_file(tmp_path / "p.json", 21.0, 22.0)
-    result = subprocess.run([sys.executable, str(REPO / "plot_training.py"), "--run", str(tmp_path / "model"),
+    result = subprocess.run([sys.executable, plot_training, "--run", str(tmp_path / "model"),
                              "--probes", "held-out clips", f"4={probe}", "--out", str(out)],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "2 training and 1 validation points, up to step 4" in result.stdout
     assert out.stat().st_size > 10_000
-    continued = subprocess.run([sys.executable, str(REPO / "plot_training.py"), "--run", str(tmp_path / "model"),
+    continued = subprocess.run([sys.executable, plot_training, "--run", str(tmp_path / "model"),
                                 str(run_with_logs), "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert "5 training and 3 validation points, up to step 10" in continued.stdout  # the second run's 6 is step 10
-    missing = subprocess.run([sys.executable, str(REPO / "plot_training.py"), "--run", str(tmp_path)],
+    missing = subprocess.run([sys.executable, plot_training, "--run", str(tmp_path)],
                              capture_output=True, text=True, cwd=tmp_path)
     assert missing.returncode == 2 and "train_loss.jsonl: not found" in missing.stderr

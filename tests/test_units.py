@@ -14,7 +14,10 @@ def test_frames_sort_by_number_not_text(tmp_path):
     from video_io import list_frames, write_image_rgb
 
     for name in ("10.jpg", "2.jpg", "1.png", "notes.txt"):
-        (tmp_path / name).write_bytes(b"") if name.endswith(".txt") else write_image_rgb(tmp_path / name, np.zeros((4, 4, 3), np.uint8))
+        if name.endswith(".txt"):
+            (tmp_path / name).write_bytes(b"")
+        else:
+            write_image_rgb(tmp_path / name, np.zeros((4, 4, 3), np.uint8))
     assert [p.name for p in list_frames(tmp_path)] == ["1.png", "2.jpg", "10.jpg"]
 
 

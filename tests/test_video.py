@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from fractions import Fraction
 from pathlib import Path
 
@@ -10,16 +9,33 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import panning_clip
+from conftest import options, panning_clip
 
 
-def options(**overrides) -> argparse.Namespace:
-    from video_colorization import parse_args
+def test_the_command_line_builds_the_options_with_their_defaults():
+    from video_colorization import ColorizationOptions, parse_args, parse_options
 
-    args = parse_args(["--input", "unused", "--steps", "2"])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
+    args, settings = parse_args(["--input", "clip.mp4"])
+    assert settings == ColorizationOptions() and args.input == Path("clip.mp4") and not hasattr(args, "steps")
+    flags = ["--sampler", "ddpm", "--steps", "3", "--no-shared-noise", "--propagation", "0.0", "--reference",
+             "5=key.png", "--hints", "dots.png", "--crf", "0", "--bit-depth", "8", "--overwrite"]
+    args, settings = parse_args(["--input", "clip.mp4", "--skip-existing", *flags][:-1])
+    expected = ColorizationOptions(sampler="ddpm", steps=3, shared_noise=False, propagation=0.0,
+                                   reference=["5=key.png"], hints=["dots.png"], crf=0, bit_depth="8")
+    assert settings == expected and args.skip_existing
+    assert parse_args(["--input", "clip.mp4", *flags])[1].flags() == flags  # flags() gives the flags back
+    assert parse_options(["--steps", "2", "--no-scene-cuts"]) == ColorizationOptions(steps=2, scene_cuts=False)
+
+
+@pytest.mark.parametrize("bad", [{"propagation": 1.0}, {"saturation": -1.0}, {"crf": 52}, {"steps": 0},
+                                 {"batch_size": 0}, {"sampler": "plms"}, {"bit_depth": "12"}])
+def test_options_made_in_code_are_checked_as_the_command_line_checks_its_flags(bad):
+    from utils import UserError
+    from video_colorization import ColorizationOptions
+
+    ColorizationOptions().check()
+    with pytest.raises(UserError):
+        ColorizationOptions(**bad).check()
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import panning_clip
-from test_video import options
+from conftest import options, panning_clip
 
 TICKS = Fraction(1, 16000)  # the time base phones and the clip use
 PHONE_DURATIONS = [640, 320, 1280, 528]  # 40, 20, 80, 33 ms in 1/16000 s

@@ -1,6 +1,6 @@
 """Quality versus sampling steps for each sampler, on held-out clips: picks the default sampler and step count.
 
-  python sampler_sweep.py --clips ../shared/data/val --frames 16 --out docs/sampler_sweep.png
+  python experiments/sampler_sweep.py --clips ../shared/data/val --frames 16 --out docs/sampler_sweep.png
 
 Every (sampler, steps) pair colorizes the first --frames frames of each clip (grayscale of the colour frames) with
 the same weights, noise and temporal settings, and is scored with evaluate.py against the colour frames. Writes a
@@ -10,18 +10,23 @@ PNG plot and a JSON table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
+
 from colorizer import SAMPLERS, load_colorizer
 from evaluate import evaluate_clip
 from utils import choose_device, run_cli
+from video_colorization import DEFAULT_MODEL, ColorizationOptions, colorize_frames, parse_options
 from video_io import iter_clip_frames, list_clips
-from video_colorization import DEFAULT_MODEL, colorize_frames, parse_args as colorization_args
 
 
 def parse_args() -> argparse.Namespace:
@@ -31,14 +36,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samplers", nargs="+", default=["ddim", "dpm++", "unipc", "euler"], choices=SAMPLERS)
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--frames", type=int, default=16, help="first N frames of each clip")
-    parser.add_argument("--settings", default="", help="extra video_colorization.py flags, quoted")
+    parser.add_argument("--settings", default="", help="video_colorization.py's other sampling flags (--guidance, "
+                        "--saturation, --propagation, ...), quoted")
     parser.add_argument("--out", type=Path, default=Path("docs") / "sampler_sweep.png")
     parser.add_argument("--device", default="auto")
     return parser.parse_args()
 
 
-def score(colorizer, clips: dict[str, list[np.ndarray]], flags: list[str]) -> dict:
-    settings = colorization_args(["--input", "unused", *flags])
+def score(colorizer, clips: dict[str, list[np.ndarray]], settings: ColorizationOptions) -> dict:
     per_clip, start = [], time.perf_counter()
     for frames in clips.values():
         output = list(colorize_frames(colorizer, iter(frames), settings, frames[0].shape[:2]))
@@ -79,15 +84,15 @@ def main() -> None:
     args = parse_args()
     colorizer = load_colorizer(args.model, choose_device(args.device))
     clips = {clip.name: list(itertools.islice(iter_clip_frames(clip), args.frames)) for clip in list_clips(args.clips)}
-    results = []
+    base, results = parse_options(args.settings.split()), []
     for sampler in args.samplers:
         for steps in args.steps:
-            flags = ["--sampler", sampler, "--steps", str(steps), *args.settings.split()]
-            result = {"sampler": sampler, "steps": steps, **score(colorizer, clips, flags)}
+            settings = dataclasses.replace(base, sampler=sampler, steps=steps)
+            result = {"sampler": sampler, "steps": steps, **score(colorizer, clips, settings)}
             results.append(result)
             print(f"{sampler:6} {steps:4d} steps: PSNR {result['psnr']:.2f}  SSIM {result['ssim']:.4f}  "
-                  f"CF {result['colorfulness']:.1f}  CDC {result['cdc']:.5f}  {result['seconds_per_frame']:.2f} s/frame",
-                  flush=True)
+                  f"CF {result['colorfulness']:.1f}  CDC {result['cdc']:.5f}  "
+                  f"{result['seconds_per_frame']:.2f} s/frame", flush=True)
     plot(results, args.out)
     args.out.with_suffix(".json").write_text(json.dumps({"settings": args.settings, "frames": args.frames,
                                                          "results": results}, indent=2))

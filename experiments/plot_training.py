@@ -1,6 +1,6 @@
 """Learning curves of a training run: its loss logs, and the held-out scores probe_limits.py measured at its exports.
 
-  python plot_training.py --run unet_model/next --out docs/training_guided.png \
+  python experiments/plot_training.py --run unet_model/next --out docs/training_guided.png \
       --probes "held-out clips" v1=docs/probes/clips_v1.json 10000=docs/probes/clips_10000.json \
       --probes "held-out photos" v1=docs/probes/photos_v1.json 10000=docs/probes/photos_10000.json
 
@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
 from training_log import logs_of, read_log
 from utils import UserError, run_cli

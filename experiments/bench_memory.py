@@ -1,8 +1,8 @@
 """Peak memory of video_colorization.py against video length: streaming means a long film needs no more memory
 than a short clip.
 
-  python bench_memory.py                          # 300 and 3000 frames at 854x480 (about 12 min here)
-  python bench_memory.py --frames 30 300 --settings "--steps 1"
+  python experiments/bench_memory.py               # 300 and 3000 frames at 854x480 (about 12 min here)
+  python experiments/bench_memory.py --frames 30 300 --settings "--steps 1"
 
 Each length gets a grayscale 854x480 mp4 (a slow pan over scikit-image photos, two shots), colorized with the
 default settings (plus --settings) in a process of its own, whose peak resident memory (ru_maxrss) is read when it
@@ -22,10 +22,11 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
+
 from utils import UserError, run_cli
 from video_colorization import make_demo_clip
-
-REPO = Path(__file__).resolve().parent
 
 
 def parse_args() -> argparse.Namespace:

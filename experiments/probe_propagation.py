@@ -2,7 +2,7 @@
 `video_colorization.py --reference` carries it (guidance.GuidePropagator; no model), scored in the last third of the
 clip, where drift has had time to build up.
 
-  python probe_propagation.py --clips ../shared/data/train/videos/flatten__puff \
+  python experiments/probe_propagation.py --clips ../shared/data/train/videos/flatten__puff \
       ../shared/data/train/videos/cotracker__bear --json runs/probe/propagation.json
 
 Per clip, over the last third of its frames (chroma error: mean squared Cb/Cr error per pixel):
@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
 from flow import reliable_flow, warp
 from guidance import GuidePropagator, palette_levels, paste_dense, propagation_size, reference_guide

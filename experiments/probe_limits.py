@@ -1,7 +1,7 @@
 """What limits the colours? Variants of one model's prediction scored on frames held out of training.
 
-  python probe_limits.py --clips ../shared/data/train/videos/flatten__puff ../shared/data/train/videos/sam2__bedroom \
-      --every 10 --json runs/probe/default.json
+  python experiments/probe_limits.py --clips ../shared/data/train/videos/flatten__puff \
+      ../shared/data/train/videos/sam2__bedroom --every 10 --json runs/probe/default.json
 
 Each variant colorizes every --every-th frame of each clip independently (no temporal features), recombines the
 chroma with the frame's own luma at its native size and is scored by PSNR (evaluate.psnr) and colourfulness:
@@ -24,11 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
 from colorizer import combine, load_colorizer, prepare_gray
 from evaluate import colorfulness, psnr
@@ -121,8 +125,8 @@ def predict(colorizer, variant: str, frames: np.ndarray, seed: int) -> np.ndarra
             return colorizer.decode_chroma(latents[..., margin:-margin, margin:-margin])
         vac_size = colorizer.vac_size(height, width)
         vac_gray = prepare_gray(gray, vac_size) if vac_size != size and tokens is None else None
-        return colorizer.decode_chroma(colorizer.sample_latents(small, noise, "ddim", steps, tokens=tokens, hints=hints,
-                                                                vac_gray=vac_gray))
+        latents = colorizer.sample_latents(small, noise, "ddim", steps, tokens=tokens, hints=hints, vac_gray=vac_gray)
+        return colorizer.decode_chroma(latents)
     finally:
         colorizer.config["image_size"] = image_size
 
