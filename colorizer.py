@@ -73,7 +73,8 @@ class Colorizer:
 
     @property
     def takes_hints(self) -> bool:
-        """Models trained with train_diffusion.py --hints have a colour-hint input; older ones colorize automatically."""
+        """Models trained with train_diffusion.py --hints have a colour-hint input; older ones colorize
+        automatically."""
         return bool(self.config.get("hint_channels"))
 
     def working_size(self, height: int, width: int) -> tuple[int, int]:
@@ -209,7 +210,8 @@ def check_trained_components(config: dict, folder: Path, vae, vac, vae_spec: str
             except UserError:
                 continue  # the recorded one is gone; the shape checks above are all we can do
         if expected is not None and fingerprint(module) != expected:
-            source = f"--{name} {given}" if given else f"the {name.upper()} at {resolve_component(config[name], folder)}"
+            recorded = resolve_component(config[name], folder)
+            source = f"--{name} {given}" if given else f"the {name.upper()} at {recorded}"
             raise UserError(f"{folder}: was trained with another {name.upper()} than {source} (colorizer.json names "
                             f"'{config[name]}'); pass the {name.upper()} it was trained with")
 

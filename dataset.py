@@ -25,7 +25,8 @@ def scan_frame_folders(root: Path) -> list[FrameRecord]:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: not a folder; expected root/<video>/00000.jpg, 00001.jpg, ...")
-    subfolders = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: [natural_key(Path(part)) for part in p.relative_to(root).parts])
+    subfolders = sorted((p for p in root.rglob("*") if p.is_dir()),
+                        key=lambda p: [natural_key(Path(part)) for part in p.relative_to(root).parts])
     records = []
     for folder in [root, *subfolders]:
         name = folder.relative_to(root).as_posix() if folder != root else root.name
@@ -111,7 +112,8 @@ class FrameFolderDataset(Dataset):
         views = np.stack([square_view(image, window, self.image_size) for window in windows])
         item = {"rgb": views, "index": i}
         if self.large_size:
-            item["large_gray"] = np.stack([rgb_to_gray(square_view(image, window, self.large_size)) for window in windows])
+            item["large_gray"] = np.stack([rgb_to_gray(square_view(image, window, self.large_size))
+                                           for window in windows])
         if self.partner_distance:
             j = self.partner(i)
             partner = np.zeros_like(views)

@@ -30,7 +30,8 @@ from dataset import FrameFolderDataset, FrameRecord, gray_batch, scan_frame_fold
 from modules import (BACKBONE_KEYS, BACKBONE_SCALE, HybridVAC, load_vac, load_vae, model_multiple, round_to_multiple,
                      vac_fingerprint, vae_downscale, vae_fingerprint, vae_input)
 from guidance import partner_hints
-from utils import UserError, atomic_path, check_writable, choose_device, remove_stale_temporaries, rgb_to_chroma, run_cli
+from utils import (UserError, atomic_path, check_writable, choose_device, remove_stale_temporaries, rgb_to_chroma,
+                   run_cli)
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,7 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--image-size", type=int, default=64, help="the model's working resolution (short side)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--vae", default="unet_model/default/vae", help="VAE folder or hub id (e.g. stabilityai/sd-vae-ft-mse)")
+    parser.add_argument("--vae", default="unet_model/default/vae",
+                        help="VAE folder or hub id (e.g. stabilityai/sd-vae-ft-mse)")
     parser.add_argument("--vac", default="unet_model/default/vac",
                         help="VAC folder, torchvision:vit_b_32, or timm:efficientnet_lite0 (a hybrid VAC's backbone)")
     parser.add_argument("--flip", action="store_true", help="also store each frame mirrored (doubles the data)")
@@ -138,7 +140,8 @@ def shard_job(records: list[FrameRecord], args: argparse.Namespace, vae_print: s
     """What a shard's content depends on, stored in it: a resumed run must not mix shards made otherwise."""
     import hashlib
 
-    frames = hashlib.sha256("\n".join(f"{r.video}\t{r.index}\t{r.path.name}" for r in records).encode()).hexdigest()[:16]
+    listing = "\n".join(f"{r.video}\t{r.index}\t{r.path.name}" for r in records)
+    frames = hashlib.sha256(listing.encode()).hexdigest()[:16]
     interleaved = args.flip or args.random_crops > 0
     job = {"vae": vae_print, "vac": vac_print if args.tokens and not backbone else None, "image_size": args.image_size,
            "flip": args.flip, "random_crops": args.random_crops, "seed": args.seed if args.random_crops else None,
@@ -305,7 +308,8 @@ def remove_if_empty(folders: list[Path]):
 
 def merge_shards(paths: list[Path], expected: int) -> dict[str, np.ndarray]:
     if len(paths) != expected:
-        raise UserError(f"{paths[0].parent if paths else 'shards'}: {len(paths)} of {expected} shards; re-run to finish")
+        raise UserError(f"{paths[0].parent if paths else 'shards'}: {len(paths)} of {expected} shards; re-run to "
+                        f"finish")
     parts: dict[str, list[np.ndarray]] = {}
     for path in paths:
         with np.load(path) as shard:

@@ -300,7 +300,8 @@ class HybridVAC(nn.Module):
         channels = self.backbone.feature_info.channels()
         width, dim = config["spatial_channels"], config["token_dim"]
         self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
-        self.spatial_out = nn.Sequential(nn.GroupNorm(min(8, width), width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1))
+        self.spatial_out = nn.Sequential(nn.GroupNorm(min(8, width), width), nn.SiLU(),
+                                         nn.Conv2d(width, width, 3, padding=1))
         self.token_in = nn.ModuleList(nn.Linear(c, dim) for c in channels[1:])
         grid = config["position_grid"]
         self.position = nn.ParameterList(nn.Parameter(0.02 * torch.randn(1, dim, grid // 2**k, grid // 2**k))

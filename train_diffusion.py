@@ -45,24 +45,29 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dataset-name", help="reads data/<name>/latent.npz")
     parser.add_argument("--data", type=Path, help="path to a latent.npz (instead of --dataset-name)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
-    parser.add_argument("--vae", help="the VAE that made the latents, if it is no longer where latent.npz says (checked)")
-    parser.add_argument("--vac", help="the VAC that made the tokens, if it is no longer where latent.npz says (checked)")
+    parser.add_argument("--vae",
+                        help="the VAE that made the latents, if it is no longer where latent.npz says (checked)")
+    parser.add_argument("--vac",
+                        help="the VAC that made the tokens, if it is no longer where latent.npz says (checked)")
     parser.add_argument("--run-name", default="run", help="writes runs/<run-name>/ (--output-dir/<run-name>/)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs"))
     parser.add_argument("--net-dimension", type=int, default=64, help="width of the UNet's first block")
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout in the UNet's ResNet blocks (regularizes small corpora)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="dropout in the UNet's ResNet blocks (regularizes small corpora)")
     parser.add_argument("--batch-size", type=int, default=16, help="global batch (split across processes)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup-steps", type=int, default=500)
     parser.add_argument("--max-steps", type=int, default=20000)
-    parser.add_argument("--max-minutes", type=float, default=0, help="stop (with a checkpoint) after this long; 0: no limit")
+    parser.add_argument("--max-minutes", type=float, default=0,
+                        help="stop (with a checkpoint) after this long; 0: no limit")
     parser.add_argument("--checkpoint-every", type=int, default=1000)
     parser.add_argument("--keep-checkpoints", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=50, help="steps per train_loss.jsonl line (their mean loss)")
     parser.add_argument("--validate-every", type=int, default=1000)
     parser.add_argument("--val-fraction", type=float, default=0.05, help="videos held out for validation loss")
     parser.add_argument("--holdout", nargs="+", default=[],
-                        help="hold out these videos (patterns of their folder names) instead of a random --val-fraction")
+                        help="hold out these videos (patterns of their folder names) instead of a random "
+                        "--val-fraction")
     parser.add_argument("--source-power", type=float, default=0.5,
                         help="sample each source (a video folder's parent: images/intel_scenes, videos, ...) in "
                         "proportion to its item count to this power: 1 samples every item alike, 0 every source alike")
@@ -117,7 +122,8 @@ def check_components(dataset: LatentDataset, data_path: Path, vae, vac, vae_spec
         problems["vae"].append("other encoder weights or scaling factor")
     if "scaling_factor" in meta and not math.isclose(float(meta["scaling_factor"]), vae.config.scaling_factor,
                                                      rel_tol=1e-5):
-        problems["vae"].append(f"scaling factor {float(meta['scaling_factor']):.6g}, not {vae.config.scaling_factor:.6g}")
+        problems["vae"].append(f"scaling factor {float(meta['scaling_factor']):.6g}, "
+                               f"not {vae.config.scaling_factor:.6g}")
     if "downscale" in meta and int(meta["downscale"]) != vae_downscale(vae):
         problems["vae"].append(f"downscale {meta['downscale']}, not {vae_downscale(vae)}")
     if dataset.latents.shape[1] != vae.config.latent_channels:
@@ -138,12 +144,14 @@ def check_components(dataset: LatentDataset, data_path: Path, vae, vac, vae_spec
         problems["vac"].append(f"tokens of {tuple(dataset.tokens.shape[1:])}, not {(vac.token_count, vac.token_dim)}")
     for name, spec in (("vae", vae_spec), ("vac", vac_spec)):
         if problems[name]:
-            raise UserError(f"{data_path}: was made with another {name.upper()} than {spec} ({'; '.join(problems[name])}); "
+            raise UserError(f"{data_path}: was made with another {name.upper()} than {spec} "
+                            f"({'; '.join(problems[name])}); "
                             f"pass --{name} with the one that made it, or re-run feature_extraction.py --overwrite "
                             f"with this one")
     if dataset.latents.shape[-1] % 4 or dataset.latents.shape[-2] % 4:
-        raise UserError(f"{data_path}: latents of {dataset.latents.shape[-2]}x{dataset.latents.shape[-1]} do not fit the "
-                        f"UNet (multiples of 4 needed); re-run feature_extraction.py --overwrite with another --image-size")
+        raise UserError(f"{data_path}: latents of {dataset.latents.shape[-2]}x{dataset.latents.shape[-1]} do not fit "
+                        f"the UNet (multiples of 4 needed); re-run feature_extraction.py --overwrite with another "
+                        f"--image-size")
 
 
 def check_resumable(checkpoint: Path, args: argparse.Namespace, fingerprints: dict) -> None:
@@ -182,7 +190,8 @@ def batch_indices(step: int, batch_size: int, count: int, seed: int, weights: np
         return np.random.default_rng([seed, step, 3]).choice(count, size=batch_size, p=weights)
     start = step * batch_size
     epoch_first, epoch_last = start // count, (start + batch_size - 1) // count
-    order = np.concatenate([np.random.default_rng([seed, e]).permutation(count) for e in range(epoch_first, epoch_last + 1)])
+    order = np.concatenate([np.random.default_rng([seed, e]).permutation(count)
+                            for e in range(epoch_first, epoch_last + 1)])
     offset = start - epoch_first * count
     return order[offset : offset + batch_size]
 
@@ -658,7 +667,8 @@ def main() -> None:
         if step % args.log_every == 0:
             progress.set_postfix(loss=f"{np.mean(losses[-args.log_every:]):.4f}")
             if accelerator.is_main_process:
-                append_log(run_dir / "train_loss.jsonl", {"step": step, "loss": float(np.mean(losses[-args.log_every:]))})
+                append_log(run_dir / "train_loss.jsonl",
+                           {"step": step, "loss": float(np.mean(losses[-args.log_every:]))})
         if signum or out_of_time or step % args.checkpoint_every == 0 or step == args.max_steps:
             save_checkpoint(models, accelerator, run_dir, config, step, args.keep_checkpoints)
         if step % args.validate_every == 0 or step == args.max_steps:

@@ -1,6 +1,7 @@
 """Learning curves of a training run: its loss logs, and the held-out scores probe_limits.py measured at its exports.
 
-  python experiments/plot_training.py --run unet_model/next --out docs/training_guided.png \
+  python experiments/plot_training.py --run docs/training_logs/guided_to_33000 docs/training_logs/guided2_to_40000 \
+      --out docs/training_guided.png \
       --probes "held-out clips" v1=docs/probes/clips_v1.json 10000=docs/probes/clips_10000.json \
       --probes "held-out photos" v1=docs/probes/photos_v1.json 10000=docs/probes/photos_10000.json
 

