@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
@@ -158,6 +159,15 @@ def run_main(script: str, *argv, cwd: Path) -> Result:
         for number, handler in saved[2].items():
             signal.signal(number, handler)
     return Result(code, stdout.getvalue(), stderr.getvalue())
+
+
+def run_script(*args: str, cwd) -> subprocess.CompletedProcess:
+    """Runs a repo script (args[0], relative to the repo) in a subprocess, offline; it must succeed."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, str(REPO / args[0]), *args[1:]], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
 
 
 def files_under(folder: Path) -> list[str]:

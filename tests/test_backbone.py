@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import run_script
 
 ESPRESSO = 967  # ImageNet class indices
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -84,14 +82,6 @@ def test_the_backbone_sees_what_is_in_the_frame():
     deepest = vac.features(torch.from_numpy(views).float().unsqueeze(1) / 255.0)[-1].mean(dim=(2, 3))
     same, other = (deepest[0] - deepest[1]).norm(), (deepest[0] - deepest[2]).norm()
     assert same < 0.5 * other
-
-
-def run_script(*args: str, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    result = subprocess.run([sys.executable, str(REPO / args[0]), *args[1:]], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
 
 
 def test_three_stages_with_a_hybrid_vac(tmp_path, tiny_components, frame_root, tiny_model, gray_video):

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from fractions import Fraction
 
 import numpy as np
 import pytest
 
-from conftest import REPO
-
-
-def run_script(*args: str, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    result = subprocess.run([sys.executable, str(REPO / args[0]), *args[1:]], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
+from conftest import run_script
 
 
 @pytest.mark.slow  # whole training runs: about 2 minutes
