@@ -107,8 +107,6 @@ class VAC(nn.Module):
         super().__init__()
         self.vit = vit
         self.config = config
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @property
     def token_dim(self) -> int:
@@ -123,8 +121,7 @@ class VAC(nn.Module):
         frame is resized to it (this condition is global; the spatial detail reaches the UNet separately)."""
         size = self.vit.image_size
         image = F.interpolate(gray, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        image = (image.expand(-1, 3, -1, -1) - self.mean) / self.std
-        patches = self.vit._process_input(image)
+        patches = self.vit._process_input(imagenet_input(image))
         class_token = self.vit.class_token.expand(patches.shape[0], -1, -1)
         return self.vit.encoder(torch.cat([class_token, patches], dim=1))
 
@@ -268,10 +265,10 @@ def imagenet_efficientnet(name: str, features_only: bool = True) -> nn.Module:
     source = [value for key, value in torch.load(weights_file, map_location="cpu", weights_only=True).items()
               if not key.endswith("num_batches_tracked")]
     classifier = timm.create_model(name, pretrained=False)
-    names = [key for key in classifier.state_dict() if not key.endswith("num_batches_tracked")]
-    if len(names) != len(source) or any(classifier.state_dict()[k].shape != v.shape for k, v in zip(names, source)):
+    target = {k: v for k, v in classifier.state_dict().items() if not k.endswith("num_batches_tracked")}
+    if len(target) != len(source) or any(t.shape != v.shape for t, v in zip(target.values(), source)):
         raise UserError(f"{weights_file}: does not fit timm's {name}; reinstall {package.replace('_', '-')}")
-    classifier.load_state_dict(dict(zip(names, source)), strict=False)
+    classifier.load_state_dict(dict(zip(target, source)), strict=False)
     if not features_only:
         return classifier.eval()
     features = timm.create_model(name, pretrained=False, features_only=True, out_indices=BACKBONE_STAGES)
@@ -288,10 +285,10 @@ def imagenet_input(gray: torch.Tensor) -> torch.Tensor:
 
 class HybridVAC(nn.Module):
     """The VAC as the ViT paper's hybrid: a frozen ImageNet-pretrained CNN's feature maps on the grayscale frame ->
-    tokens (strides 16 and 32, each with a learned position and scale embedding, plus a global token) -> transformer
-    layers -> the UNet's cross-attention. The same feature maps, projected and summed at the latent grid (stride 8),
-    also reach the UNet spatially, beside the grayscale frame. Only this head trains; the backbone's features can
-    be cached (feature_extraction.py stores them)."""
+    tokens (strides 16 and 32, each scale its own projection and learned position embedding, plus a global token) ->
+    transformer layers -> the UNet's cross-attention. The same feature maps, projected and summed at the latent grid
+    (stride 8), also reach the UNet spatially, beside the grayscale frame. Only this head trains; the backbone's
+    features can be cached (feature_extraction.py stores them)."""
 
     def __init__(self, config: dict):
         super().__init__()
