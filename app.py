@@ -33,7 +33,8 @@ from utils import UserError, choose_device, run_cli, seed_everything  # noqa: E4
 from video_colorization import DEFAULT_MODEL, ColorizationOptions, colorize_clip, make_demo_clip  # noqa: E402
 from video_io import iter_clip_frames, probe_clip  # noqa: E402
 
-GUIDE_NAMES = {"--reference": "keyframe (a coloured version of the frame)", "--hints": "painted hints"}
+GUIDE_NAMES = {"--reference": "keyframe (a coloured version of the frame)", "--hints": "painted hints",
+               "--exemplar": "exemplar (a colour image of the scene, for every frame)"}
 
 
 def parse_app_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +55,7 @@ def parse_app_args(argv: list[str] | None = None) -> argparse.Namespace:
 @dataclass
 class Guide:
     frame: int
-    flag: str  # "--reference" or "--hints", the CLI flag it becomes
+    flag: str  # "--reference", "--hints" or "--exemplar", the CLI flag it becomes
     path: Path
 
 
@@ -82,7 +83,8 @@ def page_error(problem: str | UserError) -> gr.Error:
 def guide_list(session: Session) -> str:
     if not session.guides:
         return "No guides: colorization is automatic."
-    lines = [f"- frame {g.frame}: {GUIDE_NAMES[g.flag]}" for g in sorted(session.guides, key=lambda g: g.frame)]
+    lines = [f"- {'all frames' if g.flag == '--exemplar' else f'frame {g.frame}'}: {GUIDE_NAMES[g.flag]}"
+             for g in sorted(session.guides, key=lambda g: g.frame)]
     return "Guides for the next colorization:\n" + "\n".join(lines)
 
 
@@ -198,6 +200,9 @@ class ColorizeApp:
     def add_hint_image(self, image: str | None, frame: float, session: Session):
         return self.add_uploaded(image, frame, session, "--hints")
 
+    def add_exemplar(self, image: str | None, frame: float, session: Session):
+        return self.add_uploaded(image, frame, session, "--exemplar")
+
     def clear_guides(self, session: Session):
         session.guides = []
         return session, guide_list(session)
@@ -207,9 +212,10 @@ class ColorizeApp:
         if session.clip is None:
             raise page_error("Load a video or the demo clip first")
         guides = {flag: [f"{g.frame}={g.path}" for g in session.guides if g.flag == flag] for flag in GUIDE_NAMES}
+        exemplars = [str(g.path) for g in session.guides if g.flag == "--exemplar"]
         # 8-bit output whatever the input: 10-bit H.264 does not play in browsers.
-        options = ColorizationOptions(reference=guides["--reference"], hints=guides["--hints"], bit_depth="8",
-                                      overwrite=True)
+        options = ColorizationOptions(reference=guides["--reference"], hints=guides["--hints"], exemplar=exemplars,
+                                      bit_depth="8", overwrite=True)
         output = self.folder(session) / f"{session.clip.stem}_color.mp4"
         progress(0, desc="reading the clip and its guides")
         seed_everything(options.seed)  # as video_colorization.py does: the same video as a fresh command-line run
@@ -249,11 +255,13 @@ def build_page(app: ColorizeApp) -> gr.Blocks:
                 # image_mode None passes the file on as uploaded: a conversion would re-encode it (an RGBA JPEG
                 # cannot be written), and --reference / --hints read any image themselves.
                 upload = gr.Image(label="Or upload an image of this frame: a coloured version (keyframe) or colour "
-                                  "strokes on a transparent background (hints)", type="filepath", image_mode=None,
+                                  "strokes on a transparent background (hints); or a colour image of the scene that "
+                                  "is not a frame (exemplar)", type="filepath", image_mode=None,
                                   sources=["upload"], elem_id="guide-image")
                 with gr.Row():
                     add_keyframe = gr.Button("Add as keyframe", elem_id="add-keyframe")
                     add_hints = gr.Button("Add as hints", elem_id="add-hints")
+                    add_exemplar = gr.Button("Add as exemplar", elem_id="add-exemplar")
         guides = gr.Markdown(guide_list(Session()), elem_id="guides")
         clear = gr.Button("Clear guides", elem_id="clear-guides")
 
@@ -265,6 +273,7 @@ def build_page(app: ColorizeApp) -> gr.Blocks:
         add_paint.click(app.add_painted_hints, [editor, frame, session], [session, guides, editor])
         add_keyframe.click(app.add_keyframe, [upload, frame, session], [session, guides, upload])
         add_hints.click(app.add_hint_image, [upload, frame, session], [session, guides, upload])
+        add_exemplar.click(app.add_exemplar, [upload, frame, session], [session, guides, upload])
         clear.click(app.clear_guides, [session], [session, guides])
         run.click(app.colorize, [session], [colour, download, status], show_progress_on=[colour])
     return page

@@ -5,6 +5,7 @@
   python bench.py --clip ../shared/data/val/sam2__05_default_juggle --frames 32
   python bench.py --compare                         # + the paper's sampling (DDPM, 1000 steps, independent frames)
   python bench.py --reference                       # guided: the clip's first colour frame is the keyframe
+  python bench.py --exemplar                        # exemplar: the first colour frame, mirrored and cropped
   python bench.py --quick                           # CI: checks it works, not how fast
 
 The clip is colour: it is the ground truth, and its grayscale version is what the colorizer sees.
@@ -48,6 +49,9 @@ def parse_args() -> argparse.Namespace:
                         "... --batch-size), quoted")
     parser.add_argument("--reference", action="store_true",
                         help="time guided colorization: the first colour frame is the keyframe (--reference)")
+    parser.add_argument("--exemplar", action="store_true",
+                        help="time exemplar colorization (--exemplar): the first colour frame mirrored left-right and "
+                        "centre-cropped to 80%% of each side, so only feature correspondence can carry its colours")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -103,16 +107,20 @@ class StageClock:
 
 
 def run_once(colorizer, clock: StageClock, gray_frames: list[np.ndarray], settings: ColorizationOptions,
-             keyframe: np.ndarray | None) -> tuple[float, list]:
-    """Colorize the decoded clip (with `keyframe` as frame 0's reference); returns the wall time and the outputs."""
+             keyframe: np.ndarray | None, exemplar: np.ndarray | None) -> tuple[float, list]:
+    """Colorize the decoded clip (with `keyframe` as frame 0's reference, `exemplar` as --exemplar); returns the wall
+    time and the outputs."""
+    from correspondence import Exemplars, shared_matcher
     from guidance import GuidePropagator, propagation_size, reference_guide
 
     start = time.perf_counter()
-    guides = None
+    guides = exemplars = None
     if keyframe is not None:
         guides = GuidePropagator([reference_guide(keyframe, 0, propagation_size(*keyframe.shape[:2]))])
+    if exemplar is not None:
+        exemplars = Exemplars([exemplar], shared_matcher())
     outputs = list(clock.timed("colorize (total)", colorize_frames(colorizer, iter(gray_frames), settings,
-                                                                   gray_frames[0].shape[:2], guides)))
+                                                                   gray_frames[0].shape[:2], guides, exemplars)))
     return time.perf_counter() - start, outputs
 
 
@@ -138,19 +146,24 @@ def bench_setting(name: str, settings: ColorizationOptions, colorizer, color_fra
     from evaluate import evaluate_clip
 
     gray_frames = [np.repeat(rgb_to_gray(f)[..., None], 3, axis=2) for f in color_frames]
+    from correspondence import mirrored_crop, shared_matcher
+
     runs = []
+    modules = {"denoise (UNet)": colorizer.unet, "VAC tokens": colorizer.vac, "VAE decode": colorizer.vae.decoder}
+    if args.exemplar:
+        modules["correspondence features"] = shared_matcher().network
     for _ in range(args.repeats):
         clock = StageClock()
-        clock.hook(colorizer.unet, "denoise (UNet)")
-        clock.hook(colorizer.vac, "VAC tokens")
-        clock.hook(colorizer.vae.decoder, "VAE decode")
+        for stage, module in modules.items():
+            clock.hook(module, stage)
         keyframe = color_frames[0] if args.reference else None
-        seconds, outputs = run_once(colorizer, clock, gray_frames, settings, keyframe)
+        exemplar = mirrored_crop(color_frames[0]) if args.exemplar else None
+        seconds, outputs = run_once(colorizer, clock, gray_frames, settings, keyframe, exemplar)
         with tempfile.TemporaryDirectory() as folder:
             time_codec(outputs, clock, Path(folder))
         total = seconds + clock.seconds["encode video"] + clock.seconds["decode video"]
         runs.append({"seconds": total, "stages": clock.seconds})
-        for module in (colorizer.unet, colorizer.vac, colorizer.vae.decoder):
+        for module in modules.values():
             module._forward_hooks.clear()
             module._forward_pre_hooks.clear()
     median = statistics.median(r["seconds"] for r in runs)
@@ -187,7 +200,7 @@ def main() -> None:
     ours = parse_options(args.settings.split())
     if args.quick:
         ours = dataclasses.replace(ours, steps=2)
-    name = "ours, first frame given" if args.reference else "ours"
+    name = "ours, first frame given" if args.reference else "ours, exemplar" if args.exemplar else "ours"
     results = [bench_setting(name, ours, colorizer, color_frames, args)]
     print_result(results[0])
     if args.compare:

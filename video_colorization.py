@@ -30,11 +30,14 @@ import numpy as np
 import torch
 
 from colorizer import SAMPLERS, Colorizer, combine, load_colorizer, prepare_gray
+import correspondence
+from correspondence import Exemplars, load_exemplars, paste_found, upsample_chroma
 from guidance import (GuidePropagator, hint_tensor, load_hint_image, load_reference, model_hints, parse_guide_spec,
                       paste_dense, paste_painted, propagate_chroma, propagation_size)
 from utils import UserError, atomic_path, check_writable, choose_device, rgb_to_gray, run_cli, seed_everything
 from video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ClipFrame, VideoInfo, VideoWriter, has_audio,
-                      iter_clip_frames, iter_timed_frames, list_clips, mux_audio, probe_clip, write_image_rgb)
+                      iter_clip_frames, iter_timed_frames, list_clips, mux_audio, probe_clip, read_image_rgb,
+                      write_image_rgb)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "unet_model" / "default"
 
@@ -68,6 +71,7 @@ class ColorizationOptions:
     cut_threshold: float = 0.35
     reference: list[str] = field(default_factory=list)  # "[N=]IMAGE", as --reference takes them
     hints: list[str] = field(default_factory=list)  # "[N=]IMAGE", as --hints takes them
+    exemplar: list[str] = field(default_factory=list)  # colour images that are not frames of the clip
     batch_size: int = 8
     crf: int = 18
     bit_depth: str = "auto"
@@ -132,6 +136,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hints", action="append", default=[], metavar="[N=]IMAGE",
                         help="an RGBA image of frame N (default 0) whose opaque pixels are colour hints, painted "
                         "dots or strokes on a transparent background (any size); repeatable")
+    parser.add_argument("--exemplar", action="append", default=[], metavar="IMAGE",
+                        help="a colour image of the scene that is not a frame of the clip (a coloured still, a photo "
+                        "of the place; any size and framing): every frame takes its colours where its content "
+                        "matches (ImageNet features, see correspondence.py); repeatable")
     parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="frames denoised together")
 
 
@@ -213,9 +221,11 @@ def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (size[1], size[0]), interpolation=interpolation)
 
 
-def load_guides(clip: Path, info, options: ColorizationOptions, colorizer: Colorizer) -> GuidePropagator | None:
-    """--reference and --hints for this clip, checked against its frame count, with their backward propagation
-    done (it reads the frames up to the last guided one once more)."""
+def load_guides(clip: Path, info, options: ColorizationOptions, colorizer: Colorizer,
+                exemplars: list[np.ndarray] = ()) -> GuidePropagator | None:
+    """--reference and --hints for this clip, checked against its frame count, and the exemplars that turn out to
+    be reframed frames of it (correspondence.registered_guide) as keyframes, with their backward propagation done
+    (it reads the frames up to the last guided one once more)."""
     size = propagation_size(info.height, info.width)
     guides = []
     for option, load in (("--reference", load_reference), ("--hints", load_hint_image)):
@@ -225,6 +235,9 @@ def load_guides(clip: Path, info, options: ColorizationOptions, colorizer: Color
                 raise UserError(f"{option} {spec}: {clip} has no frame {index} (it has {info.frame_count}, numbered "
                                 f"from 0); give a frame number below {info.frame_count}")
             guides.append(load(path, index, size))
+    if len(exemplars) and correspondence.REGISTER_EXEMPLARS:
+        grays = sampled_grays(clip, info, size, correspondence.REGISTRATION_FRAMES)
+        guides += [g for g in (correspondence.registered_guide(e, grays) for e in exemplars) if g is not None]
     if not guides:
         return None
     propagator = GuidePropagator(guides)
@@ -241,13 +254,22 @@ def load_guides(clip: Path, info, options: ColorizationOptions, colorizer: Color
     return propagator
 
 
+def sampled_grays(clip: Path, info, size: tuple[int, int], count: int) -> dict[int, np.ndarray]:
+    """`count` evenly spaced frames of the clip (the first among them) -> frame index: uint8 luma at `size`."""
+    wanted = set(np.linspace(0, info.frame_count - 1, min(count, info.frame_count)).round().astype(int).tolist())
+    return {index: working_gray(rgb_to_gray(resize_if_needed(frame, info.height, info.width)), size)
+            for index, frame in enumerate(itertools.islice(iter_clip_frames(clip), max(wanted) + 1))
+            if index in wanted}
+
+
 def working_gray(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A frame's luma (uint8 or uint16) at `size` as uint8: what scene cuts and the optical flow look at."""
     return (prepare_gray(gray[None], size)[0, 0].numpy() * 255).round().astype(np.uint8)
 
 
 def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ColorizationOptions,
-                    first_frame_shape: tuple[int, int], guides: GuidePropagator | None = None) -> Iterator[np.ndarray]:
+                    first_frame_shape: tuple[int, int], guides: GuidePropagator | None = None,
+                    exemplars: Exemplars | None = None) -> Iterator[np.ndarray]:
     """Yield the colorized frames of one clip (HxWx3 RGB of the input frames' type, uint8 or uint16), streaming in
     batches of --batch-size.
 
@@ -255,7 +277,9 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
     draws fresh noise per frame), flow-guided propagation of the previous output's chroma (--propagation 0 turns
     it off), and scene-cut detection that starts a new shot (--no-scene-cuts). With `guides` (keyframes and
     painted hints), their colour carried to each frame is the model's hint input (for a model that has one), a
-    painted colour spreads over its region, and a keyframe's colour is kept wherever it was carried reliably."""
+    painted colour spreads over its region, and a keyframe's colour is kept wherever it was carried reliably. With
+    `exemplars`, the colour each frame's features find in them is blended into the output over the colour carried
+    from the previous frame (see correspondence.py)."""
     height, width = first_frame_shape
     size = colorizer.working_size(height, width)
     guide_size = propagation_size(height, width)
@@ -271,10 +295,14 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
         small = np.stack([working_gray(g, size) for g in gray])
         cuts = [previous is not None and args.scene_cuts and is_scene_cut(previous, current, args.cut_threshold)
                 for previous, current in zip([previous_gray, *small[:-1]], small)]
-        guide_gray = [working_gray(g, guide_size) for g in gray] if guides else [None] * len(gray)
+        guide_gray = [working_gray(g, guide_size) if guides or exemplars else None for g in gray]
         frame_guides = [guides.step(frame_number + i, g, cut) if guides else (None, None)
                         for i, (g, cut) in enumerate(zip(guide_gray, cuts))]
         frame_number += len(batch)
+        found = None
+        if exemplars is not None:
+            match_size = exemplars.matcher.input_size(height, width)
+            found = exemplars.colour(np.stack([working_gray(g, match_size) for g in gray]), size)
         hints = None
         if guides and colorizer.takes_hints:
             hints = hint_tensor(*map(np.stack, zip(*(model_hints(d, s, size) for d, s in frame_guides))))
@@ -289,11 +317,16 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
         latents = colorizer.sample_latents(prepare_gray(gray, size), torch.stack(noise), args.sampler, args.steps,
                                            args.guidance, generator=step_generator, hints=hints, vac_gray=vac_gray)
         predicted = colorizer.decode_chroma(latents) * args.saturation
-        for g, g_small, g_guide, chroma, cut, (dense, sparse) in zip(gray, small, guide_gray, predicted, cuts,
-                                                                      frame_guides):
+        found_colour = zip(*found) if found is not None else itertools.repeat(None)
+        for g, g_small, g_guide, chroma, cut, (dense, sparse), colour in zip(gray, small, guide_gray, predicted, cuts,
+                                                                              frame_guides, found_colour):
             if previous_chroma is not None and not cut and args.propagation > 0:
                 chroma = propagate_chroma(previous_gray, g_small, previous_chroma, chroma, args.propagation)
+            if colour is not None:
+                chroma = paste_found(chroma, *colour)
             chroma = paste_painted(chroma, sparse, g_small / np.float32(255))
+            if colour is not None and correspondence.GUIDED_OUTPUT:
+                chroma = upsample_chroma(chroma, g_guide)
             if dense is not None:
                 chroma = paste_dense(resize_to(chroma, guide_size), dense, g_guide)
             previous_gray, previous_chroma = g_small, resize_to(chroma, size)
@@ -358,8 +391,9 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, options: Color
     # Deep frames carry the input's luma at 16 bits through colorize_frames to the 10-bit output.
     pixels, timestamps = pixels_and_timestamps(iter_timed_frames(clip, deep=bit_depth > 8))
     # The bar shows only on a terminal and is cleared when the clip ends or fails, so an error stays one line.
-    guides = load_guides(clip, info, options, colorizer)
-    frames = colorize_frames(colorizer, pixels, options, (info.height, info.width), guides)
+    exemplars = [read_image_rgb(Path(path)) for path in options.exemplar]
+    guides = load_guides(clip, info, options, colorizer, exemplars)
+    frames = colorize_frames(colorizer, pixels, options, (info.height, info.width), guides, load_exemplars(exemplars))
     with atomic_path(output, overwrite=options.overwrite, is_dir=not as_video) as temp, \
             tqdm(frames, total=info.frame_count, desc=clip.name, unit="frame", leave=False,
                  disable=None if frame_bar else True) as colorized:

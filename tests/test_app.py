@@ -73,7 +73,7 @@ def test_bad_input_is_a_one_line_page_error(tiny_model, gray_video, tmp_path):
 
 def test_the_page_colorizes_with_the_command_lines_options(hint_model, gray_video, tmp_path, monkeypatch):
     """The page's Colorize action writes the clip's frames, and its guides become the options the command line's
-    --reference and --hints give (at 8 bits, replacing the page's previous result)."""
+    --reference, --hints and --exemplar give (at 8 bits, replacing the page's previous result)."""
     from video_colorization import parse_args
     from video_io import probe_clip
 
@@ -86,10 +86,10 @@ def test_the_page_colorizes_with_the_command_lines_options(hint_model, gray_vide
     used = []
     monkeypatch.setattr(app, "colorize_clip", lambda colorizer, clip, output, options: used.append(options) or 12)
     guides = [app.Guide(3, "--reference", tmp_path / "key.png"), app.Guide(0, "--hints", tmp_path / "dots.png"),
-              app.Guide(9, "--reference", tmp_path / "key9.png")]
+              app.Guide(9, "--reference", tmp_path / "key9.png"), app.Guide(4, "--exemplar", tmp_path / "photo.png")]
     actions.colorize(app.Session(clip=gray_video, frame_count=12, guides=guides))
     flags = ["--reference", f"3={tmp_path / 'key.png'}", "--hints", f"0={tmp_path / 'dots.png'}", "--reference",
-             f"9={tmp_path / 'key9.png'}"]
+             f"9={tmp_path / 'key9.png'}", "--exemplar", str(tmp_path / "photo.png")]
     assert used == [parse_args(["--input", str(gray_video), "--bit-depth", "8", "--overwrite", *flags])[1]]
 
 

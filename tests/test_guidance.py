@@ -221,31 +221,6 @@ def test_a_keyframe_carried_by_luma_leaves_no_colour_trail_on_a_real_clip(monkey
 # video_colorization.py --reference / --hints
 
 
-@pytest.fixture(scope="module")
-def colour_clip(tmp_path_factory):
-    """A colour frame folder, its grayscale version, and a transparent hint image with a red dot."""
-    from utils import rgb_to_gray
-    from video_io import write_image_rgb
-
-    folder = tmp_path_factory.mktemp("guided")
-    frames = panning_clip(8)
-    (folder / "clips").mkdir()
-    for name, images in (("colour", frames), ("gray", [np.repeat(rgb_to_gray(f)[..., None], 3, 2) for f in frames])):
-        (folder / name).mkdir()
-        for i, image in enumerate(images):
-            write_image_rgb(folder / name / f"{i:05d}.png", image)
-        (folder / "clips" / name).symlink_to(folder / name)
-    import cv2
-
-    dot = np.zeros((72, 96, 4), np.uint8)
-    dot[30:34, 40:44] = (0, 0, 255, 255)  # BGRA: an opaque red square
-    cv2.imwrite(str(folder / "dot.png"), dot)
-    cv2.imwrite(str(folder / "transparent.png"), np.zeros((72, 96, 4), np.uint8))
-    cv2.imwrite(str(folder / "opaque.png"), np.zeros((72, 96, 3), np.uint8))
-    (folder / "broken.png").write_bytes(b"not an image")
-    return folder, frames
-
-
 def test_a_reference_frame_colours_the_clip(tmp_path, tiny_model, colour_clip):
     from evaluate import psnr
     from video_io import iter_clip_frames

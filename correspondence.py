@@ -1,0 +1,252 @@
+"""Colour from exemplars: colour images of the scene that are not frames of the clip (`--exemplar`).
+
+- Correspondence: each pixel of a grayscale frame takes the colour of the exemplar pixels whose ImageNet-pretrained
+  features it resembles. Both are seen in gray (the frame has nothing else) by the frozen EfficientNet-Lite the hybrid
+  VAC uses (modules.imagenet_efficientnet); its maps at strides 8 and 16, each L2-normalised, are concatenated at the
+  stride-8 grid. A frame position's colour is the softmax-weighted mean (over cosine similarities / a temperature,
+  among its top-k matches) of the exemplars' chroma there, as in the non-local matching of Deep Exemplar-based Video
+  Colorization (Zhang et al. 2019) and ColorMNet (Yang et al. 2024). No position enters the match, so an exemplar may
+  be framed, cropped or mirrored differently from the shot. The found colour is brought to the frame's size by the
+  guided filter on the frame's luma.
+- Registration: an exemplar that shows what one of the frames shows (reframed, cropped, mirrored) is warped onto that
+  frame and becomes a keyframe there for the pixels it covers (registered_guide).
+
+The settings below were chosen on clips held out of training (docs/exemplar.md has the measurements).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from modules import imagenet_efficientnet, imagenet_input
+
+if TYPE_CHECKING:
+    from guidance import Guide
+
+CORRESPONDENCE_BACKBONE = "efficientnet_lite0"
+CORRESPONDENCE_SHORT_SIDE = 320  # both images are matched at this short side (the stride-8 grid: 40 positions)
+TEMPERATURE = 0.05  # of the softmax over cosine similarities
+TOP_K = 16  # matches a position averages over
+# Confidence: 0 at a best similarity of SIMILARITY_FLOOR, 1 at SIMILARITY_FULL, linear between.
+SIMILARITY_FLOOR, SIMILARITY_FULL = 0.5, 0.8
+PASTE_FLOOR = 0.5  # the output keeps at least this share of the found colour (see paste_found)
+GUIDED_RADIUS, GUIDED_EPSILON = 16, 1e-3  # the guided filter's window (pixels at a 480 px short side), regularisation
+GUIDED_OUTPUT = 1.0  # whether an exemplar's colour is upsampled by the guided filter (1) or bilinearly (0)
+REGISTER_EXEMPLARS = 1.0  # whether an exemplar that is a reframed frame becomes a keyframe there (1) or not (0)
+REGISTRATION_INLIERS = 40  # RANSAC inliers an exemplar needs to count as a reframed frame
+REGISTRATION_LUMA = 12.0  # mean luma difference (levels) it may have where it lands
+REGISTRATION_FRAMES = 16  # frames of the clip it is tried on (evenly spaced, the first among them)
+
+
+@dataclass
+class ColourSource:
+    """A colour image prepared for matching: its features (N x C, unit norm) and chroma (N x 2) at the stride-8
+    grid, flattened."""
+
+    features: torch.Tensor
+    chroma: torch.Tensor
+
+
+class Matcher:
+    """The frozen backbone and the matching settings; `source(rgb)` prepares a colour image, `match(gray, sources)`
+    colours frames from them."""
+
+    def __init__(self, backbone: str = CORRESPONDENCE_BACKBONE, short_side: int = CORRESPONDENCE_SHORT_SIDE,
+                 temperature: float = TEMPERATURE, top_k: int = TOP_K):
+        self.network = imagenet_efficientnet(backbone).requires_grad_(False)
+        self.short_side, self.temperature, self.top_k = short_side, temperature, top_k
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """Short side `short_side`, both sides multiples of 16 (the coarser map's stride)."""
+        scale = self.short_side / min(height, width)
+        return max(16, round(height * scale / 16) * 16), max(16, round(width * scale / 16) * 16)
+
+    @torch.inference_mode()
+    def features(self, gray: np.ndarray) -> torch.Tensor:
+        """BxHxW uint8 luma -> B x C x h/8 x w/8 unit-norm features at the matching size."""
+        import cv2
+
+        height, width = self.input_size(*gray.shape[1:])
+        resized = np.stack([cv2.resize(g, (width, height), interpolation=cv2.INTER_AREA) for g in gray])
+        maps = self.network(imagenet_input(torch.from_numpy(resized).float().unsqueeze(1) / 255.0))
+        fine, coarse = F.normalize(maps[0], dim=1), F.normalize(maps[1], dim=1)
+        coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat([fine, F.normalize(coarse, dim=1)], dim=1) / np.sqrt(2.0)
+
+    def source(self, rgb: np.ndarray) -> ColourSource:
+        """A colour image (HxWx3 uint8, any size) -> its features and chroma at the stride-8 grid."""
+        import cv2
+
+        from utils import rgb_to_chroma, rgb_to_gray
+
+        features = self.features(rgb_to_gray(rgb)[None])[0]
+        grid = features.shape[-2:]
+        chroma = cv2.resize(rgb_to_chroma(rgb), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+        return ColourSource(features.flatten(1).T.contiguous(), torch.from_numpy(chroma.reshape(-1, 2)))
+
+    @torch.inference_mode()
+    def match(self, gray: np.ndarray, sources: list[ColourSource]) -> tuple[np.ndarray, np.ndarray]:
+        """BxHxW uint8 luma -> the chroma found for each frame (B x h x w x 2) and its confidence (B x h x w, in
+        [0, 1]) at the stride-8 grid of the matching size, all sources pooled."""
+        features = self.features(gray)
+        batch, _, h, w = features.shape
+        keys = torch.cat([s.features for s in sources])
+        values = torch.cat([s.chroma for s in sources])
+        chroma, confidence = torch.empty(batch, h * w, 2), torch.empty(batch, h * w)
+        for i, queries in enumerate(features.flatten(2).transpose(1, 2)):  # a frame at a time: hw x N similarities
+            best, index = (queries @ keys.T).topk(min(self.top_k, len(keys)), dim=-1)
+            weights = torch.softmax(best / self.temperature, dim=-1)
+            chroma[i] = (weights.unsqueeze(-1) * values[index]).sum(dim=1)
+            confidence[i] = ((best[:, 0] - SIMILARITY_FLOOR) / (SIMILARITY_FULL - SIMILARITY_FLOOR)).clamp(0, 1)
+        return chroma.reshape(batch, h, w, 2).numpy(), confidence.reshape(batch, h, w).numpy()
+
+
+class Exemplars:
+    """Colour images that are not frames of the clip (`--exemplar`), prepared once; `colour(gray, size)` finds each
+    frame's colour in them."""
+
+    def __init__(self, images: list[np.ndarray], matcher: Matcher | None = None):
+        self.matcher = matcher or Matcher()
+        self.sources = [self.matcher.source(rgb) for rgb in images]
+
+    def colour(self, gray: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """BxHxW uint8 luma -> the chroma found (B x size x 2) and its confidence (B x size), resized to `size`."""
+        chroma, confidence = self.matcher.match(gray, self.sources)
+        return resized(chroma, size), resized(confidence, size)
+
+
+def resized(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A batch of images (B x h x w [x C]) bilinearly resized to `size`."""
+    import cv2
+
+    return np.stack([cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR) for image in images])
+
+
+def load_exemplars(images: list[np.ndarray]) -> Exemplars | None:
+    """--exemplar images (any size and framing; only their colours are used) prepared for matching, or None without
+    any."""
+    return Exemplars(images, shared_matcher()) if images else None
+
+
+@lru_cache(maxsize=1)
+def shared_matcher() -> Matcher:
+    """One matcher per process: every clip of a folder uses the same backbone."""
+    return Matcher()
+
+
+def paste_found(chroma: np.ndarray, found: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    """The model's chroma with the exemplars' colour blended in, PASTE_FLOOR + (1 - PASTE_FLOOR) x confidence of it."""
+    weight = (PASTE_FLOOR + (1.0 - PASTE_FLOOR) * confidence)[..., None]
+    return weight * found + (1.0 - weight) * chroma
+
+
+def guided_upsample(chroma: np.ndarray, luma: np.ndarray, radius: int = GUIDED_RADIUS,
+                    epsilon: float = GUIDED_EPSILON) -> np.ndarray:
+    """Coarse chroma (h x w x 2) brought to the luma's size (HxW uint8) by the guided filter (He et al. 2010):
+    locally an affine function of the luma, so colour edges follow the frame's own edges, not the match grid's."""
+    import cv2
+
+    height, width = luma.shape
+    guide = luma.astype(np.float32) / 255.0
+    upsampled = cv2.resize(chroma, (width, height), interpolation=cv2.INTER_LINEAR)
+
+    def box(image: np.ndarray) -> np.ndarray:
+        return cv2.boxFilter(image, -1, (2 * radius + 1, 2 * radius + 1))
+
+    mean_guide, mean_chroma = box(guide), box(upsampled)
+    variance = box(guide * guide) - mean_guide**2
+    covariance = box(guide[..., None] * upsampled) - mean_guide[..., None] * mean_chroma
+    slope = covariance / (variance + epsilon)[..., None]
+    offset = mean_chroma - slope * mean_guide[..., None]
+    return box(slope) * guide[..., None] + box(offset)
+
+
+def upsample_chroma(chroma: np.ndarray, luma: np.ndarray) -> np.ndarray:
+    """A frame's chroma at any size brought to its luma's (HxW uint8) by guided_upsample, the window scaled to the
+    luma's size."""
+    return guided_upsample(chroma, luma, max(1, round(GUIDED_RADIUS * min(luma.shape) / 480)))
+
+
+def mirrored_crop(image: np.ndarray, keep: float = 0.8) -> np.ndarray:
+    """The exemplar the measurements use (issue 29's protocol): a frame mirrored left-right and centre-cropped to
+    `keep` of each side, so that neither the optical flow nor the frame's layout can carry its colours."""
+    height, width = image.shape[:2]
+    top, left = round(height * (1 - keep) / 2), round(width * (1 - keep) / 2)
+    return np.ascontiguousarray(image[top:height - top, left:width - left][:, ::-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An exemplar that is nearly one of the frames
+
+
+def register(exemplar: np.ndarray, gray: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """Where an exemplar (HxWx3 uint8, any size) shows what a frame (its uint8 luma) shows, reframed, cropped, mirrored
+    or from a slightly moved camera: the homography taking the exemplar onto the frame (SIFT matches, RANSAC), from the
+    exemplar or its mirror image, whichever fits; None where neither fits well enough (REGISTRATION_INLIERS matches,
+    luma within REGISTRATION_LUMA levels where it lands). -> (3x3 homography, mean luma difference)."""
+    import cv2
+
+    from utils import rgb_to_gray
+
+    sift = cv2.SIFT_create(nfeatures=2000)
+    frame_points, frame_descriptors = sift.detectAndCompute(gray, None)
+    if frame_descriptors is None or len(frame_points) < REGISTRATION_INLIERS:
+        return None
+    best = None
+    height, width = exemplar.shape[:2]
+    for mirrored in (False, True):
+        image = rgb_to_gray(exemplar[:, ::-1] if mirrored else exemplar)
+        points, descriptors = sift.detectAndCompute(np.ascontiguousarray(image), None)
+        if descriptors is None or len(points) < REGISTRATION_INLIERS:
+            continue
+        pairs = [m for m, n in (p for p in cv2.BFMatcher().knnMatch(descriptors, frame_descriptors, k=2)
+                                if len(p) == 2) if m.distance < 0.75 * n.distance]
+        if len(pairs) < REGISTRATION_INLIERS:
+            continue
+        source = np.float32([points[m.queryIdx].pt for m in pairs])
+        target = np.float32([frame_points[m.trainIdx].pt for m in pairs])
+        homography, inliers = cv2.findHomography(source, target, cv2.RANSAC, 3.0)
+        if homography is None or inliers.sum() < REGISTRATION_INLIERS:
+            continue
+        if mirrored:  # exemplar pixel x -> mirror pixel width - 1 - x -> frame
+            homography = homography @ np.array([[-1, 0, width - 1], [0, 1, 0], [0, 0, 1]], np.float64)
+        landed, covered = warp_onto(exemplar, homography, gray.shape)
+        if covered.mean() < 0.2:
+            continue
+        difference = float(np.abs(rgb_to_gray(landed).astype(np.float32) - gray)[covered > 0.5].mean())
+        if difference <= REGISTRATION_LUMA and (best is None or difference < best[1]):
+            best = (homography, difference)
+    return best
+
+
+def warp_onto(exemplar: np.ndarray, homography: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The exemplar warped onto the frame's grid, and where it covers the frame (HxW float32, 0 or 1, eroded by a few
+    pixels so that its resampled border does not count)."""
+    import cv2
+
+    warped = cv2.warpPerspective(exemplar, homography, (size[1], size[0]), flags=cv2.INTER_LINEAR)
+    covered = cv2.warpPerspective(np.ones(exemplar.shape[:2], np.uint8), homography, (size[1], size[0]),
+                                  flags=cv2.INTER_NEAREST)
+    return warped, cv2.erode(covered, np.ones((5, 5), np.uint8)).astype(np.float32)
+
+
+def registered_guide(exemplar: np.ndarray, grays: dict[int, np.ndarray]) -> Guide | None:
+    """An exemplar registered onto the frame it fits best among `grays` (frame index -> uint8 luma at the
+    propagation size) -> a keyframe guide there covering what the exemplar shows (guidance.Guide), or None."""
+    from guidance import Guide, luma_palette
+    from utils import rgb_to_chroma, rgb_to_gray
+
+    fits = {index: fit for index, gray in grays.items() if (fit := register(exemplar, gray)) is not None}
+    if not fits:
+        return None
+    index = min(fits, key=lambda i: fits[i][1])
+    landed, covered = warp_onto(exemplar, fits[index][0], grays[index].shape)
+    chroma = rgb_to_chroma(landed) * covered[..., None]
+    return Guide(index, chroma, covered, covered.copy(), dense=True,
+                 palette=luma_palette(rgb_to_gray(exemplar), rgb_to_chroma(exemplar)))
