@@ -23,7 +23,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
-from correspondence import CORRESPONDENCE_SHORT_SIDE, TEMPERATURE, TOP_K, Matcher, guided_upsample, mirrored_crop
+from correspondence import (CORRESPONDENCE_BACKBONE, CORRESPONDENCE_SHORT_SIDE, TEMPERATURE, TOP_K, Matcher,
+                            guided_upsample, mirrored_crop)
 from evaluate import psnr
 from utils import luma_chroma_to_rgb, rgb_to_gray, run_cli
 from video_io import iter_clip_frames
@@ -33,6 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=Path, nargs="+", required=True, help="colour clips (frame folders or videos)")
     parser.add_argument("--every", type=int, default=5, help="score every Nth frame")
+    parser.add_argument("--backbone", default=CORRESPONDENCE_BACKBONE, help="efficientnet_lite0, 1 or 2 (installed)")
     parser.add_argument("--short-side", type=int, nargs="+", default=[CORRESPONDENCE_SHORT_SIDE])
     parser.add_argument("--temperature", type=float, nargs="+", default=[TEMPERATURE])
     parser.add_argument("--top-k", type=int, nargs="+", default=[TOP_K])
@@ -74,7 +76,7 @@ def main() -> None:
     gray = np.mean([np.mean([psnr(np.repeat(rgb_to_gray(f)[..., None], 3, 2), f) for f in frames[::args.every]])
                     for frames in clips.values()])
     print(f"gray {gray:.2f}", flush=True)
-    matcher = Matcher()
+    matcher = Matcher(args.backbone)
     table = []
     for short_side, temperature, top_k in itertools.product(args.short_side, args.temperature, args.top_k):
         matcher.short_side, matcher.temperature, matcher.top_k = short_side, temperature, top_k
