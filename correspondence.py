@@ -185,26 +185,40 @@ def mirrored_crop(image: np.ndarray, keep: float = 0.8) -> np.ndarray:
 # An exemplar that is nearly one of the frames
 
 
-def register(exemplar: np.ndarray, gray: np.ndarray) -> tuple[np.ndarray, float] | None:
-    """Where an exemplar (HxWx3 uint8, any size) shows what a frame (its uint8 luma) shows, reframed, cropped, mirrored
-    or from a slightly moved camera: the homography taking the exemplar onto the frame (SIFT matches, RANSAC), from the
-    exemplar or its mirror image, whichever fits; None where neither fits well enough (REGISTRATION_INLIERS matches,
-    luma within REGISTRATION_LUMA levels where it lands). -> (3x3 homography, mean luma difference)."""
+def exemplar_keypoints(exemplar: np.ndarray) -> list[tuple[bool, list, np.ndarray]]:
+    """SIFT keypoints and descriptors of an exemplar and of its mirror image -> [(mirrored, points, descriptors)],
+    those with enough points to register (computed once, then tried on every sampled frame)."""
     import cv2
 
     from utils import rgb_to_gray
 
     sift = cv2.SIFT_create(nfeatures=2000)
-    frame_points, frame_descriptors = sift.detectAndCompute(gray, None)
+    found = []
+    for mirrored in (False, True):
+        image = np.ascontiguousarray(rgb_to_gray(exemplar[:, ::-1] if mirrored else exemplar))
+        points, descriptors = sift.detectAndCompute(image, None)
+        if descriptors is not None and len(points) >= REGISTRATION_INLIERS:
+            found.append((mirrored, points, descriptors))
+    return found
+
+
+def register(exemplar: np.ndarray, keypoints: list[tuple[bool, list, np.ndarray]],
+             gray: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """Where an exemplar (HxWx3 uint8, any size; its exemplar_keypoints) shows what a frame (its uint8 luma) shows,
+    reframed, cropped, mirrored or from a slightly moved camera: the homography taking the exemplar onto the frame
+    (SIFT matches, RANSAC), from the exemplar or its mirror image, whichever fits; None where neither fits well enough
+    (REGISTRATION_INLIERS matches, luma within REGISTRATION_LUMA levels where it lands). -> (3x3 homography, mean luma
+    difference)."""
+    import cv2
+
+    from utils import rgb_to_gray
+
+    frame_points, frame_descriptors = cv2.SIFT_create(nfeatures=2000).detectAndCompute(gray, None)
     if frame_descriptors is None or len(frame_points) < REGISTRATION_INLIERS:
         return None
     best = None
-    height, width = exemplar.shape[:2]
-    for mirrored in (False, True):
-        image = rgb_to_gray(exemplar[:, ::-1] if mirrored else exemplar)
-        points, descriptors = sift.detectAndCompute(np.ascontiguousarray(image), None)
-        if descriptors is None or len(points) < REGISTRATION_INLIERS:
-            continue
+    width = exemplar.shape[1]
+    for mirrored, points, descriptors in keypoints:
         pairs = [m for m, n in (p for p in cv2.BFMatcher().knnMatch(descriptors, frame_descriptors, k=2)
                                 if len(p) == 2) if m.distance < 0.75 * n.distance]
         if len(pairs) < REGISTRATION_INLIERS:
@@ -242,7 +256,10 @@ def registered_guide(exemplar: np.ndarray, grays: dict[int, np.ndarray]) -> Guid
     from guidance import Guide, luma_palette
     from utils import rgb_to_chroma, rgb_to_gray
 
-    fits = {index: fit for index, gray in grays.items() if (fit := register(exemplar, gray)) is not None}
+    keypoints = exemplar_keypoints(exemplar)
+    if not keypoints:
+        return None
+    fits = {index: fit for index, gray in grays.items() if (fit := register(exemplar, keypoints, gray)) is not None}
     if not fits:
         return None
     index = min(fits, key=lambda i: fits[i][1])
