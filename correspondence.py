@@ -136,8 +136,9 @@ def load_exemplars(images: list[np.ndarray]) -> Exemplars | None:
 
 @lru_cache(maxsize=1)
 def shared_matcher() -> Matcher:
-    """One matcher per process: every clip of a folder uses the same backbone."""
-    return Matcher()
+    """One matcher per process: every clip of a folder uses the same backbone (the module's settings as they are
+    when it is first asked for)."""
+    return Matcher(CORRESPONDENCE_BACKBONE, CORRESPONDENCE_SHORT_SIDE, TEMPERATURE, TOP_K)
 
 
 def paste_found(chroma: np.ndarray, found: np.ndarray, confidence: np.ndarray) -> np.ndarray:

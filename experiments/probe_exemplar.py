@@ -6,11 +6,11 @@ scored on every frame against the clip itself.
       --variants automatic paste=1 paste=0.5
 
 A variant sets correspondence.py's PASTE_FLOOR (`paste`: the least share of the found colour in the output),
-REGISTER_EXEMPLARS (`register`:
-whether an exemplar that is a reframed frame becomes a keyframe there) and GUIDED_OUTPUT (`guided`: the
-output's chroma upsampled by the guided filter where colour was found), and guidance.py's PALETTE_SHARE
-(`palette`); `automatic` matches nothing. Prints each variant's mean PSNR, colourfulness, CDC over the truth's and
-warp error (evaluate.py's), and the PSNR per clip.
+REGISTER_EXEMPLARS (`register`: whether an exemplar that is a reframed frame becomes a keyframe there),
+GUIDED_OUTPUT (`guided`: the output's chroma upsampled by the guided filter where colour was found) and
+CORRESPONDENCE_SHORT_SIDE (`side`: the matching size), and guidance.py's PALETTE_SHARE (`palette`); `automatic`
+matches nothing. Prints each variant's mean PSNR, colourfulness, CDC over the truth's and warp error (evaluate.py's),
+and the PSNR per clip.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from video_io import iter_clip_frames, write_image_rgb
 
 SETTINGS = {"paste": (correspondence, "PASTE_FLOOR"),
             "guided": (correspondence, "GUIDED_OUTPUT"),
-            "register": (correspondence, "REGISTER_EXEMPLARS"), "palette": (guidance, "PALETTE_SHARE")}
+            "register": (correspondence, "REGISTER_EXEMPLARS"), "palette": (guidance, "PALETTE_SHARE"),
+            "side": (correspondence, "CORRESPONDENCE_SHORT_SIDE")}
 COLUMNS = ("psnr", "colourfulness", "cdc_ratio", "warp_error")
 
 
@@ -60,7 +61,8 @@ def apply_variant(variant: str) -> bool:
     for item in items:
         if item != "automatic":
             name, value = item.split("=")
-            setattr(*SETTINGS[name], float(value))
+            setattr(*SETTINGS[name], int(value) if name == "side" else float(value))
+    correspondence.shared_matcher.cache_clear()  # the matcher is built with the settings of the variant
     return "automatic" not in items
 
 
