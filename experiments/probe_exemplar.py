@@ -61,7 +61,8 @@ def apply_variant(variant: str) -> bool:
     for item in items:
         if item != "automatic":
             name, value = item.split("=")
-            setattr(*SETTINGS[name], int(value) if name == "side" else float(value))
+            module, constant = SETTINGS[name]
+            setattr(module, constant, type(getattr(module, constant))(float(value)))  # an int stays an int
     correspondence.shared_matcher.cache_clear()  # the matcher is built with the settings of the variant
     return "automatic" not in items
 
