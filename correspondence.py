@@ -3,11 +3,12 @@
 - Correspondence: each pixel of a grayscale frame takes the colour of the exemplar pixels whose ImageNet-pretrained
   features it resembles. Both are seen in gray (the frame has nothing else) by the frozen EfficientNet-Lite the hybrid
   VAC uses (modules.imagenet_efficientnet); its maps at strides 8 and 16, each L2-normalised, are concatenated at the
-  stride-8 grid. A frame position's colour is the softmax-weighted mean (over cosine similarities / a temperature,
-  among its top-k matches) of the exemplars' chroma there, as in the non-local matching of Deep Exemplar-based Video
-  Colorization (Zhang et al. 2019) and ColorMNet (Yang et al. 2024). No position enters the match, so an exemplar may
-  be framed, cropped or mirrored differently from the shot. The found colour is brought to the frame's size by the
-  guided filter on the frame's luma.
+  stride-8 grid and projected by a learned metric (unet_model/matcher, trained by experiments/train_matcher.py on
+  frame pairs of training clips). A frame position's colour is the softmax-weighted mean (over cosine similarities /
+  a temperature, among its top-k matches) of the exemplars' chroma there, as in the non-local matching of Deep
+  Exemplar-based Video Colorization (Zhang et al. 2019) and ColorMNet (Yang et al. 2024). No position enters the
+  match, so an exemplar may be framed, cropped or mirrored differently from the shot. The found colour is brought to
+  the frame's size by the guided filter on the frame's luma.
 - Registration: an exemplar that shows what one of the frames shows (reframed, cropped, mirrored) is warped onto that
   frame and becomes a keyframe there for the pixels it covers (registered_guide).
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from modules import imagenet_efficientnet, imagenet_input
+from utils import UserError
 
 if TYPE_CHECKING:
     from guidance import Guide
@@ -37,6 +40,8 @@ TOP_K = 16  # matches a position averages over
 SIMILARITY_FLOOR, SIMILARITY_FULL = 0.5, 0.8
 PASTE_FLOOR = 0.5  # the output keeps at least this share of the found colour (see paste_found)
 GUIDED_RADIUS, GUIDED_EPSILON = 16, 1e-3  # the guided filter's window (pixels at a 480 px short side), regularisation
+LEARNED_METRIC = 1.0  # whether matching uses the metric learned on training clips (1) or plain cosine similarity (0)
+METRIC_FILE = Path(__file__).resolve().parent / "unet_model" / "matcher" / "metric.safetensors"
 GUIDED_OUTPUT = 1.0  # whether an exemplar's colour is upsampled by the guided filter (1) or bilinearly (0)
 REGISTER_EXEMPLARS = 1.0  # whether an exemplar that is a reframed frame becomes a keyframe there (1) or not (0)
 REGISTRATION_INLIERS = 40  # RANSAC inliers an exemplar needs to count as a reframed frame
@@ -58,18 +63,24 @@ class Matcher:
     colours frames from them."""
 
     def __init__(self, backbone: str = CORRESPONDENCE_BACKBONE, short_side: int = CORRESPONDENCE_SHORT_SIDE,
-                 temperature: float = TEMPERATURE, top_k: int = TOP_K):
+                 temperature: float = TEMPERATURE, top_k: int = TOP_K, projection: torch.Tensor | None = None):
         self.network = imagenet_efficientnet(backbone).requires_grad_(False)
         self.short_side, self.temperature, self.top_k = short_side, temperature, top_k
+        self.projection = projection
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         """Short side `short_side`, both sides multiples of 16 (the coarser map's stride)."""
         scale = self.short_side / min(height, width)
         return max(16, round(height * scale / 16) * 16), max(16, round(width * scale / 16) * 16)
 
-    @torch.inference_mode()
     def features(self, gray: np.ndarray) -> torch.Tensor:
-        """BxHxW uint8 luma -> B x C x h/8 x w/8 unit-norm features at the matching size."""
+        """BxHxW uint8 luma -> B x C x h/8 x w/8 unit-norm features at the matching size, projected where the matcher
+        has a learned projection."""
+        return project(self.backbone_features(gray), self.projection)
+
+    @torch.inference_mode()
+    def backbone_features(self, gray: np.ndarray) -> torch.Tensor:
+        """BxHxW uint8 luma -> B x C x h/8 x w/8: the backbone's maps at strides 8 and 16, each unit norm."""
         import cv2
 
         height, width = self.input_size(*gray.shape[1:])
@@ -107,6 +118,22 @@ class Matcher:
         return chroma.reshape(batch, h, w, 2).numpy(), confidence.reshape(batch, h, w).numpy()
 
 
+def project(features: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
+    """B x C x h x w backbone features -> the learned projection's B x D x h x w, unit norm (as they are without
+    one)."""
+    if projection is None:
+        return features
+    return F.normalize(torch.einsum("dc,bchw->bdhw", projection, features), dim=1)
+
+
+def load_projection(path: Path) -> tuple[torch.Tensor, float]:
+    """A learned matching metric (experiments/train_matcher.py) -> (projection D x C, temperature)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    return weights["projection"], float(weights["temperature"][0])
+
+
 class Exemplars:
     """Colour images that are not frames of the clip (`--exemplar`), prepared once; `colour(gray, size)` finds each
     frame's colour in them."""
@@ -137,8 +164,14 @@ def load_exemplars(images: list[np.ndarray]) -> Exemplars | None:
 @lru_cache(maxsize=1)
 def shared_matcher() -> Matcher:
     """One matcher per process: every clip of a folder uses the same backbone (the module's settings as they are
-    when it is first asked for)."""
-    return Matcher(CORRESPONDENCE_BACKBONE, CORRESPONDENCE_SHORT_SIDE, TEMPERATURE, TOP_K)
+    when it is first asked for), with the learned metric (its projection and temperature) where LEARNED_METRIC."""
+    if not LEARNED_METRIC:
+        return Matcher(CORRESPONDENCE_BACKBONE, CORRESPONDENCE_SHORT_SIDE, TEMPERATURE, TOP_K)
+    if not METRIC_FILE.is_file():
+        raise UserError(f"{METRIC_FILE}: the exemplar matcher's learned metric is missing; restore it from git "
+                        "(git checkout -- unet_model/matcher)")
+    projection, temperature = load_projection(METRIC_FILE)
+    return Matcher(CORRESPONDENCE_BACKBONE, CORRESPONDENCE_SHORT_SIDE, temperature, TOP_K, projection)
 
 
 def paste_found(chroma: np.ndarray, found: np.ndarray, confidence: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
 from correspondence import (CORRESPONDENCE_BACKBONE, CORRESPONDENCE_SHORT_SIDE, TEMPERATURE, TOP_K, Matcher,
-                            guided_upsample, mirrored_crop)
+                            guided_upsample, load_projection, mirrored_crop)
 from evaluate import psnr
 from utils import luma_chroma_to_rgb, rgb_to_gray, run_cli
 from video_io import iter_clip_frames
@@ -36,7 +36,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--every", type=int, default=5, help="score every Nth frame")
     parser.add_argument("--backbone", default=CORRESPONDENCE_BACKBONE, help="efficientnet_lite0, 1 or 2 (installed)")
     parser.add_argument("--short-side", type=int, nargs="+", default=[CORRESPONDENCE_SHORT_SIDE])
-    parser.add_argument("--temperature", type=float, nargs="+", default=[TEMPERATURE])
+    parser.add_argument("--temperature", type=float, nargs="+",
+                        help=f"default: {TEMPERATURE}, or the learned one with --projection")
+    parser.add_argument("--projection", type=Path, help="a learned matching metric (experiments/train_matcher.py)")
     parser.add_argument("--top-k", type=int, nargs="+", default=[TOP_K])
     parser.add_argument("--guided", nargs=2, type=float, action="append", default=[], metavar=("RADIUS", "EPSILON"),
                         help="also score the chroma upsampled by correspondence.guided_upsample with these settings "
@@ -77,8 +79,12 @@ def main() -> None:
                     for frames in clips.values()])
     print(f"gray {gray:.2f}", flush=True)
     matcher = Matcher(args.backbone)
+    temperatures = args.temperature or [TEMPERATURE]
+    if args.projection:
+        matcher.projection, learned_temperature = load_projection(args.projection)
+        temperatures = args.temperature or [learned_temperature]
     table = []
-    for short_side, temperature, top_k in itertools.product(args.short_side, args.temperature, args.top_k):
+    for short_side, temperature, top_k in itertools.product(args.short_side, temperatures, args.top_k):
         matcher.short_side, matcher.temperature, matcher.top_k = short_side, temperature, top_k
         per_clip = {name: score(frames[::args.every], matcher, frames[0] if args.keyframe else mirrored_crop(frames[0]),
                                 args.guided) for name, frames in clips.items()}

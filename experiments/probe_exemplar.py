@@ -38,7 +38,7 @@ from video_io import iter_clip_frames, write_image_rgb
 SETTINGS = {"paste": (correspondence, "PASTE_FLOOR"),
             "guided": (correspondence, "GUIDED_OUTPUT"),
             "register": (correspondence, "REGISTER_EXEMPLARS"), "palette": (guidance, "PALETTE_SHARE"),
-            "side": (correspondence, "CORRESPONDENCE_SHORT_SIDE")}
+            "side": (correspondence, "CORRESPONDENCE_SHORT_SIDE"), "metric": (correspondence, "LEARNED_METRIC")}
 COLUMNS = ("psnr", "colourfulness", "cdc_ratio", "warp_error")
 
 

@@ -128,3 +128,70 @@ def test_an_exemplar_that_is_a_reframed_frame_becomes_a_keyframe_there():
     assert 0.5 < covered.mean() < 0.7
     assert np.abs(guide.chroma - rgb_to_chroma(shots[5]))[covered].mean() < 3
     assert registered_guide(data.rocket(), grays) is None
+
+
+def test_an_identity_projection_matches_as_plain_cosine_similarity(matcher):
+    """The learned metric is a projection of the same features: the identity must leave the match unchanged, and the
+    shipped projection must change it (it was trained)."""
+    import torch
+    from skimage import data
+
+    from correspondence import METRIC_FILE, Matcher, load_projection
+    from utils import rgb_to_gray
+
+    frame, exemplar = rgb_to_gray(data.astronaut()[::2, ::2])[None], data.astronaut()[:, ::-1]
+    plain, _ = matcher.match(frame, [matcher.source(exemplar)])
+    channels = matcher.backbone_features(frame).shape[1]
+    identity = Matcher(temperature=matcher.temperature, projection=torch.eye(channels))
+    same, _ = identity.match(frame, [identity.source(exemplar)])
+    np.testing.assert_allclose(same, plain, atol=1e-3)
+    projection, temperature = load_projection(METRIC_FILE)
+    assert projection.shape == (channels, channels) and temperature > 0
+    assert not torch.allclose(projection, torch.eye(channels), atol=1e-3)
+
+
+def test_a_missing_learned_metric_is_a_one_line_error(tmp_path, monkeypatch):
+    import correspondence
+    from utils import UserError
+
+    monkeypatch.setattr(correspondence, "METRIC_FILE", tmp_path / "metric.safetensors")
+    correspondence.shared_matcher.cache_clear()
+    try:
+        with pytest.raises(UserError, match="metric.safetensors.*restore it"):
+            correspondence.shared_matcher()
+    finally:
+        correspondence.shared_matcher.cache_clear()
+
+
+def test_training_the_metric_lowers_the_matching_error_on_its_pairs(tmp_path):
+    """experiments/train_matcher.py on two short clips: the metric it writes colours the clips' far-apart frame
+    pairs better than the identity it starts from, and a clip named by --holdout is left out."""
+    import torch
+    from conftest import panning_clip
+
+    from correspondence import TEMPERATURE, load_projection
+    from experiments.train_matcher import ClipFeatures, pair_loss
+    from video_io import write_image_rgb
+
+    frames = panning_clip(12, (144, 192))
+    for name, clip in (("left", frames), ("right", [f[:, ::-1] for f in frames]), ("held", frames[:4])):
+        (tmp_path / "clips" / name).mkdir(parents=True)
+        for i, frame in enumerate(clip):
+            write_image_rgb(tmp_path / "clips" / name / f"{i:05d}.png", np.ascontiguousarray(frame))
+    out = tmp_path / "matcher" / "metric.safetensors"
+    result = run_main("experiments.train_matcher", "--clips", tmp_path / "clips", "--holdout", "held",
+                      "--frames-per-clip", 4, "--steps", 25, "--batch-size", 2, "--lr", 3e-3, "--out", out,
+                      cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    projection, temperature = load_projection(out)
+    clips = [ClipFeatures(**clip) for clip in torch.load(out.with_name("features_4_0.pt"))]
+    assert len(clips) == 2
+
+    def error(projection: torch.Tensor, temperature: float) -> float:
+        log_temperature = torch.tensor(float(np.log(temperature)))
+        with torch.no_grad():
+            return float(np.mean([pair_loss(projection, log_temperature, *clip.queries[b], *clip.keys[a], 10**6,
+                                            torch.Generator()).item()
+                                  for clip in clips for a in range(4) for b in range(4) if abs(a - b) >= 1]))
+
+    assert error(projection, temperature) < error(torch.eye(len(projection)), TEMPERATURE)
