@@ -20,6 +20,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +31,9 @@ from correspondence import TEMPERATURE, TOP_K, Matcher, project
 from utils import rgb_to_chroma, rgb_to_gray, run_cli
 from video_io import iter_clip_frames, list_clips
 
+if TYPE_CHECKING:  # torch is imported where needed
+    import torch
+
 HELD_OUT = ("flatten__puff", "openh264__bus_qcif", "tuneavideo__car-turn", "sam2__bedroom")
 
 
@@ -39,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--holdout", nargs="*", default=list(HELD_OUT), help="clip names left out of training")
     parser.add_argument("--frames-per-clip", type=int, default=10, help="evenly spaced frames taken from each clip")
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=4, help="pairs per step")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     parser.add_argument("--positions", type=int, default=512, help="gray-frame positions scored per pair")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -54,8 +58,8 @@ class ClipFeatures:
     """One clip's sampled frames: as queries (gray features and true chroma at the grid) and as keys (an augmented
     colour copy's features and chroma, flattened)."""
 
-    queries: list[tuple["torch.Tensor", "torch.Tensor"]]  # noqa: F821  (C x h x w, h x w x 2)
-    keys: list[tuple["torch.Tensor", "torch.Tensor"]]  # noqa: F821  (C x n, n x 2)
+    queries: list[tuple[torch.Tensor, torch.Tensor]]  # (C x h x w features, h x w x 2 chroma)
+    keys: list[tuple[torch.Tensor, torch.Tensor]]  # (C x n features, n x 2 chroma)
 
 
 def grid_chroma(rgb: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -89,9 +93,9 @@ def clip_features(clip: Path, matcher: Matcher, count: int, rng: np.random.Gener
     return ClipFeatures(queries, keys)
 
 
-def pair_loss(projection: "torch.Tensor", log_temperature: "torch.Tensor", query: "torch.Tensor",  # noqa: F821
-              true_chroma: "torch.Tensor", key: "torch.Tensor", key_chroma: "torch.Tensor",  # noqa: F821
-              positions: int, generator: "torch.Generator") -> "torch.Tensor":  # noqa: F821
+def pair_loss(projection: torch.Tensor, log_temperature: torch.Tensor, query: torch.Tensor,
+              true_chroma: torch.Tensor, key: torch.Tensor, key_chroma: torch.Tensor,
+              positions: int, generator: torch.Generator) -> torch.Tensor:
     """Mean squared chroma error (8-bit scale / 128) of one gray frame coloured by matching one colour frame, over
     `positions` random positions of the gray frame (each matched against all of the colour frame's)."""
     import torch
