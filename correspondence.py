@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from modules import imagenet_efficientnet, imagenet_input
-from utils import UserError
+from utils import UserError, rgb_to_chroma, rgb_to_gray
 
 if TYPE_CHECKING:
     from guidance import Guide
@@ -92,13 +92,8 @@ class Matcher:
 
     def source(self, rgb: np.ndarray) -> ColourSource:
         """A colour image (HxWx3 uint8, any size) -> its features and chroma at the stride-8 grid."""
-        import cv2
-
-        from utils import rgb_to_chroma, rgb_to_gray
-
         features = self.features(rgb_to_gray(rgb)[None])[0]
-        grid = features.shape[-2:]
-        chroma = cv2.resize(rgb_to_chroma(rgb), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+        chroma = grid_chroma(rgb, features.shape[-2:])
         return ColourSource(features.flatten(1).T.contiguous(), torch.from_numpy(chroma.reshape(-1, 2)))
 
     @torch.inference_mode()
@@ -111,19 +106,33 @@ class Matcher:
         values = torch.cat([s.chroma for s in sources])
         chroma, confidence = torch.empty(batch, h * w, 2), torch.empty(batch, h * w)
         for i, queries in enumerate(features.flatten(2).transpose(1, 2)):  # a frame at a time: hw x N similarities
-            best, index = (queries @ keys.T).topk(min(self.top_k, len(keys)), dim=-1)
-            weights = torch.softmax(best / self.temperature, dim=-1)
-            chroma[i] = (weights.unsqueeze(-1) * values[index]).sum(dim=1)
-            confidence[i] = ((best[:, 0] - SIMILARITY_FLOOR) / (SIMILARITY_FULL - SIMILARITY_FLOOR)).clamp(0, 1)
+            chroma[i], best = soft_match(queries, keys, values, self.temperature, self.top_k)
+            confidence[i] = ((best - SIMILARITY_FLOOR) / (SIMILARITY_FULL - SIMILARITY_FLOOR)).clamp(0, 1)
         return chroma.reshape(batch, h, w, 2).numpy(), confidence.reshape(batch, h, w).numpy()
 
 
+def soft_match(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, temperature: float | torch.Tensor,
+               top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm queries (n x C) matched to keys (N x C) carrying values (N x 2): each query's softmax-weighted mean
+    (cosine similarity / temperature) of its top_k keys' values, and its best similarity (n)."""
+    best, index = (queries @ keys.T).topk(min(top_k, len(keys)), dim=-1)
+    weights = torch.softmax(best / temperature, dim=-1)
+    return (weights.unsqueeze(-1) * values[index]).sum(dim=1), best[:, 0]
+
+
+def grid_chroma(rgb: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """A colour image's chroma (HxWx3 uint8 -> h x w x 2) averaged onto the feature grid."""
+    import cv2
+
+    return cv2.resize(rgb_to_chroma(rgb), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+
+
 def project(features: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
-    """B x C x h x w backbone features -> the learned projection's B x D x h x w, unit norm (as they are without
-    one)."""
+    """Backbone features, channels in dimension 1 (B x C x ...) -> the learned projection's B x D x ..., unit norm
+    (as they are without one)."""
     if projection is None:
         return features
-    return F.normalize(torch.einsum("dc,bchw->bdhw", projection, features), dim=1)
+    return F.normalize(torch.einsum("dc,bc...->bd...", projection, features), dim=1)
 
 
 def load_projection(path: Path) -> tuple[torch.Tensor, float]:
@@ -224,8 +233,6 @@ def exemplar_keypoints(exemplar: np.ndarray) -> list[tuple[bool, list, np.ndarra
     those with enough points to register (computed once, then tried on every sampled frame)."""
     import cv2
 
-    from utils import rgb_to_gray
-
     sift = cv2.SIFT_create(nfeatures=2000)
     found = []
     for mirrored in (False, True):
@@ -244,8 +251,6 @@ def register(exemplar: np.ndarray, keypoints: list[tuple[bool, list, np.ndarray]
     (REGISTRATION_INLIERS matches, luma within REGISTRATION_LUMA levels where it lands). -> (3x3 homography, mean luma
     difference)."""
     import cv2
-
-    from utils import rgb_to_gray
 
     frame_points, frame_descriptors = cv2.SIFT_create(nfeatures=2000).detectAndCompute(gray, None)
     if frame_descriptors is None or len(frame_points) < REGISTRATION_INLIERS:
@@ -288,7 +293,6 @@ def registered_guide(exemplar: np.ndarray, grays: dict[int, np.ndarray]) -> Guid
     """An exemplar registered onto the frame it fits best among `grays` (frame index -> uint8 luma at the
     propagation size) -> a keyframe guide there covering what the exemplar shows (guidance.Guide), or None."""
     from guidance import Guide, luma_palette
-    from utils import rgb_to_chroma, rgb_to_gray
 
     keypoints = exemplar_keypoints(exemplar)
     if not keypoints:

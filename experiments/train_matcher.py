@@ -27,8 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
-from correspondence import TEMPERATURE, TOP_K, Matcher, project
-from utils import rgb_to_chroma, rgb_to_gray, run_cli
+from correspondence import TEMPERATURE, TOP_K, Matcher, grid_chroma, project, soft_match
+from utils import rgb_to_gray, run_cli
 from video_io import iter_clip_frames, list_clips
 
 if TYPE_CHECKING:  # torch is imported where needed
@@ -56,16 +56,10 @@ def parse_args() -> argparse.Namespace:
 @dataclass
 class ClipFeatures:
     """One clip's sampled frames: as queries (gray features and true chroma at the grid) and as keys (an augmented
-    colour copy's features and chroma, flattened)."""
+    colour copy's features and chroma, flattened, as Matcher.source gives them)."""
 
     queries: list[tuple[torch.Tensor, torch.Tensor]]  # (C x h x w features, h x w x 2 chroma)
-    keys: list[tuple[torch.Tensor, torch.Tensor]]  # (C x n features, n x 2 chroma)
-
-
-def grid_chroma(rgb: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    import cv2
-
-    return cv2.resize(rgb_to_chroma(rgb), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+    keys: list[tuple[torch.Tensor, torch.Tensor]]  # (n x C features, n x 2 chroma)
 
 
 def augmented(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -78,6 +72,7 @@ def augmented(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def clip_features(clip: Path, matcher: Matcher, count: int, rng: np.random.Generator) -> ClipFeatures:
+    """`count` evenly spaced frames of a clip seen by a matcher without a projection (the backbone's features)."""
     import torch
 
     frames = list(iter_clip_frames(clip))
@@ -86,10 +81,8 @@ def clip_features(clip: Path, matcher: Matcher, count: int, rng: np.random.Gener
     for frame in frames:
         features = matcher.backbone_features(rgb_to_gray(frame)[None])[0]
         queries.append((features.half(), torch.from_numpy(grid_chroma(frame, features.shape[-2:]))))
-        key = augmented(frame, rng)
-        key_features = matcher.backbone_features(rgb_to_gray(key)[None])[0]
-        keys.append((key_features.flatten(1).half(),
-                     torch.from_numpy(grid_chroma(key, key_features.shape[-2:]).reshape(-1, 2))))
+        source = matcher.source(augmented(frame, rng))
+        keys.append((source.features.half(), source.chroma))
     return ClipFeatures(queries, keys)
 
 
@@ -102,11 +95,9 @@ def pair_loss(projection: torch.Tensor, log_temperature: torch.Tensor, query: to
 
     queries, truth = query.flatten(1).T, true_chroma.reshape(-1, 2)
     chosen = torch.randperm(len(queries), generator=generator)[:positions]
-    q = project(queries[chosen].float().T[None, :, :, None], projection)[0, :, :, 0].T
-    k = project(key.float()[None, :, :, None], projection)[0, :, :, 0].T
-    best, index = (q @ k.T).topk(min(TOP_K, len(k)), dim=-1)
-    weights = torch.softmax(best / log_temperature.exp(), dim=-1)
-    found = (weights.unsqueeze(-1) * key_chroma[index]).sum(dim=1)
+    q = project(queries[chosen].float().T[None], projection)[0].T
+    k = project(key.float().T[None], projection)[0].T
+    found, _ = soft_match(q, k, key_chroma, log_temperature.exp(), TOP_K)
     return ((found - truth[chosen]) / 128.0).pow(2).mean()
 
 
