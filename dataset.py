@@ -168,8 +168,9 @@ LATENT_META = ("vae", "vac", "image_size", "downscale", "scaling_factor", "vae_f
 
 class LatentDataset(Dataset):
     """The cached features of `feature_extraction.py`: one item = colour latent, grayscale frame, and, when stored,
-    the VAC tokens or a hybrid VAC's backbone features (`backbone_<stride>`), and what colour hints are drawn from
-    (the item's chroma, its partner frame's warped chroma and that warp's reliability)."""
+    the VAC tokens or a hybrid VAC's backbone features (`backbone_<stride>`) and its grayscale input (`vac_gray`, at
+    twice the working size), and what colour hints are drawn from (the item's chroma, its partner frame's warped
+    chroma and that warp's reliability)."""
 
     def __init__(self, path: Path):
         path = Path(path)
@@ -188,6 +189,7 @@ class LatentDataset(Dataset):
                 self.tokens = data["tokens"] if "tokens" in data.files else None
                 self.backbone = {k: data[k] for k in sorted(data.files)
                                  if k.startswith("backbone_") and k.split("_", 1)[1].isdigit()}
+                self.vac_gray = data["vac_gray"] if "vac_gray" in data.files else None
                 self.hint_sources = {k: data[k] for k in HINT_KEYS} if set(HINT_KEYS) <= set(data.files) else None
                 self.meta = {k: str(data[k]) for k in LATENT_META if k in data.files}
         except UserError:
@@ -215,7 +217,7 @@ class LatentDataset(Dataset):
 
     def optional_arrays(self) -> dict[str, np.ndarray]:
         return {**({"tokens": self.tokens} if self.tokens is not None else {}), **self.backbone,
-                **(self.hint_sources or {})}
+                **({"vac_gray": self.vac_gray} if self.vac_gray is not None else {}), **(self.hint_sources or {})}
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -227,6 +229,8 @@ class LatentDataset(Dataset):
         if self.tokens is not None:
             item["tokens"] = torch.from_numpy(self.tokens[i].astype(np.float32))
         item.update({key: torch.from_numpy(value[i].astype(np.float32)) for key, value in self.backbone.items()})
+        if self.vac_gray is not None:
+            item["vac_gray"] = torch.from_numpy(self.vac_gray[i]).float().unsqueeze(0) / 255.0
         if self.hint_sources is not None:
             item.update({key: value[i].astype(np.float32) for key, value in self.hint_sources.items()})
         return item

@@ -7,8 +7,9 @@ For every frame (root/<video>/00000.jpg ...; any depth of folders): the VAE late
 mean x the VAE's scaling factor), every last-layer VAC token of the grayscale frame, and the grayscale frame itself
 (the denoiser's spatial condition), all at --image-size (short side resized, centre square). With a hybrid VAC
 (`--vac timm:efficientnet_lite0`, or a trained one's folder), the feature maps of its frozen ImageNet backbone on the
-grayscale frame at twice that size are stored instead of tokens: training then runs only the VAC's head. Work is
-written in shards, so an interrupted run resumes where it stopped; latent.npz appears only when complete.
+grayscale frame at twice that size are stored instead of tokens, and that grayscale input itself: training then runs
+only the VAC's head on the maps, or fine-tunes the backbone too on its input (train_diffusion.py --train-backbone).
+Work is written in shards, so an interrupted run resumes where it stopped; latent.npz appears only when complete.
 
 Under `accelerate launch` or torchrun, N processes (GPUs, machines sharing the --data-dir folder) take every Nth
 shard each, and the main process merges them: the same latent.npz as one process makes.
@@ -72,12 +73,13 @@ def parse_args() -> argparse.Namespace:
 def extract_batch(rgb: np.ndarray, vae, vac, device: torch.device, partner: np.ndarray | None = None,
                   large_gray: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Features of a batch of colour views; `vac` None stores no tokens, a hybrid VAC its backbone's maps of
-    `large_gray` (the views' luma at BACKBONE_SCALE x the size); with `partner` (the views' partner frames,
-    all-zero where there is none), the hint sources too."""
+    `large_gray` (the views' luma at BACKBONE_SCALE x the size) and `large_gray` itself; with `partner` (the views'
+    partner frames, all-zero where there is none), the hint sources too."""
     gray = gray_batch(rgb)
     latents = vae.encode(vae_input(rgb, vae).to(device)).latent_dist.mean * vae.config.scaling_factor
     features = {"latents": latents.cpu().numpy().astype(np.float16), "gray": (gray[:, 0] * 255).round().byte().numpy()}
     if isinstance(vac, HybridVAC):
+        features["vac_gray"] = large_gray
         large = torch.from_numpy(large_gray).float().unsqueeze(1).to(device) / 255.0
         for key, value in zip(BACKBONE_KEYS, vac.features(large)):
             features[key] = value.cpu().numpy().astype(np.float16)  # ReLU6 outputs: float16 holds them exactly enough
@@ -147,7 +149,7 @@ def shard_job(records: list[FrameRecord], args: argparse.Namespace, vae_print: s
            "flip": args.flip, "random_crops": args.random_crops, "seed": args.seed if args.random_crops else None,
            "batch_size": args.batch_size if interleaved else None, "frames": frames}
     if backbone:  # recorded only when used, as --hints
-        job.update(backbone=backbone)
+        job.update(backbone=backbone, vac_gray=True)
     if args.hints:  # recorded only when used, so shards of earlier runs without it still resume
         job.update(hints=True, partner_distance=args.partner_distance, clips=sorted(args.clips))
     return job
@@ -171,6 +173,7 @@ def check_shard(path: Path, job: dict, overwrite: bool) -> bool:
     names = {"vae": "VAE (--vae)", "vac": "VAC (--vac) or --no-tokens", "image_size": "--image-size", "flip": "--flip",
              "random_crops": "--random-crops", "seed": "--seed", "hints": "--hints",
              "partner_distance": "--partner-distance", "clips": "--clips", "backbone": "hybrid VAC backbone (--vac)",
+             "vac_gray": "version of feature_extraction.py",
              "batch_size": "--batch-size", "frames": "set of frames under --dataroot"}
     changed = [names[key] for key in {**stored, **job} if stored.get(key) != job.get(key)] \
         if "damaged" not in stored else ["damaged"]

@@ -150,7 +150,7 @@ def save_vac(vac: VAC, folder: Path) -> None:
 
 def vac_weights(vac: nn.Module) -> dict[str, torch.Tensor]:
     """The weights a VAC folder holds: the ViT's, or the hybrid's head (its backbone comes from its package)."""
-    return vac.head_state_dict() if isinstance(vac, HybridVAC) else dict(vac.vit.state_dict())
+    return vac.trained_state_dict() if isinstance(vac, HybridVAC) else dict(vac.vit.state_dict())
 
 
 def load_vac(spec: str) -> nn.Module:
@@ -211,9 +211,10 @@ def vae_fingerprint(vae) -> str:
 
 
 def vac_fingerprint(vac: nn.Module) -> str:
-    """Identifies the VAC's tokens: every weight of its ViT, or its hybrid head's and its backbone's name."""
+    """Identifies the VAC's tokens: every weight of its ViT, or its hybrid head's (and its fine-tuned backbone's) and
+    its backbone's name."""
     if isinstance(vac, HybridVAC):
-        return _fingerprint(vac.head_state_dict(), f"backbone={vac.config['backbone']}")
+        return _fingerprint(vac.trained_state_dict(), f"backbone={vac.config['backbone']}")
     return _fingerprint(dict(vac.vit.state_dict()))
 
 
@@ -287,8 +288,10 @@ class HybridVAC(nn.Module):
     """The VAC as the ViT paper's hybrid: a frozen ImageNet-pretrained CNN's feature maps on the grayscale frame ->
     tokens (strides 16 and 32, each scale its own projection and learned position embedding, plus a global token) ->
     transformer layers -> the UNet's cross-attention. The same feature maps, projected and summed at the latent grid
-    (stride 8), also reach the UNet spatially, beside the grayscale frame. Only this head trains; the backbone's
-    features can be cached (feature_extraction.py stores them)."""
+    (stride 8), also reach the UNet spatially, beside the grayscale frame. Either the head alone trains, on the
+    backbone's cached features (feature_extraction.py stores them), or the backbone is fine-tuned with it
+    (config["backbone_trained"]): then its weights are stored with the head's, and its batch norms keep ImageNet's
+    statistics (a CPU batch is too small to estimate new ones)."""
 
     def __init__(self, config: dict):
         super().__init__()
@@ -317,11 +320,15 @@ class HybridVAC(nn.Module):
     def spatial_channels(self) -> int:
         return int(self.config["spatial_channels"])
 
-    @torch.no_grad()
+    @property
+    def backbone_trained(self) -> bool:
+        return bool(self.config.get("backbone_trained"))
+
     def features(self, gray: torch.Tensor) -> list[torch.Tensor]:
         """gray: Bx1xHxW in [0, 1] at BACKBONE_SCALE x the working size (sides multiples of 32) -> the backbone's
-        maps at strides 8, 16, 32."""
-        return self.backbone.eval()(imagenet_input(gray))
+        maps at strides 8, 16, 32 (with gradients only where the backbone trains)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_trained):
+            return self.backbone.eval()(imagenet_input(gray))
 
     def head(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The backbone's maps -> (B x tokens x token_dim, B x spatial_channels x the stride-8 grid)."""
@@ -340,8 +347,12 @@ class HybridVAC(nn.Module):
         return self.head(self.features(gray))
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
-        """What training changes and a VAC folder stores: everything but the backbone (its package holds it)."""
+        """Everything but the backbone (its package holds ImageNet's weights)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """What training changes and a VAC folder stores: the head, and the backbone where it was fine-tuned."""
+        return dict(self.state_dict()) if self.backbone_trained else self.head_state_dict()
 
 
 def build_hybrid_vac(backbone: str = "efficientnet_lite0", token_dim: int = 192, layers: int = 2, heads: int = 3,

@@ -79,6 +79,10 @@ def parse_args() -> argparse.Namespace:
                         help="train the VAC with the UNet (tokens computed each step; the checkpoint holds the VAC)")
     parser.add_argument("--vac-lr-scale", type=float, default=0.3, help="with --train-vac: the VAC's learning rate "
                         "as a fraction of --lr (it starts pretrained)")
+    parser.add_argument("--train-backbone", action="store_true", help="with --train-vac and a hybrid VAC: fine-tune "
+                        "its ImageNet backbone too, on the grayscale input latent.npz stores (slower steps)")
+    parser.add_argument("--backbone-lr-scale", type=float, default=0.1, help="with --train-backbone: the backbone's "
+                        "learning rate as a fraction of the VAC's (it starts from ImageNet)")
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--cond-dropout", type=float, default=0.1, help="probability of dropping the VAC tokens")
     parser.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting; 0: plain MSE")
@@ -169,6 +173,7 @@ def check_resumable(checkpoint: Path, args: argparse.Namespace, fingerprints: di
              ("--train-timesteps", scheduler.get("num_train_timesteps"), args.train_timesteps),
              ("--hints", bool(saved.get("hint_channels")), args.hints),
              ("--train-vac", bool(saved.get("train_vac")), args.train_vac),
+             ("--train-backbone", bool(saved.get("train_backbone")), args.train_backbone),
              ("VAE", saved.get("vae_fingerprint"), fingerprints["vae_fingerprint"])]
     if not args.train_vac:  # a trained VAC has moved on from the one the run started with
         pairs.append(("VAC", saved.get("vac_fingerprint"), fingerprints["vac_fingerprint"]))
@@ -270,14 +275,25 @@ def stack(dataset: LatentDataset, indices, device) -> dict:
             else np.stack([item[key] for item in items]) for key in items[0]}
 
 
+def hybrid_condition(vac: HybridVAC, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A hybrid VAC's tokens and spatial map for a batch: from its grayscale input where the backbone is fine-tuned,
+    else from the backbone's cached features."""
+    if vac.backbone_trained:
+        return vac(batch["vac_gray"])
+    return vac.head([batch[key] for key in BACKBONE_KEYS])
+
+
 def complete_batch(batch: dict, vac, hint_rngs: list[np.random.Generator] | None, none_fraction: float = 1.0) -> dict:
     """The model's inputs for a batch: VAC tokens when latent.npz has none (with gradients when the VAC trains; a
-    hybrid VAC's head makes them, and its spatial map, from the cached backbone features), and colour hints when the
-    UNet takes them (`hint_rngs`: one generator per row, None for a UNet without hints)."""
+    hybrid VAC makes them, and its spatial map, from the cached backbone features or, fine-tuning its backbone, from
+    the grayscale input), and colour hints when the UNet takes them (`hint_rngs`: one generator per row, None for a
+    UNet without hints)."""
     batch = {key: value for key, value in batch.items() if torch.is_tensor(value)} | \
         {key: value for key, value in batch.items() if not torch.is_tensor(value) and hint_rngs is not None}
     if isinstance(vac, HybridVAC):
-        batch["tokens"], batch["spatial"] = vac.head([batch.pop(key) for key in BACKBONE_KEYS])
+        batch["tokens"], batch["spatial"] = hybrid_condition(vac, batch)
+        for key in (*BACKBONE_KEYS, "vac_gray"):
+            batch.pop(key, None)
     elif "tokens" not in batch:
         batch["tokens"] = vac(batch["gray"])
     if hint_rngs is not None:
@@ -312,7 +328,7 @@ def save_sample_grid(colorizer: Colorizer, dataset, indices, path: Path) -> None
     tokens, spatial = batch.get("tokens"), None
     if isinstance(colorizer.vac, HybridVAC):
         with torch.no_grad():
-            tokens, spatial = colorizer.vac.head([batch[key] for key in BACKBONE_KEYS])
+            tokens, spatial = hybrid_condition(colorizer.vac, batch)
     latents = colorizer.sample_latents(batch["gray"], noise, "ddim", 20, tokens=tokens, spatial=spatial)
     predicted, truth = colorizer.decode_chroma(latents), colorizer.decode_chroma(batch["latents"])
     gray = (batch["gray"][:, 0].cpu().numpy() * 255).round().astype(np.uint8)
@@ -342,6 +358,9 @@ def load_data(args: argparse.Namespace) -> tuple[LatentDataset, Path, str, str]:
                         f"feature_extraction.py --overwrite")
     if args.hints and dataset.hint_sources is None:
         raise UserError(f"{data_path}: holds no hint sources for --hints; re-run feature_extraction.py with --hints")
+    if args.train_backbone and dataset.vac_gray is None:
+        raise UserError(f"{data_path}: holds no grayscale input of the backbone for --train-backbone; re-run "
+                        f"feature_extraction.py --overwrite with a hybrid VAC")
     if args.train_vac and dataset.tokens is not None:
         print(f"note: {data_path} holds VAC tokens; --train-vac computes them anew each step", file=sys.stderr)
         dataset.tokens = None
@@ -410,7 +429,12 @@ def build_models(args: argparse.Namespace, accelerator, dataset: LatentDataset, 
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=type(unet), model_config=unet.config)
     groups = [{"params": list(unet.parameters())}]
     if args.train_vac:
-        groups.append({"params": [p for p in vac.parameters() if p.requires_grad], "lr": args.lr * args.vac_lr_scale})
+        backbone = set(vac.backbone.parameters()) if isinstance(vac, HybridVAC) else set()
+        groups.append({"params": [p for p in vac.parameters() if p.requires_grad and p not in backbone],
+                       "lr": args.lr * args.vac_lr_scale})
+        if args.train_backbone:
+            groups.append({"params": list(vac.backbone.parameters()),
+                           "lr": args.lr * args.vac_lr_scale * args.backbone_lr_scale})
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     if args.train_vac:
@@ -446,7 +470,8 @@ def initialize_from(folder: Path, unet, vac) -> None:
             config = json.loads((folder / CONFIG_NAME).read_text())
             source = load_vac(resolve_component(config["vac"], folder))
             if isinstance(source, HybridVAC) and isinstance(vac, HybridVAC):
-                vac.load_state_dict(source.head_state_dict(), strict=False)
+                vac.load_state_dict(source.trained_state_dict(), strict=False)
+                vac.config["backbone_trained"] = vac.backbone_trained or source.backbone_trained
             elif not isinstance(source, HybridVAC) and not isinstance(vac, HybridVAC):
                 vac.vit.load_state_dict(source.vit.state_dict())
             else:
@@ -513,6 +538,7 @@ def run_config(args: argparse.Namespace, accelerator, run_dir: Path, data: tuple
         "cond_dropout": args.cond_dropout,
         **({"hint_channels": HINT_CHANNELS} if args.hints else {}),
         **({"train_vac": True, "vac": "vac"} if args.train_vac else {}),
+        **({"train_backbone": True} if args.train_backbone else {}),
         "dataset": str(data_path),
         "train_frames": train_count,
         "steps_before": steps_before(args, run_dir),
@@ -618,8 +644,12 @@ def main() -> None:
         raise UserError(f"VAC {vac_spec}: a new hybrid VAC, its head untrained; add --train-vac")
     vae = load_vae(vae_spec).eval().requires_grad_(False)
     vac = load_vac(vac_spec).eval().requires_grad_(args.train_vac)
+    if args.train_backbone and not (args.train_vac and isinstance(vac, HybridVAC)):
+        raise UserError(f"--train-backbone: needs --train-vac and a hybrid VAC (--vac timm:efficientnet_lite0, or a "
+                        f"folder of one), not {vac_spec}")
     if isinstance(vac, HybridVAC):
-        vac.backbone.requires_grad_(False)  # frozen: its features come cached from latent.npz
+        vac.config["backbone_trained"] = args.train_backbone or vac.backbone_trained
+        vac.backbone.requires_grad_(args.train_backbone)  # else frozen: its features come cached from latent.npz
     check_components(dataset, data_path, vae, vac, vae_spec, vac_spec)
     fingerprints = {"vae_fingerprint": vae_fingerprint(vae), "vac_fingerprint": vac_fingerprint(vac)}
     run_dir = prepare_run_dir(args, accelerator)

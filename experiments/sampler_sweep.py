@@ -3,8 +3,9 @@
   python experiments/sampler_sweep.py --clips ../shared/data/val --frames 16 --out docs/sampler_sweep.png
 
 Every (sampler, steps) pair colorizes the first --frames frames of each clip (grayscale of the colour frames) with
-the same weights, noise and temporal settings, and is scored with evaluate.py against the colour frames. Writes a
-PNG plot and a JSON table.
+the same weights, noise and temporal settings, and is scored with evaluate.py against the colour frames; with several
+--seeds, each setting runs once per seed (one initial noise per shot makes a clip's colours one draw) and the table
+gives their mean, and each seed's. Writes a PNG plot and a JSON table.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samplers", nargs="+", default=["ddim", "dpm++", "unipc", "euler"], choices=SAMPLERS)
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--frames", type=int, default=16, help="first N frames of each clip")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="initial-noise seeds, averaged")
     parser.add_argument("--settings", default="", help="video_colorization.py's other sampling flags (--guidance, "
                         "--saturation, --propagation, ...), quoted")
     parser.add_argument("--out", type=Path, default=Path("docs") / "sampler_sweep.png")
@@ -87,15 +89,19 @@ def main() -> None:
     base, results = parse_options(args.settings.split()), []
     for sampler in args.samplers:
         for steps in args.steps:
-            settings = dataclasses.replace(base, sampler=sampler, steps=steps)
-            result = {"sampler": sampler, "steps": steps, **score(colorizer, clips, settings)}
+            per_seed = [score(colorizer, clips, dataclasses.replace(base, sampler=sampler, steps=steps, seed=seed))
+                        for seed in args.seeds]
+            result = {"sampler": sampler, "steps": steps,
+                      **{key: float(np.mean([r[key] for r in per_seed])) for key in per_seed[0]},
+                      "per_seed": dict(zip(args.seeds, per_seed))}
             results.append(result)
-            print(f"{sampler:6} {steps:4d} steps: PSNR {result['psnr']:.2f}  SSIM {result['ssim']:.4f}  "
+            seeds = " ".join(f"{r['psnr']:.2f}" for r in per_seed)
+            print(f"{sampler:6} {steps:4d} steps: PSNR {result['psnr']:.2f} ({seeds})  SSIM {result['ssim']:.4f}  "
                   f"CF {result['colorfulness']:.1f}  CDC {result['cdc']:.5f}  "
                   f"{result['seconds_per_frame']:.2f} s/frame", flush=True)
     plot(results, args.out)
-    args.out.with_suffix(".json").write_text(json.dumps({"settings": args.settings, "frames": args.frames,
-                                                         "results": results}, indent=2))
+    table = {"settings": args.settings, "frames": args.frames, "seeds": args.seeds, "results": results}
+    args.out.with_suffix(".json").write_text(json.dumps(table, indent=2))
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
 
 

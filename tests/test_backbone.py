@@ -123,3 +123,37 @@ def test_three_stages_with_a_hybrid_vac(tmp_path, tiny_components, frame_root, t
     run_script("video_colorization.py", "--input", str(gray_video), "--model", str(tmp_path / "runs" / "hybrid"),
                "--output", str(output), "--steps", "2", cwd=tmp_path)
     assert probe_clip(output).frame_count == probe_clip(gray_video).frame_count
+
+
+def test_fine_tuning_the_backbone(tmp_path, tiny_components, frame_root):
+    """latent.npz keeps the backbone's grayscale input; --train-backbone trains the backbone on it at its own
+    learning rate, and the checkpoint's VAC holds the changed backbone, which loading it restores."""
+    from safetensors.torch import load_file
+
+    from modules import BACKBONE_SCALE, build_hybrid_vac, imagenet_efficientnet, load_vac, save_vac
+
+    run_script("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "hybrid", "--image-size", "32",
+               "--vae", str(tiny_components["vae"]), "--vac", "timm:efficientnet_lite0", cwd=tmp_path)
+    with np.load(tmp_path / "data" / "hybrid" / "latent.npz") as data:
+        assert data["vac_gray"].shape[1:] == (BACKBONE_SCALE * 32, BACKBONE_SCALE * 32)
+        small = torch.nn.functional.avg_pool2d(torch.from_numpy(data["vac_gray"][:, None]).float(), BACKBONE_SCALE)
+        assert (small[:, 0] - torch.from_numpy(data["gray"]).float()).abs().mean() < 3  # the same view, finer
+
+    save_vac(build_hybrid_vac(token_dim=32, layers=1, heads=2, spatial_channels=8), tmp_path / "small_vac")
+    train = ["train_diffusion.py", "--dataset-name", "hybrid", "--output-dir", "runs", "--net-dimension", "8",
+             "--vac", str(tmp_path / "small_vac"), "--batch-size", "4", "--warmup-steps", "1", "--train-vac",
+             "--max-steps", "2", "--checkpoint-every", "2", "--validate-every", "2", "--ema-decay", "0"]
+    with pytest.raises(AssertionError, match="needs --train-vac"):
+        run_script(*[a for a in train if a != "--train-vac"], "--train-backbone", cwd=tmp_path)
+    run_script(*train, "--run-name", "tuned", "--train-backbone", "--lr", "1e-2", "--backbone-lr-scale", "1",
+               cwd=tmp_path)
+    run_script(*train, "--run-name", "frozen", "--lr", "1e-2", cwd=tmp_path)
+    imagenet = imagenet_efficientnet("efficientnet_lite0").state_dict()
+    for run, tuned in (("tuned", True), ("frozen", False)):
+        folder = tmp_path / "runs" / run / "checkpoint-2" / "vac"
+        stored = {k.removeprefix("backbone."): v for k, v in load_file(str(folder / "vac.safetensors")).items()
+                  if k.startswith("backbone.")}
+        assert bool(stored) == tuned  # a frozen backbone is not stored: its package holds it
+        loaded = load_vac(str(folder)).backbone.state_dict()
+        changed = [k for k, v in imagenet.items() if v.is_floating_point() and not torch.equal(v, loaded[k])]
+        assert bool(changed) == tuned
