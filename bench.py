@@ -33,7 +33,8 @@ from utils import UserError, choose_device, rgb_to_gray, run_cli
 from video_colorization import DEFAULT_MODEL, ColorizationOptions, colorize_frames, demo_frames, parse_options
 from video_io import iter_clip_frames
 
-PAPER = ColorizationOptions(sampler="ddpm", steps=1000, guidance=1.0, shared_noise=False, propagation=0.0)
+PAPER = ColorizationOptions(sampler="ddpm", steps=1000, guidance=1.0, saturation=1.0, shared_noise=False,
+                            propagation=0.0)
 
 
 def parse_args() -> argparse.Namespace:

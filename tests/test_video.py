@@ -144,7 +144,7 @@ def test_saturation_scales_the_chroma_and_zero_gives_the_gray_input(colorizer):
     from utils import rgb_to_chroma, rgb_to_gray
 
     frames = panning_clip(2)
-    plain = [rgb_to_chroma(f) for f in colorize(colorizer, frames, propagation=0.0)]
+    plain = [rgb_to_chroma(f) for f in colorize(colorizer, frames, propagation=0.0, saturation=1.0)]
     doubled = [rgb_to_chroma(f) for f in colorize(colorizer, frames, propagation=0.0, saturation=2.0)]
     # where doubled colours stay inside the RGB cube (elsewhere chroma is scaled back in, keeping the luma)
     luma = rgb_to_gray(frames[0])
