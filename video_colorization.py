@@ -32,8 +32,8 @@ import torch
 from colorizer import SAMPLERS, Colorizer, combine, load_colorizer, prepare_gray
 import correspondence
 from correspondence import Exemplars, load_exemplars, paste_found, upsample_chroma
-from guidance import (GuidePropagator, hint_tensor, load_hint_image, load_reference, model_hints, parse_guide_spec,
-                      paste_dense, paste_painted, propagate_chroma, propagation_size)
+from guidance import (GuidePropagator, hint_tensor, keep_painted_local, load_hint_image, load_reference, model_hints,
+                      parse_guide_spec, paste_dense, paste_painted, propagate_chroma, propagation_size)
 from utils import UserError, atomic_path, check_writable, choose_device, rgb_to_gray, run_cli, seed_everything
 from video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ClipFrame, VideoInfo, VideoWriter, has_audio,
                       iter_clip_frames, iter_timed_frames, list_clips, mux_audio, probe_clip, read_image_rgb,
@@ -303,9 +303,11 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
         if exemplars is not None:
             match_size = exemplars.matcher.input_size(height, width)
             found = exemplars.colour(np.stack([working_gray(g, match_size) for g in gray]), size)
-        hints = None
+        hints = plain_hints = None
         if guides and colorizer.takes_hints:
             hints = hint_tensor(*map(np.stack, zip(*(model_hints(d, s, size) for d, s in frame_guides))))
+            if any(sparse is not None for _, sparse in frame_guides):
+                plain_hints = hint_tensor(*map(np.stack, zip(*(model_hints(d, None, size) for d, _ in frame_guides))))
         noise = []
         for cut in cuts:
             if cut:
@@ -314,12 +316,21 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
             noise.append(shot_noise if args.shared_noise else torch.randn(latent_shape, generator=noise_generator))
         vac_size = colorizer.vac_size(height, width)
         vac_gray = prepare_gray(gray, vac_size) if vac_size != size else None
+        step_state = step_generator.get_state()
         latents = colorizer.sample_latents(prepare_gray(gray, size), torch.stack(noise), args.sampler, args.steps,
                                            args.guidance, generator=step_generator, hints=hints, vac_gray=vac_gray)
         predicted = colorizer.decode_chroma(latents) * args.saturation
+        plain = itertools.repeat(None)
+        if plain_hints is not None:  # the same draws without the painted hints, which are kept where they reach
+            latents = colorizer.sample_latents(prepare_gray(gray, size), torch.stack(noise), args.sampler, args.steps,
+                                               args.guidance, generator=torch.Generator().set_state(step_state),
+                                               hints=plain_hints, vac_gray=vac_gray)
+            plain = colorizer.decode_chroma(latents) * args.saturation
         found_colour = zip(*found) if found is not None else itertools.repeat(None)
-        for g, g_small, g_guide, chroma, cut, (dense, sparse), colour in zip(gray, small, guide_gray, predicted, cuts,
-                                                                              frame_guides, found_colour):
+        for g, g_small, g_guide, chroma, plain_chroma, cut, (dense, sparse), colour in zip(
+                gray, small, guide_gray, predicted, plain, cuts, frame_guides, found_colour):
+            if plain_chroma is not None and sparse is not None:
+                chroma = keep_painted_local(chroma, plain_chroma, sparse, g_small / np.float32(255))
             if previous_chroma is not None and not cut and args.propagation > 0:
                 chroma = propagate_chroma(previous_gray, g_small, previous_chroma, chroma, args.propagation)
             if colour is not None:

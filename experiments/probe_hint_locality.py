@@ -3,6 +3,7 @@ frame colorized with and without it: the mean change of chroma (BT.601 Cb and Cr
 (right) half of the frame, and near the dot.
 
   python experiments/probe_hint_locality.py --model unet_model/default
+  python experiments/probe_hint_locality.py --model unet_model/v2 --settings "--steps 4 --saturation 1"
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 from colorizer import load_colorizer
 from guidance import Guide, GuidePropagator
 from utils import rgb_to_chroma, rgb_to_gray, run_cli
-from video_colorization import DEFAULT_MODEL, ColorizationOptions, colorize_frames
+from video_colorization import DEFAULT_MODEL, colorize_frames, parse_options
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
 SIZE = (256, 384)
@@ -41,13 +42,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--settings", default="", help="video_colorization.py's sampling flags, quoted (default: its "
+                        "defaults)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     colorizer = load_colorizer(args.model, torch.device("cpu"))
+    settings = parse_options(args.settings.split())
     for name in PHOTOS:
         photo = cv2.resize(getattr(data, name)(), SIZE[::-1], interpolation=cv2.INTER_AREA)
         gray = np.repeat(rgb_to_gray(photo)[..., None], 3, axis=2)
-        plain, hinted = (rgb_to_chroma(next(colorize_frames(colorizer, iter([gray]), ColorizationOptions(), SIZE,
+        plain, hinted = (rgb_to_chroma(next(colorize_frames(colorizer, iter([gray]), settings, SIZE,
                                                             guides))) for guides in (None, painted_dot()))
         change = np.abs(hinted - plain)
         near = change[DOT[0].start - 20 : DOT[0].stop + 20, DOT[1].start - 20 : DOT[1].stop + 20].mean()

@@ -306,16 +306,46 @@ def test_a_reference_needs_a_single_clip(tmp_path, tiny_model, colour_clip):
     assert result.code == 2 and "--reference / --hints colour one clip" in result.error
 
 
-def test_painted_hints_reach_a_model_with_a_hint_input(tmp_path, hint_model, colour_clip):
+def test_painted_hints_reach_a_model_with_a_hint_input_and_stay_local(tmp_path, hint_model, colour_clip,
+                                                                       monkeypatch):
+    """The model sees the painted hints (one pass with them, one without), and its colour changes only where their
+    spread reaches: the far corner keeps nearly the plain run's colour."""
+    from colorizer import Colorizer
     from video_io import iter_clip_frames
 
     folder, _ = colour_clip
+    given = []
+    sample = Colorizer.sample_latents
+
+    def recording(self, *args, hints=None, **kwargs):
+        given.append(None if hints is None else float(hints.abs().sum()))
+        return sample(self, *args, hints=hints, **kwargs)
+
+    monkeypatch.setattr(Colorizer, "sample_latents", recording)
     outputs = {}
     for name, extra in (("plain", []), ("hinted", ["--hints", f"0={folder / 'dot.png'}"])):
+        given.clear()
         result = run_main("video_colorization", "--input", folder / "gray", "--output", tmp_path / name, "--model",
                           hint_model, "--steps", "1", *extra, cwd=tmp_path)
         assert result.code == 0, result.stderr[-2000:]
         outputs[name] = np.stack(list(iter_clip_frames(tmp_path / name))).astype(int)
-    # Far from the dot its pasted colour does not reach (the previous test): only the model's input changes it.
+    assert given[0] > 0 and given[1] == 0  # frame 0's batch: with the hints, then the same draws without them
     far = (slice(None), slice(0, 8), slice(88, 96))
-    assert np.abs(outputs["plain"][far] - outputs["hinted"][far]).max() > 0  # an untrained model: only that it is used
+    far_change = np.abs(outputs["plain"][far] - outputs["hinted"][far]).mean()
+    near_change = np.abs(outputs["plain"][0, 28:36, 38:46] - outputs["hinted"][0, 28:36, 38:46]).mean()
+    assert near_change > 10 and far_change < 3  # 12 levels far away when the model's colour is not kept local
+
+
+def test_the_models_colour_from_painted_hints_is_kept_where_they_reach():
+    from guidance import Guide, keep_painted_local, spread_painted
+
+    luma = np.full((32, 48), 0.3, np.float32)
+    luma[:, 24:] = 0.9
+    mask = np.zeros((32, 48), np.float32)
+    mask[16, 8] = 1.0
+    dot = Guide(0, np.array([30.0, -20.0], np.float32) * mask[..., None], mask, mask, dense=False)
+    hinted, plain = np.full((32, 48, 2), 50.0, np.float32), np.zeros((32, 48, 2), np.float32)
+    kept = keep_painted_local(hinted, plain, dot, luma)
+    reach = spread_painted(dot, luma)[1]
+    assert np.allclose(kept[16, 8], 50.0) and np.abs(kept[:, 26:]).max() < 0.5  # at the dot, and beyond the edge
+    assert np.allclose(kept[..., 0], 50.0 * reach)
