@@ -407,20 +407,20 @@ def spread_painted(sparse: Guide, luma: np.ndarray, steps: int = SPREAD_STEPS,
     return state[..., :2] / np.maximum(reach, 1e-6)[..., None], np.clip(reach, 0.0, 1.0)
 
 
-def keep_painted_local(hinted: np.ndarray, plain: np.ndarray, sparse: Guide, luma: np.ndarray) -> np.ndarray:
-    """The model's chroma with painted hints (`hinted`) where their spread reaches, its chroma without them (`plain`)
-    elsewhere (HxWx2 at the working size, luma in [0, 1]): a hint input trained with dense hints lets a few dots
-    shift the whole frame (v3 moved the far half of a photo by up to 4.5 levels of chroma), and a painted stroke is
-    meant to colour its region, not the rest."""
-    _, reach = spread_painted(sparse, luma)
+def keep_painted_local(hinted: np.ndarray, plain: np.ndarray, reach: np.ndarray) -> np.ndarray:
+    """The model's chroma with painted hints (`hinted`) as far as their spread reaches (`reach`, from
+    spread_painted), its chroma without them (`plain`) elsewhere (HxWx2 at the working size): a hint input trained
+    with dense hints lets a few dots shift the whole frame (v3 moved the far half of a photo by up to 4.5 levels of
+    chroma), and a painted stroke is meant to colour its region, not the rest."""
     return blend(hinted, reach, plain, 1.0)
 
 
-def paste_painted(chroma: np.ndarray, sparse: Guide | None, luma: np.ndarray) -> np.ndarray:
-    """The model's chroma at the working size with painted colour spread over it as far as it reaches."""
-    if sparse is None:
+def paste_painted(chroma: np.ndarray, painted: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """The model's chroma at the working size with painted colour spread over it as far as it reaches (`painted`:
+    spread_painted's chroma and reach, or None)."""
+    if painted is None:
         return chroma
-    spread, reach = spread_painted(sparse, luma)
+    spread, reach = painted
     return blend(spread, reach, chroma, 1.0)
 
 

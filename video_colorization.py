@@ -33,7 +33,8 @@ from colorizer import SAMPLERS, Colorizer, combine, load_colorizer, prepare_gray
 import correspondence
 from correspondence import Exemplars, load_exemplars, paste_found, upsample_chroma
 from guidance import (GuidePropagator, hint_tensor, keep_painted_local, load_hint_image, load_reference, model_hints,
-                      parse_guide_spec, paste_dense, paste_painted, propagate_chroma, propagation_size)
+                      parse_guide_spec, paste_dense, paste_painted, propagate_chroma, propagation_size,
+                      spread_painted)
 from utils import UserError, atomic_path, check_writable, choose_device, rgb_to_gray, run_cli, seed_everything
 from video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ClipFrame, VideoInfo, VideoWriter, has_audio,
                       iter_clip_frames, iter_timed_frames, list_clips, mux_audio, probe_clip, read_image_rgb,
@@ -316,26 +317,28 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
             noise.append(shot_noise if args.shared_noise else torch.randn(latent_shape, generator=noise_generator))
         vac_size = colorizer.vac_size(height, width)
         vac_gray = prepare_gray(gray, vac_size) if vac_size != size else None
-        step_state = step_generator.get_state()
-        latents = colorizer.sample_latents(prepare_gray(gray, size), torch.stack(noise), args.sampler, args.steps,
-                                           args.guidance, generator=step_generator, hints=hints, vac_gray=vac_gray)
-        predicted = colorizer.decode_chroma(latents) * args.saturation
+        model_gray, batch_noise, step_state = prepare_gray(gray, size), torch.stack(noise), step_generator.get_state()
+
+        def sample_chroma(hint_input: torch.Tensor | None, generator: torch.Generator) -> np.ndarray:
+            latents = colorizer.sample_latents(model_gray, batch_noise, args.sampler, args.steps, args.guidance,
+                                               generator=generator, hints=hint_input, vac_gray=vac_gray)
+            return colorizer.decode_chroma(latents) * args.saturation
+
+        predicted = sample_chroma(hints, step_generator)
         plain = itertools.repeat(None)
         if plain_hints is not None:  # the same draws without the painted hints, which are kept where they reach
-            latents = colorizer.sample_latents(prepare_gray(gray, size), torch.stack(noise), args.sampler, args.steps,
-                                               args.guidance, generator=torch.Generator().set_state(step_state),
-                                               hints=plain_hints, vac_gray=vac_gray)
-            plain = colorizer.decode_chroma(latents) * args.saturation
+            plain = sample_chroma(plain_hints, torch.Generator().set_state(step_state))
         found_colour = zip(*found) if found is not None else itertools.repeat(None)
         for g, g_small, g_guide, chroma, plain_chroma, cut, (dense, sparse), colour in zip(
                 gray, small, guide_gray, predicted, plain, cuts, frame_guides, found_colour):
-            if plain_chroma is not None and sparse is not None:
-                chroma = keep_painted_local(chroma, plain_chroma, sparse, g_small / np.float32(255))
+            painted = spread_painted(sparse, g_small / np.float32(255)) if sparse is not None else None
+            if plain_chroma is not None and painted is not None:
+                chroma = keep_painted_local(chroma, plain_chroma, painted[1])
             if previous_chroma is not None and not cut and args.propagation > 0:
                 chroma = propagate_chroma(previous_gray, g_small, previous_chroma, chroma, args.propagation)
             if colour is not None:
                 chroma = paste_found(chroma, *colour)
-            chroma = paste_painted(chroma, sparse, g_small / np.float32(255))
+            chroma = paste_painted(chroma, painted)
             if colour is not None and correspondence.GUIDED_OUTPUT:
                 chroma = upsample_chroma(chroma, g_guide)
             if dense is not None:

@@ -345,7 +345,7 @@ def test_the_models_colour_from_painted_hints_is_kept_where_they_reach():
     mask[16, 8] = 1.0
     dot = Guide(0, np.array([30.0, -20.0], np.float32) * mask[..., None], mask, mask, dense=False)
     hinted, plain = np.full((32, 48, 2), 50.0, np.float32), np.zeros((32, 48, 2), np.float32)
-    kept = keep_painted_local(hinted, plain, dot, luma)
     reach = spread_painted(dot, luma)[1]
+    kept = keep_painted_local(hinted, plain, reach)
     assert np.allclose(kept[16, 8], 50.0) and np.abs(kept[:, 26:]).max() < 0.5  # at the dot, and beyond the edge
     assert np.allclose(kept[..., 0], 50.0 * reach)
