@@ -136,8 +136,12 @@ def check_components(dataset: LatentDataset, data_path: Path, vae, vac, vae_spec
         stored = dataset.meta.get("backbone_name")
         if stored != vac.config["backbone"] or set(dataset.backbone) != set(BACKBONE_KEYS):
             what = f"{stored} features" if stored else "no backbone features"
-            raise UserError(f"{data_path}: holds {what}, not the {vac.config['backbone']} features the hybrid VAC "
-                            f"{vac_spec} reads; re-run feature_extraction.py --overwrite with --vac {vac_spec}")
+            if dataset.vac_gray is None:
+                raise UserError(f"{data_path}: holds {what}, not the {vac.config['backbone']} features the hybrid "
+                                f"VAC {vac_spec} reads; re-run feature_extraction.py --overwrite with --vac {vac_spec}")
+            print(f"note: {data_path} holds {what}; {vac.config['backbone']}'s are computed each step from the "
+                  f"grayscale input it stores (slower steps)", file=sys.stderr)
+            dataset.backbone = {}
     else:
         dataset.backbone = {}  # features of a hybrid VAC's backbone, which this VAC does not read
     if dataset.tokens is None:
@@ -276,9 +280,9 @@ def stack(dataset: LatentDataset, indices, device) -> dict:
 
 
 def hybrid_condition(vac: HybridVAC, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """A hybrid VAC's tokens and spatial map for a batch: from its grayscale input where the backbone is fine-tuned,
-    else from the backbone's cached features."""
-    if vac.backbone_trained:
+    """A hybrid VAC's tokens and spatial map for a batch: from its grayscale input where the backbone is fine-tuned
+    or latent.npz caches another backbone's features, else from the cached features."""
+    if vac.backbone_trained or BACKBONE_KEYS[0] not in batch:
         return vac(batch["vac_gray"])
     return vac.head([batch[key] for key in BACKBONE_KEYS])
 
@@ -454,7 +458,8 @@ def build_models(args: argparse.Namespace, accelerator, dataset: LatentDataset, 
 def initialize_from(folder: Path, unet, vac) -> None:
     """Copy a model folder's UNet (and VAC) weights into the freshly built ones; the shapes must match, but for a
     UNet input widened by a hybrid VAC's spatial map: those new input channels start at zero weight, so the run
-    begins as the model it came from. A VAC of another kind than the folder's keeps its fresh weights."""
+    begins as the model it came from. A VAC of another kind than the folder's keeps its fresh weights; a hybrid VAC
+    on another backbone takes the head's parts that fit (see load_hybrid_head)."""
     from diffusers import UNet2DConditionModel
 
     from colorizer import resolve_component, resolve_model_folder
@@ -470,8 +475,7 @@ def initialize_from(folder: Path, unet, vac) -> None:
             config = json.loads((folder / CONFIG_NAME).read_text())
             source = load_vac(resolve_component(config["vac"], folder))
             if isinstance(source, HybridVAC) and isinstance(vac, HybridVAC):
-                vac.load_state_dict(source.trained_state_dict(), strict=False)
-                vac.config["backbone_trained"] = vac.backbone_trained or source.backbone_trained
+                load_hybrid_head(vac, source)
             elif not isinstance(source, HybridVAC) and not isinstance(vac, HybridVAC):
                 vac.vit.load_state_dict(source.vit.state_dict())
             else:
@@ -480,6 +484,21 @@ def initialize_from(folder: Path, unet, vac) -> None:
     except (RuntimeError, OSError, ValueError, KeyError) as error:
         raise UserError(f"--init-from {folder}: does not fit this run ({first_line(error)}); pass the --net-dimension, "
                         f"--hints and data it was trained with") from None
+
+
+def load_hybrid_head(vac: HybridVAC, source: HybridVAC) -> None:
+    """`source`'s trained weights into `vac`. On the same backbone, all of them; on another one, only the head's
+    tensors of the same shape (the transformer layers, positions, norms and the spatial output), while the
+    projections of the backbone's maps, whose widths differ, and the backbone itself keep their fresh weights."""
+    if source.config["backbone"] == vac.config["backbone"]:
+        vac.load_state_dict(source.trained_state_dict(), strict=False)
+        vac.config["backbone_trained"] = vac.backbone_trained or source.backbone_trained
+        return
+    own = vac.head_state_dict()
+    fitting = {k: v for k, v in source.head_state_dict().items() if k in own and own[k].shape == v.shape}
+    vac.load_state_dict(fitting, strict=False)
+    print(f"note: the VAC's head reads {vac.config['backbone']}, not {source.config['backbone']}: "
+          f"{len(fitting)} of its {len(own)} tensors start from the model's, the rest fresh", file=sys.stderr)
 
 
 def steps_before(args: argparse.Namespace, run_dir: Path) -> int:
@@ -649,7 +668,7 @@ def main() -> None:
                         f"folder of one), not {vac_spec}")
     if isinstance(vac, HybridVAC):
         vac.config["backbone_trained"] = args.train_backbone or vac.backbone_trained
-        vac.backbone.requires_grad_(args.train_backbone)  # else frozen: its features come cached from latent.npz
+        vac.backbone.requires_grad_(args.train_backbone)  # else frozen: its features cached in latent.npz
     check_components(dataset, data_path, vae, vac, vae_spec, vac_spec)
     fingerprints = {"vae_fingerprint": vae_fingerprint(vae), "vac_fingerprint": vac_fingerprint(vac)}
     run_dir = prepare_run_dir(args, accelerator)

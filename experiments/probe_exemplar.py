@@ -49,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=["automatic", "paste=0.5"])
     parser.add_argument("--keyframe", action="store_true", help="give frame 0 itself as --reference instead of "
                         "the exemplar (for the `palette` variants)")
+    parser.add_argument("--also-exemplar", action="store_true", help="with --keyframe: frame 0 is also given as an "
+                        "exemplar, so the correspondence colours beside the flow what the keyframe's carry loses")
     parser.add_argument("--propagation", type=float, default=ColorizationOptions.propagation)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write the table here")
@@ -92,7 +94,8 @@ def main() -> None:
                 frames = list(iter_clip_frames(clip))
                 if args.keyframe:
                     write_image_rgb(folder / "key.png", frames[0])
-                    options = ColorizationOptions(propagation=args.propagation, reference=[str(folder / "key.png")])
+                    options = ColorizationOptions(propagation=args.propagation, reference=[str(folder / "key.png")],
+                                                  exemplar=[str(folder / "key.png")] if args.also_exemplar else [])
                 else:
                     write_image_rgb(folder / "exemplar.png", correspondence.mirrored_crop(frames[0]))
                     options = ColorizationOptions(propagation=args.propagation,

@@ -157,3 +157,18 @@ def test_fine_tuning_the_backbone(tmp_path, tiny_components, frame_root):
         loaded = load_vac(str(folder)).backbone.state_dict()
         changed = [k for k, v in imagenet.items() if v.is_floating_point() and not torch.equal(v, loaded[k])]
         assert bool(changed) == tuned
+
+    # another backbone than the cached one (Lite2's maps are wider than Lite0's, so its head cannot read Lite0's
+    # cache): its frozen features are computed each step from the stored grayscale input; started from the Lite0
+    # run's model (learning rate 0), it keeps that model's transformer layers and starts the projections fresh
+    save_vac(build_hybrid_vac("efficientnet_lite2", token_dim=32, layers=1, heads=2, spatial_channels=8),
+             tmp_path / "lite2_vac")
+    other = [a if a != str(tmp_path / "small_vac") else str(tmp_path / "lite2_vac") for a in train]
+    result = run_script(*other, "--run-name", "lite2", "--lr", "0", "--init-from",
+                        str(tmp_path / "runs" / "frozen" / "checkpoint-2"), cwd=tmp_path)
+    assert "efficientnet_lite0 features; efficientnet_lite2's are computed each step" in result.stderr
+    lite2 = load_vac(str(tmp_path / "runs" / "lite2" / "checkpoint-2" / "vac"))
+    lite0 = load_vac(str(tmp_path / "runs" / "frozen" / "checkpoint-2" / "vac"))
+    assert lite2.config["backbone"] == "efficientnet_lite2"
+    assert torch.equal(lite2.encoder.layers[0].linear1.weight, lite0.encoder.layers[0].linear1.weight)
+    assert lite2.lateral[0].weight.shape[1] != lite0.lateral[0].weight.shape[1]
