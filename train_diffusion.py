@@ -668,7 +668,7 @@ def main() -> None:
                         f"folder of one), not {vac_spec}")
     if isinstance(vac, HybridVAC):
         vac.config["backbone_trained"] = args.train_backbone or vac.backbone_trained
-        vac.backbone.requires_grad_(args.train_backbone)  # else frozen: its features cached in latent.npz
+        vac.backbone.requires_grad_(args.train_backbone)  # else frozen: its maps cached, or computed from vac_gray
     check_components(dataset, data_path, vae, vac, vae_spec, vac_spec)
     fingerprints = {"vae_fingerprint": vae_fingerprint(vae), "vac_fingerprint": vac_fingerprint(vac)}
     run_dir = prepare_run_dir(args, accelerator)
