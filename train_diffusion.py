@@ -133,15 +133,7 @@ def check_components(dataset: LatentDataset, data_path: Path, vae, vac, vae_spec
     if dataset.latents.shape[1] != vae.config.latent_channels:
         problems["vae"].append(f"{dataset.latents.shape[1]} latent channels, not {vae.config.latent_channels}")
     if isinstance(vac, HybridVAC):
-        stored = dataset.meta.get("backbone_name")
-        if stored != vac.config["backbone"] or set(dataset.backbone) != set(BACKBONE_KEYS):
-            what = f"{stored} features" if stored else "no backbone features"
-            if dataset.vac_gray is None:
-                raise UserError(f"{data_path}: holds {what}, not the {vac.config['backbone']} features the hybrid "
-                                f"VAC {vac_spec} reads; re-run feature_extraction.py --overwrite with --vac {vac_spec}")
-            print(f"note: {data_path} holds {what}; {vac.config['backbone']}'s are computed each step from the "
-                  f"grayscale input it stores (slower steps)", file=sys.stderr)
-            dataset.backbone = {}
+        choose_backbone_maps(dataset, data_path, vac, vac_spec)
     else:
         dataset.backbone = {}  # features of a hybrid VAC's backbone, which this VAC does not read
     if dataset.tokens is None:
@@ -272,6 +264,25 @@ def diffusion_loss(unet, batch: dict, scheduler, cond_dropout: float, downscale:
     return per_example.mean()
 
 
+def choose_backbone_maps(dataset: LatentDataset, data_path: Path, vac: HybridVAC, vac_spec: str) -> None:
+    """Training reads a hybrid VAC's backbone maps from latent.npz where they are its frozen backbone's; else (a
+    fine-tuned backbone, or another one than the cache's) it computes them each step from the grayscale input
+    latent.npz stores, and the cache is dropped so that no item loads it for nothing."""
+    stored = dataset.meta.get("backbone_name")
+    if not vac.backbone_trained and stored == vac.config["backbone"] and set(dataset.backbone) == set(BACKBONE_KEYS):
+        return
+    if dataset.vac_gray is None:
+        what = f"{stored} features" if stored else "no backbone features"
+        need = ("no grayscale input for the fine-tuned backbone" if vac.backbone_trained else
+                f"{what}, not the {vac.config['backbone']} features the hybrid VAC {vac_spec} reads")
+        raise UserError(f"{data_path}: holds {need}; re-run feature_extraction.py --overwrite with --vac "
+                        f"{vac_spec}")
+    if not vac.backbone_trained:
+        print(f"note: {data_path} holds {stored} features; {vac.config['backbone']}'s are computed each step from the "
+              f"grayscale input it stores (slower steps)", file=sys.stderr)
+    dataset.backbone = {}
+
+
 def stack(dataset: LatentDataset, indices, device) -> dict:
     """A batch: tensors on `device`; numpy arrays (the hint sources) stay numpy."""
     items = [dataset[int(i)] for i in indices]
@@ -280,9 +291,9 @@ def stack(dataset: LatentDataset, indices, device) -> dict:
 
 
 def hybrid_condition(vac: HybridVAC, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """A hybrid VAC's tokens and spatial map for a batch: from its grayscale input where the backbone is fine-tuned
-    or latent.npz caches another backbone's features, else from the cached features."""
-    if vac.backbone_trained or BACKBONE_KEYS[0] not in batch:
+    """A hybrid VAC's tokens and spatial map for a batch: from the cached backbone maps where training reads them
+    (choose_backbone_maps), else from the grayscale input."""
+    if BACKBONE_KEYS[0] not in batch:
         return vac(batch["vac_gray"])
     return vac.head([batch[key] for key in BACKBONE_KEYS])
 
@@ -362,9 +373,6 @@ def load_data(args: argparse.Namespace) -> tuple[LatentDataset, Path, str, str]:
                         f"feature_extraction.py --overwrite")
     if args.hints and dataset.hint_sources is None:
         raise UserError(f"{data_path}: holds no hint sources for --hints; re-run feature_extraction.py with --hints")
-    if args.train_backbone and dataset.vac_gray is None:
-        raise UserError(f"{data_path}: holds no grayscale input of the backbone for --train-backbone; re-run "
-                        f"feature_extraction.py --overwrite with a hybrid VAC")
     if args.train_vac and dataset.tokens is not None:
         print(f"note: {data_path} holds VAC tokens; --train-vac computes them anew each step", file=sys.stderr)
         dataset.tokens = None
