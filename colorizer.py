@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from guidance import no_hints, spatial_hints
-from modules import (first_line, load_vac, load_vae, model_multiple, round_to_multiple, spatial_gray, vac_condition,
-                     vac_fingerprint, vac_input_scale, vac_spatial_channels, vae_downscale, vae_fingerprint,
-                     vae_output_to_chroma)
+from guidance import no_hints
+from modules import (first_line, load_vac, load_vae, model_multiple, round_to_multiple, unet_in_channels, unet_input,
+                     vac_condition, vac_fingerprint, vac_input_scale, vac_spatial_channels, vae_downscale,
+                     vae_fingerprint, vae_output_to_chroma)
 from utils import UserError, luma_chroma_to_rgb
 
 CONFIG_NAME = "colorizer.json"
@@ -109,10 +109,8 @@ class Colorizer:
         scheduler.set_timesteps(steps, device=self.device)
         step_options = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         gray = gray.to(self.device)
-        condition = spatial_gray(gray, self.downscale)
         if self.takes_hints:
-            hints = no_hints(len(gray), *gray.shape[-2:]) if hints is None else hints
-            condition = torch.cat([condition, spatial_hints(hints.to(self.device), self.downscale)], dim=1)
+            hints = (no_hints(len(gray), *gray.shape[-2:]) if hints is None else hints).to(self.device)
         elif hints is not None:
             raise UserError("this model has no colour-hint input (trained without --hints); colorize without "
                             "--reference / --hints, or use a model trained with them")
@@ -122,17 +120,19 @@ class Colorizer:
                 vac_gray = F.interpolate(gray, scale_factor=scale, mode="bilinear", align_corners=False)
             tokens, spatial = vac_condition(self.vac, gray if vac_gray is None else vac_gray.to(self.device))
         tokens = tokens.to(self.device)
-        if guidance != 1.0:
+        spatial = spatial.to(self.device) if spatial is not None else None
+        unet_gray = gray
+        if guidance != 1.0:  # conditional and unconditional halves: same gray and hints, zeroed VAC condition
             tokens = torch.cat([tokens, torch.zeros_like(tokens)])
-            condition = torch.cat([condition, condition])
+            unet_gray = torch.cat([gray, gray])
+            hints = torch.cat([hints, hints]) if hints is not None else None
             spatial = torch.cat([spatial, torch.zeros_like(spatial)]) if spatial is not None else None
-        if spatial is not None:
-            condition = torch.cat([condition, spatial.to(self.device)], dim=1)
         latents = noise.to(self.device) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_input = torch.cat([latents, latents]) if guidance != 1.0 else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            prediction = self.unet(torch.cat([model_input, condition], dim=1), t, encoder_hidden_states=tokens).sample
+            model_input = unet_input(model_input, unet_gray, self.downscale, hints, spatial)
+            prediction = self.unet(model_input, t, encoder_hidden_states=tokens).sample
             if guidance != 1.0:
                 conditional, unconditional = prediction.chunk(2)
                 prediction = unconditional + guidance * (conditional - unconditional)
@@ -183,7 +183,8 @@ def load_colorizer(path: Path, device: torch.device, vae_spec: str | None = None
 
 def check_compatible(unet, vae, vac, folder: Path, hint_input: int = 0) -> None:
     """A UNet only works with the VAE and VAC it was trained on: catch a mismatch before it produces garbage."""
-    expected_in = vae.config.latent_channels + vae_downscale(vae) ** 2 * (1 + hint_input) + vac_spatial_channels(vac)
+    expected_in = unet_in_channels(vae.config.latent_channels, vae_downscale(vae), hint_input,
+                                   vac_spatial_channels(vac))
     if unet.config.in_channels != expected_in or unet.config.out_channels != vae.config.latent_channels:
         raise UserError(f"{folder}: the UNet does not match this VAE (latent channels / downscale); use the VAE it "
                         f"was trained with")

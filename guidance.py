@@ -1,8 +1,8 @@
 """Colour hints: the UNet's hint input, the random hints training draws, and chroma carried along the optical flow.
 
 A hint is a chroma value (BT.601 Cb, Cr) at some pixels of the working-size frame plus a mask saying which pixels
-carry one. The UNet receives them pixel-unshuffled beside the grayscale frame, so a single hinted pixel stays
-exact. Where they come from:
+carry one. The UNet receives them pixel-unshuffled beside the grayscale frame (modules.unet_input), so a single
+hinted pixel stays exact. Where they come from:
 - training: none (half of the items, so automatic colorization stays the main task), a few random points and small
   patches of the true colour (Zhang et al. 2017), or dense hints: another frame of the same clip warped onto this one
   by the optical flow and masked by its reliability, what propagation feeds the model at inference;
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from flow import reliable_flow, warp, warp_matching_luma
 from modules import CHROMA_RANGE
@@ -36,11 +35,6 @@ PALETTE_SHARE = 0.5
 PALETTE_LEVELS = 32  # luma levels of a keyframe's palette (8 grey levels each)
 
 
-def hint_channels(downscale: int) -> int:
-    """Channels the hints add to the UNet's input once pixel-unshuffled."""
-    return HINT_CHANNELS * downscale * downscale
-
-
 def hint_tensor(chroma: np.ndarray, mask: np.ndarray) -> torch.Tensor:
     """BxHxWx2 chroma and BxHxW mask in [0, 1] -> Bx3xHxW (chroma/128 where hinted, the mask)."""
     mask = np.asarray(mask, np.float32)[..., None]
@@ -50,11 +44,6 @@ def hint_tensor(chroma: np.ndarray, mask: np.ndarray) -> torch.Tensor:
 
 def no_hints(batch: int, height: int, width: int) -> torch.Tensor:
     return torch.zeros(batch, HINT_CHANNELS, height, width)
-
-
-def spatial_hints(hints: torch.Tensor, downscale: int) -> torch.Tensor:
-    """Bx3xHxW hints -> B x 3*downscale^2 x H/downscale x W/downscale, losslessly (pixel-unshuffle)."""
-    return F.pixel_unshuffle(hints, downscale)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The networks: VAE (E/D), VAC (a ViT on the grayscale frame), the conditional UNet denoiser, and their loaders."""
+"""The networks: VAE (E/D), VAC (a ViT on the grayscale frame, or a head on an ImageNet backbone), the conditional
+UNet denoiser and its input (unet_input, unet_in_channels), and their loaders."""
 
 from __future__ import annotations
 
@@ -394,17 +395,42 @@ def spatial_gray(gray: torch.Tensor, downscale: int) -> torch.Tensor:
     return F.pixel_unshuffle(gray * 2.0 - 1.0, downscale)
 
 
+def spatial_hints(hints: torch.Tensor, downscale: int) -> torch.Tensor:
+    """Bx3xHxW colour hints (guidance.py) -> B x 3*downscale^2 x H/downscale x W/downscale, losslessly
+    (pixel-unshuffle, as for the grayscale frame), so a single hinted pixel stays exact."""
+    return F.pixel_unshuffle(hints, downscale)
+
+
+def unet_in_channels(latent_channels: int, downscale: int, hint_channels: int = 0, spatial_channels: int = 0) -> int:
+    """Channels of unet_input's output, the one count building, loading and checking a UNet agree on.
+    `hint_channels` are per working-size pixel (0 without hints); `spatial_channels` are a hybrid VAC's map."""
+    return latent_channels + gray_channels(downscale) + hint_channels * downscale * downscale + spatial_channels
+
+
+def unet_input(latents: torch.Tensor, gray: torch.Tensor, downscale: int, hints: torch.Tensor | None = None,
+               spatial: torch.Tensor | None = None) -> torch.Tensor:
+    """The UNet's input, built in one place so training and sampling cannot drift apart: the (noisy) latents ++
+    unshuffled grayscale frame ++ unshuffled hints (if given) ++ a hybrid VAC's spatial map (if given), channels
+    counted by unet_in_channels."""
+    parts = [latents, spatial_gray(gray, downscale)]
+    if hints is not None:
+        parts.append(spatial_hints(hints, downscale))
+    if spatial is not None:
+        parts.append(spatial)
+    return torch.cat(parts, dim=1)
+
+
 def build_unet(latent_channels: int, downscale: int, token_dim: int, net_dimension: int = 64, sample_size: int = 16,
-               dropout: float = 0.0, extra_channels: int = 0):
-    """UNet2DConditionModel: input = noisy colour latent ++ unshuffled grayscale frame (++ `extra_channels`, the
-    unshuffled colour hints of guidance.py); cross-attention on VAC tokens. `net_dimension` is the width of the
-    first block, as in the paper; `dropout` is that of its ResNet blocks."""
+               dropout: float = 0.0, hint_channels: int = 0, spatial_channels: int = 0):
+    """UNet2DConditionModel taking unet_input's input (`hint_channels` per pixel, a hybrid VAC's `spatial_channels`,
+    see unet_in_channels); cross-attention on VAC tokens. `net_dimension` is the width of the first block, as in
+    the paper; `dropout` is that of its ResNet blocks."""
     from diffusers import UNet2DConditionModel
 
     width = net_dimension
     return UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=latent_channels + gray_channels(downscale) + extra_channels,
+        in_channels=unet_in_channels(latent_channels, downscale, hint_channels, spatial_channels),
         out_channels=latent_channels,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),

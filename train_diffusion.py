@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from colorizer import CONFIG_NAME, Colorizer, combine
 from dataset import LatentDataset
-from guidance import HINT_CHANNELS, draw_training_hints, hint_channels, spatial_hints
+from guidance import HINT_CHANNELS, draw_training_hints
 from modules import (BACKBONE_KEYS, HybridVAC, build_unet, first_line, load_vac, load_vae, parameter_count, save_vac,
-                     spatial_gray, vac_fingerprint, vac_spatial_channels, vae_downscale, vae_fingerprint)
+                     unet_input, vac_fingerprint, vac_spatial_channels, vae_downscale, vae_fingerprint)
 from training_log import LOG_NAMES, append_log, truncate_log
 from utils import Interrupted, UserError, atomic_path, check_writable, discard, remove_stale_temporaries, run_cli
 from video_io import write_image_rgb
@@ -243,12 +243,8 @@ def diffusion_loss(unet, batch: dict, scheduler, cond_dropout: float, downscale:
         tokens = tokens * keep
         spatial = spatial * keep.unsqueeze(-1) if spatial is not None else None  # the VAC's whole condition
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    inputs = [noisy, spatial_gray(gray, downscale)]
-    if "hints" in batch:
-        inputs.append(spatial_hints(batch["hints"], downscale))
-    if spatial is not None:
-        inputs.append(spatial)
-    prediction = unet(torch.cat(inputs, dim=1), timesteps, encoder_hidden_states=tokens).sample
+    model_input = unet_input(noisy, gray, downscale, batch.get("hints"), spatial)
+    prediction = unet(model_input, timesteps, encoder_hidden_states=tokens).sample
     if scheduler.config.prediction_type == "epsilon":
         target = noise
     elif scheduler.config.prediction_type == "v_prediction":
@@ -435,7 +431,7 @@ def build_models(args: argparse.Namespace, accelerator, dataset: LatentDataset, 
 
     latent_channels, latent_size = dataset.latents.shape[1], dataset.latents.shape[-1]
     unet = build_unet(latent_channels, downscale, vac.token_dim, args.net_dimension, latent_size, args.dropout,
-                      (hint_channels(downscale) if args.hints else 0) + vac_spatial_channels(vac))
+                      HINT_CHANNELS if args.hints else 0, vac_spatial_channels(vac))
     if args.init_from:
         initialize_from(args.init_from, unet, vac if args.train_vac else None)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=type(unet), model_config=unet.config)
@@ -465,9 +461,10 @@ def build_models(args: argparse.Namespace, accelerator, dataset: LatentDataset, 
 
 def initialize_from(folder: Path, unet, vac) -> None:
     """Copy a model folder's UNet (and VAC) weights into the freshly built ones; the shapes must match, but for a
-    UNet input widened by a hybrid VAC's spatial map: those new input channels start at zero weight, so the run
-    begins as the model it came from. A VAC of another kind than the folder's keeps its fresh weights; a hybrid VAC
-    on another backbone takes the head's parts that fit (see load_hybrid_head)."""
+    UNet input widened by a hybrid VAC's spatial map (the last channels of modules.unet_input): those new input
+    channels start at zero weight, so the run begins as the model it came from. A VAC of another kind than the
+    folder's keeps its fresh weights; a hybrid VAC on another backbone takes the head's parts that fit (see
+    load_hybrid_head)."""
     from diffusers import UNet2DConditionModel
 
     from colorizer import resolve_component, resolve_model_folder

@@ -99,12 +99,12 @@ def hint_model(tiny_model, tmp_path_factory):
     import json
     import shutil
 
-    from guidance import hint_channels
+    from guidance import HINT_CHANNELS
     from modules import build_unet
 
     folder = tmp_path_factory.mktemp("hint_model")
     shutil.copytree(tiny_model, folder, dirs_exist_ok=True)
-    unet = build_unet(4, 4, 32, net_dimension=8, sample_size=8, extra_channels=hint_channels(4))
+    unet = build_unet(4, 4, 32, net_dimension=8, sample_size=8, hint_channels=HINT_CHANNELS)
     unet.save_pretrained(folder / "unet")
     config = json.loads((folder / "colorizer.json").read_text())
     (folder / "colorizer.json").write_text(json.dumps({**config, "hint_channels": 3}))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import panning_clip
+from conftest import REPO, panning_clip
 
 
 def test_frames_sort_by_number_not_text(tmp_path):
@@ -117,6 +118,24 @@ def test_unavailable_components_give_one_line_error(loader, spec, monkeypatch, t
         getattr(modules, loader)(spec)
     message = str(error.value)
     assert "\n" not in message and (spec.split(":")[-1] in message)
+
+
+def test_unet_input_matches_the_shipped_models_channel_count():
+    """The channel count training builds a UNet with is the one the shipped model has, and unet_input fills it."""
+    from modules import unet_in_channels, unet_input
+
+    default = REPO / "unet_model" / "default"
+    unet = json.loads((default / "unet" / "config.json").read_text())
+    vae = json.loads((default / "vae" / "config.json").read_text())
+    vac = json.loads((default / "vac" / "vac_config.json").read_text())
+    hints = json.loads((default / "colorizer.json").read_text())["hint_channels"]
+    downscale = 2 ** (len(vae["block_out_channels"]) - 1)
+    expected = unet_in_channels(vae["latent_channels"], downscale, hints, vac["spatial_channels"])
+    assert expected == unet["in_channels"]
+    built = unet_input(torch.zeros(2, vae["latent_channels"], 3, 5), torch.rand(2, 1, 3 * downscale, 5 * downscale),
+                       downscale, torch.rand(2, hints, 3 * downscale, 5 * downscale),
+                       torch.zeros(2, vac["spatial_channels"], 3, 5))
+    assert built.shape == (2, expected, 3, 5)
 
 
 def test_unet_predicts_latent_shaped_output():
