@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from guidance import no_hints
-from modules import (first_line, load_vac, load_vae, model_multiple, round_to_multiple, unet_in_channels, unet_input,
-                     vac_condition, vac_fingerprint, vac_input_scale, vac_spatial_channels, vae_downscale,
-                     vae_fingerprint, vae_output_to_chroma)
-from utils import UserError, luma_chroma_to_rgb
+from modules import (load_vac, load_vae, model_multiple, round_to_multiple, unet_in_channels, unet_input, vac_condition,
+                     vac_fingerprint, vac_input_scale, vac_spatial_channels, vae_downscale, vae_fingerprint,
+                     vae_output_to_chroma)
+from utils import UserError, first_line, luma_chroma_to_rgb
 
 CONFIG_NAME = "colorizer.json"
 DECODE_MARGIN = 2  # latent pixels, see Colorizer.decode_chroma

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import UserError, rgb_to_chroma
+from utils import UserError, first_line, rgb_to_chroma
 
 CHROMA_CHANNELS = 2
 CHROMA_RANGE = 128.0  # BT.601 Cb and Cr lie within +-128
@@ -183,11 +183,6 @@ def load_vac(spec: str) -> nn.Module:
     except Exception as error:  # json, torchvision, safetensors (SafetensorError) and torch each raise their own
         raise UserError(f"{folder}: cannot load the VAC ({first_line(error)}); re-save it") from None
     return vac
-
-
-def first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _fingerprint(tensors: dict[str, torch.Tensor], extra: str = "") -> str:

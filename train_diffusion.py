@@ -33,10 +33,11 @@ import torch.nn.functional as F
 from colorizer import CONFIG_NAME, Colorizer, combine
 from dataset import LatentDataset
 from guidance import HINT_CHANNELS, draw_training_hints
-from modules import (BACKBONE_KEYS, HybridVAC, build_unet, first_line, load_vac, load_vae, parameter_count, save_vac,
-                     unet_input, vac_fingerprint, vac_spatial_channels, vae_downscale, vae_fingerprint)
+from modules import (BACKBONE_KEYS, HybridVAC, build_unet, load_vac, load_vae, parameter_count, save_vac, unet_input,
+                     vac_fingerprint, vac_spatial_channels, vae_downscale, vae_fingerprint)
 from training_log import LOG_NAMES, append_log, truncate_log
-from utils import Interrupted, UserError, atomic_path, check_writable, discard, remove_stale_temporaries, run_cli
+from utils import (Interrupted, UserError, atomic_path, check_writable, discard, first_line, remove_stale_temporaries,
+                   run_cli)
 from video_io import write_image_rgb
 
 

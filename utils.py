@@ -1,5 +1,5 @@
-"""Helpers shared by the scripts: colour spaces, optical flow, seeding, devices, safe output, the CLI wrapper.
-Frames and videos in and out live in video_io.py."""
+"""Helpers shared by the scripts and modules: one-line user errors and the CLI wrapper, safe (atomic) output, colour
+spaces, seeding and devices. Frames and videos in and out live in video_io.py, the optical flow in flow.py."""
 
 from __future__ import annotations
 
@@ -28,6 +28,13 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+
+
+def first_line(error: Exception) -> str:
+    """An exception's first non-empty line (its type's name where it has none): what a one-line UserError quotes of
+    a library's error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def _raise_interrupted(signum: int, frame) -> None:
