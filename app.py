@@ -4,7 +4,7 @@ colour strokes painted on a frame or a coloured version of a frame, and colorize
   python app.py                                   # -> http://127.0.0.1:7860
   python app.py --model runs/mine --port 8080
 
-The page runs the command line's own code: video_colorization.colorize_clip with its ColorizationOptions.
+The page runs the command line's own code: pipeline.colorize_clip with its ColorizationOptions.
 Painted strokes become `--hints N=IMAGE` and an uploaded keyframe `--reference N=IMAGE`, so the page and the CLI
 give the same video (frame count, frame rate, size and audio kept). It listens on this machine only unless --host
 says otherwise, makes no share link, sends no telemetry and downloads nothing.
@@ -28,9 +28,10 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
 
 import gradio as gr  # noqa: E402
 
-from colorizer import Colorizer, load_colorizer  # noqa: E402
+from colorizer import DEFAULT_MODEL, Colorizer, load_colorizer  # noqa: E402
+from demo import make_demo_clip  # noqa: E402
+from pipeline import ColorizationOptions, colorize_clip  # noqa: E402
 from utils import UserError, choose_device, run_cli, seed_everything  # noqa: E402
-from video_colorization import DEFAULT_MODEL, ColorizationOptions, colorize_clip, make_demo_clip  # noqa: E402
 from video_io import iter_clip_frames, probe_clip  # noqa: E402
 
 GUIDE_NAMES = {"--reference": "keyframe (a coloured version of the frame)", "--hints": "painted hints",

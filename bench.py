@@ -28,9 +28,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from colorizer import load_colorizer
+from colorizer import DEFAULT_MODEL, load_colorizer
+from demo import demo_frames
+from pipeline import ColorizationOptions, colorize_frames, parse_options
 from utils import UserError, choose_device, rgb_to_gray, run_cli
-from video_colorization import DEFAULT_MODEL, ColorizationOptions, colorize_frames, demo_frames, parse_options
 from video_io import iter_clip_frames
 
 PAPER = ColorizationOptions(sampler="ddpm", steps=1000, guidance=1.0, saturation=1.0, shared_noise=False,

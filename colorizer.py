@@ -1,5 +1,5 @@
 """The trained model as one object: load a model folder (UNet + VAE + VAC + scheduler) and sample chroma for
-grayscale frames. Shared by training-time validation, video_colorization.py and the benchmarks."""
+grayscale frames. Shared by training-time validation, the colorization pipeline (pipeline.py) and the benchmarks."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from modules import (load_vac, load_vae, model_multiple, round_to_multiple, unet
 from utils import UserError, first_line, luma_chroma_to_rgb
 
 CONFIG_NAME = "colorizer.json"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "unet_model" / "default"  # the shipped model
 DECODE_MARGIN = 2  # latent pixels, see Colorizer.decode_chroma
 SAMPLERS = ("ddim", "ddpm", "dpm++", "unipc", "euler")
 

@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
+from demo import make_demo_clip
 from utils import UserError, run_cli
-from video_colorization import make_demo_clip
 
 
 def parse_args() -> argparse.Namespace:

@@ -29,10 +29,10 @@ sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
 import correspondence
 import guidance
-from colorizer import load_colorizer
+from colorizer import DEFAULT_MODEL, load_colorizer
 from evaluate import cdc, colorfulness, psnr, warp_error
+from pipeline import ColorizationOptions, colorize_clip
 from utils import run_cli
-from video_colorization import DEFAULT_MODEL, ColorizationOptions, colorize_clip
 from video_io import iter_clip_frames, write_image_rgb
 
 SETTINGS = {"paste": (correspondence, "PASTE_FLOOR"),

@@ -17,10 +17,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
-from colorizer import load_colorizer
+from colorizer import DEFAULT_MODEL, load_colorizer
 from guidance import Guide, GuidePropagator
+from pipeline import colorize_frames, parse_options
 from utils import rgb_to_chroma, rgb_to_gray, run_cli
-from video_colorization import DEFAULT_MODEL, colorize_frames, parse_options
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
 SIZE = (256, 384)

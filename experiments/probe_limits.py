@@ -34,13 +34,12 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
-from colorizer import combine, load_colorizer, prepare_gray
+from colorizer import DEFAULT_MODEL, combine, load_colorizer, prepare_gray
 from evaluate import colorfulness, psnr
 from modules import CHROMA_RANGE
 from guidance import hint_tensor, point_hints, region_hints
 from utils import UserError, choose_device, rgb_to_chroma, rgb_to_gray, run_cli
 from video_io import iter_clip_frames
-from video_colorization import DEFAULT_MODEL
 
 VARIANTS = ("sample", "x0", "zero-tokens", "vac-letterbox", "vac-crop", "size-96", "pad-8", "pad-16", "hints-points",
             "hints-regions", "hints-full", "oracle-vae", "oracle-resize", "gray")

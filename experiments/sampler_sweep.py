@@ -23,10 +23,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
-from colorizer import SAMPLERS, load_colorizer
+from colorizer import DEFAULT_MODEL, SAMPLERS, load_colorizer
 from evaluate import evaluate_clip
+from pipeline import ColorizationOptions, colorize_frames, parse_options
 from utils import choose_device, run_cli
-from video_colorization import DEFAULT_MODEL, ColorizationOptions, colorize_frames, parse_options
 from video_io import iter_clip_frames, list_clips
 
 

@@ -137,8 +137,8 @@ def colour_clip(tmp_path_factory):
 
 
 def options(**overrides):
-    """video_colorization.ColorizationOptions with 2 sampling steps (fast) and `overrides`."""
-    from video_colorization import ColorizationOptions
+    """pipeline.ColorizationOptions with 2 sampling steps (fast) and `overrides`."""
+    from pipeline import ColorizationOptions
 
     return ColorizationOptions(**{"steps": 2, **overrides})
 

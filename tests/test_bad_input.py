@@ -293,9 +293,9 @@ def test_colorization_output_problems(tmp_path, frame_root, model, inputs, monke
 
     # a run stopped half-way (Ctrl-C, or SIGTERM, which utils.run_cli raises the same way) leaves neither the
     # output nor a temporary file
-    import video_colorization
+    import pipeline
 
-    original = video_colorization.colorize_frames
+    original = pipeline.colorize_frames
 
     def stopped_after_three_frames(*args, **kwargs):
         for i, frame in enumerate(original(*args, **kwargs)):
@@ -303,7 +303,7 @@ def test_colorization_output_problems(tmp_path, frame_root, model, inputs, monke
                 raise KeyboardInterrupt
             yield frame
 
-    monkeypatch.setattr(video_colorization, "colorize_frames", stopped_after_three_frames)
+    monkeypatch.setattr(pipeline, "colorize_frames", stopped_after_three_frames)
     result = colorize(tmp_path / "stopped" / "result.mp4")
     assert result.code == 130 and "interrupted (SIGINT)" in result.stderr
     assert files_under(tmp_path / "stopped") == []

@@ -23,8 +23,8 @@ def test_default_model_is_complete_and_small():
 
 def test_default_model_colorizes_a_frame_offline(monkeypatch):
     from colorizer import load_colorizer
+    from pipeline import ColorizationOptions, colorize_frames
     from utils import rgb_to_chroma, rgb_to_gray
-    from video_colorization import ColorizationOptions, colorize_frames
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     colorizer = load_colorizer(DEFAULT, torch.device("cpu"))
@@ -74,8 +74,8 @@ def test_default_hints_pull_their_region_and_leave_far_regions_alone(tmp_path):
 
     from colorizer import load_colorizer
     from guidance import GuidePropagator, load_hint_image
+    from pipeline import ColorizationOptions, colorize_frames
     from utils import rgb_to_chroma, rgb_to_gray
-    from video_colorization import ColorizationOptions, colorize_frames
 
     colorizer = load_colorizer(DEFAULT, torch.device("cpu"))
     photo = cv2.resize(data.coffee(), (128, 96), interpolation=cv2.INTER_AREA)

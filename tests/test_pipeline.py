@@ -111,8 +111,8 @@ def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_roo
 
 def test_demo_clip_comes_with_its_colour_original(tmp_path):
     """--demo writes the colour frames beside the grayscale input, so its output can be scored against them."""
+    from demo import make_demo_clip
     from utils import rgb_to_chroma, rgb_to_gray
-    from video_colorization import make_demo_clip
     from video_io import iter_clip_frames
 
     gray_path = make_demo_clip(tmp_path / "demo_gray.mp4", frame_count=4, size=(64, 96), original=tmp_path / "demo.mp4")

@@ -13,7 +13,8 @@ from conftest import options, panning_clip
 
 
 def test_the_command_line_builds_the_options_with_their_defaults():
-    from video_colorization import ColorizationOptions, parse_args, parse_options
+    from pipeline import ColorizationOptions, parse_options
+    from video_colorization import parse_args
 
     args, settings = parse_args(["--input", "clip.mp4"])
     assert settings == ColorizationOptions() and args.input == Path("clip.mp4") and not hasattr(args, "steps")
@@ -30,8 +31,8 @@ def test_the_command_line_builds_the_options_with_their_defaults():
 @pytest.mark.parametrize("bad", [{"propagation": 1.0}, {"saturation": -1.0}, {"crf": 52}, {"steps": 0},
                                  {"batch_size": 0}, {"sampler": "plms"}, {"bit_depth": "12"}])
 def test_options_made_in_code_are_checked_as_the_command_line_checks_its_flags(bad):
+    from pipeline import ColorizationOptions
     from utils import UserError
-    from video_colorization import ColorizationOptions
 
     ColorizationOptions().check()
     with pytest.raises(UserError):
@@ -46,7 +47,7 @@ def colorizer(tiny_model):
 
 
 def colorize(colorizer, frames, **overrides) -> list[np.ndarray]:
-    from video_colorization import colorize_frames
+    from pipeline import colorize_frames
 
     return list(colorize_frames(colorizer, iter(frames), options(**overrides), frames[0].shape[:2]))
 
@@ -73,7 +74,7 @@ def test_colour_input_is_recolorized_from_its_luma(colorizer):
 
 
 def test_frames_are_streamed_not_collected(colorizer):
-    from video_colorization import colorize_frames
+    from pipeline import colorize_frames
 
     pulled = []
 
@@ -89,8 +90,8 @@ def test_frames_are_streamed_not_collected(colorizer):
 
 def test_scene_cut_detection_finds_only_the_cut():
     from skimage import data
+    from pipeline import is_scene_cut
     from utils import rgb_to_gray
-    from video_colorization import is_scene_cut
 
     first = [rgb_to_gray(f) for f in panning_clip(6)]
     second = [rgb_to_gray(np.ascontiguousarray(data.coffee()[i : i + 72, 2 * i : 2 * i + 96])) for i in range(6)]
@@ -159,8 +160,8 @@ def test_saturation_scales_the_chroma_and_zero_gives_the_gray_input(colorizer):
 
 def test_audio_is_copied_and_timing_kept(colorizer, tmp_path):
     import av
+    from pipeline import colorize_clip
     from video_io import probe_clip
-    from video_colorization import colorize_clip
 
     source = tmp_path / "with_audio.mp4"
     with av.open(str(source), "w") as out:

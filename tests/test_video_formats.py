@@ -88,7 +88,7 @@ def test_constant_and_variable_rates_are_told_apart(gray_video):
 
 
 def test_variable_rate_output_keeps_the_input_timestamps(colorizer, tmp_path):
-    from video_colorization import colorize_clip
+    from pipeline import colorize_clip
     from video_io import probe_clip
 
     pts = timestamps_from(PHONE_DURATIONS, 10)
@@ -107,7 +107,7 @@ def test_twenty_second_variable_rate_clip_stays_in_sync_with_its_audio(colorizer
     """A clip that speeds up and slows down: evenly spaced frames would be seconds off in the middle."""
     import av
 
-    from video_colorization import colorize_clip
+    from pipeline import colorize_clip
 
     fast, slow = [d * 2 for d in PHONE_DURATIONS], [d * 10 for d in PHONE_DURATIONS]  # 86 and 432 ms a frame
     pts = timestamps_from(fast, 48)
@@ -137,8 +137,8 @@ def test_twenty_second_variable_rate_clip_stays_in_sync_with_its_audio(colorizer
 def test_rotated_phone_video_comes_out_upright(colorizer, tmp_path, rotation):
     """A portrait picture stored turned, with a display matrix that turns it back: the output is stored upright and
     carries no rotation, so every player shows it the way the input is shown."""
+    from pipeline import colorize_clip
     from utils import rgb_to_gray
-    from video_colorization import colorize_clip
     from video_io import iter_clip_frames, probe_clip
 
     upright = panning_clip(3, (64, 48))  # portrait: 64 high, 48 wide
@@ -186,7 +186,7 @@ def test_ten_bit_luma_goes_through_the_pipeline_to_within_one_level(colorizer, t
     """Read at depth, colorized and converted to the encoder's 10-bit YUV (all but the lossy compression)."""
     import av
 
-    from video_colorization import colorize_frames
+    from pipeline import colorize_frames
     from video_io import iter_timed_frames
 
     source = write_clip(tmp_path / "ten.mp4", ten_bit_frames(3), pix_fmt="yuv420p10le")
@@ -206,7 +206,7 @@ def test_ten_bit_luma_goes_through_the_pipeline_to_within_one_level(colorizer, t
 def test_ten_bit_video_is_written_with_ten_bits(colorizer, tmp_path):
     import cv2
 
-    from video_colorization import colorize_clip
+    from pipeline import colorize_clip
     from video_io import probe_clip
 
     source = write_clip(tmp_path / "ten.mp4", ten_bit_frames(4), pix_fmt="yuv420p10le")

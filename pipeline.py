@@ -1,0 +1,384 @@
+"""The colorization pipeline, shared by the command line (video_colorization.py), the app, bench.py, the experiments
+and the tests:
+
+- ColorizationOptions: how a clip is colorized, with the command line's defaults (add_sampling_arguments and
+  parse_options are its flags);
+- colorize_frames: a clip's frames -> colorized frames, streamed in batches (one initial noise per shot, the previous
+  output carried along the optical flow, scene cuts, and the guides: keyframes, painted hints, exemplars);
+- colorize_clip: one clip (a video or a frame folder) -> an .mp4 or a folder of PNG frames, written atomically;
+- load_guides: a clip's --reference, --hints and registered --exemplar images as a guidance.GuidePropagator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from collections import deque
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+import correspondence
+from colorizer import SAMPLERS, Colorizer, combine, prepare_gray
+from correspondence import Exemplars, load_exemplars, paste_found, upsample_chroma
+from guidance import (GuidePropagator, hint_tensor, keep_painted_local, load_hint_image, load_reference, model_hints,
+                      parse_guide_spec, paste_dense, paste_painted, propagate_chroma, propagation_size,
+                      spread_painted)
+from utils import UserError, atomic_path, rgb_to_gray
+from video_io import (ClipFrame, VideoInfo, VideoWriter, has_audio, iter_clip_frames, iter_timed_frames, mux_audio,
+                      probe_clip, read_image_rgb, write_image_rgb)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+BIT_DEPTHS = ("auto", "8", "10")
+
+
+@dataclass
+class ColorizationOptions:
+    """How a clip is colorized: the settings video_colorization.py's flags set (parse_args builds one from them), with
+    the command line's defaults. app.py, bench.py, the experiments and the tests construct one directly:
+    `ColorizationOptions(steps=2, reference=["0=key.png"])`."""
+
+    sampler: str = "ddim"
+    # Defaults chosen for the default model by the sampler sweep on the clips training held out, over three seeds
+    # (its model card): the highest PSNR among settings that reach 60% of the ground truth's colourfulness there.
+    steps: int = 1
+    guidance: float = 1.0
+    saturation: float = 1.5
+    seed: int = 0
+    shared_noise: bool = True
+    propagation: float = 0.99
+    scene_cuts: bool = True
+    cut_threshold: float = 0.35
+    reference: list[str] = field(default_factory=list)  # "[N=]IMAGE", as --reference takes them
+    hints: list[str] = field(default_factory=list)  # "[N=]IMAGE", as --hints takes them
+    exemplar: list[str] = field(default_factory=list)  # colour images that are not frames of the clip
+    batch_size: int = 8
+    crf: int = 18
+    bit_depth: str = "auto"
+    overwrite: bool = False
+
+    def check(self) -> None:
+        """The checks argparse does not make, as one-line errors."""
+        if not 0 <= self.propagation < 1 or self.saturation < 0:
+            raise UserError(f"--propagation {self.propagation} / --saturation {self.saturation}: propagation must be "
+                            f"in [0, 1) and saturation at least 0")
+        if not 0 <= self.crf <= 51:
+            raise UserError(f"--crf {self.crf}: H.264 takes 0 (lossless) to 51; 18 is the default")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1; pass a "
+                                f"positive number")
+        if self.sampler not in SAMPLERS or self.bit_depth not in BIT_DEPTHS:
+            raise UserError(f"--sampler {self.sampler} / --bit-depth {self.bit_depth}: the sampler must be one of "
+                            f"{', '.join(SAMPLERS)} and the bit depth one of {', '.join(BIT_DEPTHS)}")
+
+    def flags(self) -> list[str]:
+        """The video_colorization.py flags that set these options: those of the fields that differ from the
+        defaults (for reports: bench.py records them)."""
+        flags = []
+        for option in fields(self):
+            value, flag = getattr(self, option.name), "--" + option.name.replace("_", "-")
+            if value == getattr(DEFAULTS, option.name):
+                continue
+            if isinstance(value, bool):
+                flags.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, list):
+                flags += [item for spec in value for item in (flag, spec)]
+            else:
+                flags += [flag, str(value)]
+        return flags
+
+
+DEFAULTS = ColorizationOptions()
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the model's sampling, the temporal features, the guides and the batch size."""
+    parser.add_argument("--sampler", default=DEFAULTS.sampler, choices=SAMPLERS)
+    parser.add_argument("--steps", type=positive_int, default=DEFAULTS.steps, help="denoising steps per frame")
+    parser.add_argument("--guidance", type=float, default=DEFAULTS.guidance,
+                        help="classifier-free guidance on the VAC tokens")
+    parser.add_argument("--saturation", type=float, default=DEFAULTS.saturation,
+                        help="multiply the sampled chroma by this; few steps give the model's mean colour, which "
+                        "is right more often than a full sample but pale, and a gain restores colour cheaper in PSNR")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    parser.add_argument("--no-shared-noise", dest="shared_noise", action="store_false",
+                        help="draw fresh noise for every frame (the paper's behaviour) instead of one per shot")
+    parser.add_argument("--propagation", type=float, default=DEFAULTS.propagation,
+                        help="weight of the previous output's flow-warped chroma where the flow is reliable; 0: off")
+    parser.add_argument("--no-scene-cuts", dest="scene_cuts", action="store_false",
+                        help="never start a new shot (new noise, no propagation) at a detected cut")
+    parser.add_argument("--cut-threshold", type=float, default=DEFAULTS.cut_threshold,
+                        help="Bhattacharyya distance of gray histograms")
+    parser.add_argument("--reference", action="append", default=[], metavar="[N=]IMAGE",
+                        help="a colour version of frame N (default 0): its colours travel along the motion to the "
+                        "frames before and after it; repeat for several keyframes (any size; only chroma is used)")
+    parser.add_argument("--hints", action="append", default=[], metavar="[N=]IMAGE",
+                        help="an RGBA image of frame N (default 0) whose opaque pixels are colour hints, painted "
+                        "dots or strokes on a transparent background (any size); repeatable")
+    parser.add_argument("--exemplar", action="append", default=[], metavar="IMAGE",
+                        help="a colour image of the scene that is not a frame of the clip (a coloured still, a photo "
+                        "of the place; any size and framing): every frame takes its colours where its content "
+                        "matches (ImageNet features, see correspondence.py); repeatable")
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="frames denoised together")
+
+
+def take_options(namespace: argparse.Namespace) -> ColorizationOptions:
+    """The ColorizationOptions fields of parsed flags, moved out of `namespace` into the dataclass."""
+    names = [f.name for f in fields(ColorizationOptions) if hasattr(namespace, f.name)]
+    options = ColorizationOptions(**{name: getattr(namespace, name) for name in names})
+    for name in names:
+        delattr(namespace, name)
+    return options
+
+
+def parse_options(flags: list[str]) -> ColorizationOptions:
+    """Sampling flags alone (--sampler ... --batch-size): what bench.py and experiments/sampler_sweep.py
+    take as --settings."""
+    parser = argparse.ArgumentParser(prog="--settings", description="video_colorization.py's sampling flags")
+    add_sampling_arguments(parser)
+    return take_options(parser.parse_args(flags))
+
+
+def batched(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    batch: list[np.ndarray] = []
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def is_scene_cut(previous_gray: np.ndarray, gray: np.ndarray, threshold: float) -> bool:
+    """A cut changes the whole frame's tone distribution at once; motion inside a shot barely moves it."""
+    import cv2
+
+    histograms = [cv2.calcHist([g], [0], None, [32], [0, 256]) for g in (previous_gray, gray)]
+    return cv2.compareHist(histograms[0], histograms[1], cv2.HISTCMP_BHATTACHARYYA) > threshold
+
+
+def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    if image.shape[:2] == size:
+        return image
+    interpolation = cv2.INTER_AREA if image.shape[0] > size[0] else cv2.INTER_LINEAR
+    return cv2.resize(image, (size[1], size[0]), interpolation=interpolation)
+
+
+def load_guides(clip: Path, info, options: ColorizationOptions, colorizer: Colorizer,
+                exemplars: list[np.ndarray] = ()) -> GuidePropagator | None:
+    """--reference and --hints for this clip, checked against its frame count, and the exemplars that turn out to
+    be reframed frames of it (correspondence.registered_guide) as keyframes, with their backward propagation done
+    (it reads the frames up to the last guided one once more)."""
+    size = propagation_size(info.height, info.width)
+    guides = []
+    for option, load in (("--reference", load_reference), ("--hints", load_hint_image)):
+        for spec in getattr(options, option[2:]):
+            index, path = parse_guide_spec(spec)
+            if index >= info.frame_count:
+                raise UserError(f"{option} {spec}: {clip} has no frame {index} (it has {info.frame_count}, numbered "
+                                f"from 0); give a frame number below {info.frame_count}")
+            guides.append(load(path, index, size))
+    if len(exemplars) and correspondence.REGISTER_EXEMPLARS:
+        grays = sampled_grays(clip, info, size, correspondence.REGISTRATION_FRAMES)
+        guides += [g for g in (correspondence.registered_guide(e, grays) for e in exemplars) if g is not None]
+    if not guides:
+        return None
+    propagator = GuidePropagator(guides)
+    if propagator.last_guided_frame > 0:
+        working = colorizer.working_size(info.height, info.width)
+        grays, small = [], []
+        for frame in itertools.islice(iter_clip_frames(clip), propagator.last_guided_frame + 1):
+            gray = rgb_to_gray(resize_if_needed(frame, info.height, info.width))
+            grays.append(working_gray(gray, size))
+            small.append(working_gray(gray, working))
+        cuts = [False] + [options.scene_cuts and is_scene_cut(a, b, options.cut_threshold)
+                          for a, b in zip(small, small[1:])]
+        propagator.backward_pass(grays, cuts)
+    return propagator
+
+
+def sampled_grays(clip: Path, info, size: tuple[int, int], count: int) -> dict[int, np.ndarray]:
+    """`count` evenly spaced frames of the clip (the first among them) -> frame index: uint8 luma at `size`."""
+    wanted = set(np.linspace(0, info.frame_count - 1, min(count, info.frame_count)).round().astype(int).tolist())
+    return {index: working_gray(rgb_to_gray(resize_if_needed(frame, info.height, info.width)), size)
+            for index, frame in enumerate(itertools.islice(iter_clip_frames(clip), max(wanted) + 1))
+            if index in wanted}
+
+
+def working_gray(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A frame's luma (uint8 or uint16) at `size` as uint8: what scene cuts and the optical flow look at."""
+    return (prepare_gray(gray[None], size)[0, 0].numpy() * 255).round().astype(np.uint8)
+
+
+def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ColorizationOptions,
+                    first_frame_shape: tuple[int, int], guides: GuidePropagator | None = None,
+                    exemplars: Exemplars | None = None) -> Iterator[np.ndarray]:
+    """Yield the colorized frames of one clip (HxWx3 RGB of the input frames' type, uint8 or uint16), streaming in
+    batches of --batch-size.
+
+    Temporal consistency, each part switchable for comparison: one initial noise per shot (--no-shared-noise
+    draws fresh noise per frame), flow-guided propagation of the previous output's chroma (--propagation 0 turns
+    it off), and scene-cut detection that starts a new shot (--no-scene-cuts). With `guides` (keyframes and
+    painted hints), their colour carried to each frame is the model's hint input (for a model that has one), a
+    painted colour spreads over its region, and a keyframe's colour is kept wherever it was carried reliably. With
+    `exemplars`, the colour each frame's features find in them is blended into the output over the colour carried
+    from the previous frame (see correspondence.py)."""
+    height, width = first_frame_shape
+    size = colorizer.working_size(height, width)
+    guide_size = propagation_size(height, width)
+    frame_number = 0
+    latent_shape = colorizer.latent_shape(height, width)
+    shot, previous_gray, previous_chroma = 0, None, None
+    noise_generator = torch.Generator().manual_seed(args.seed)
+    # A stream of its own (not seed + k, which the shots use) for the noise stochastic samplers add at each step.
+    step_generator = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, 1]).generate_state(1)[0]))
+    shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed))
+    for batch in batched(frames, args.batch_size):
+        gray = np.stack([rgb_to_gray(resize_if_needed(frame, height, width)) for frame in batch])
+        small = np.stack([working_gray(g, size) for g in gray])
+        cuts = [previous is not None and args.scene_cuts and is_scene_cut(previous, current, args.cut_threshold)
+                for previous, current in zip([previous_gray, *small[:-1]], small)]
+        guide_gray = [working_gray(g, guide_size) if guides or exemplars else None for g in gray]
+        frame_guides = [guides.step(frame_number + i, g, cut) if guides else (None, None)
+                        for i, (g, cut) in enumerate(zip(guide_gray, cuts))]
+        frame_number += len(batch)
+        found = None
+        if exemplars is not None:
+            match_size = exemplars.matcher.input_size(height, width)
+            found = exemplars.colour(np.stack([working_gray(g, match_size) for g in gray]), size)
+        hints = plain_hints = None
+        if guides and colorizer.takes_hints:
+            hints = hint_tensor(*map(np.stack, zip(*(model_hints(d, s, size) for d, s in frame_guides))))
+            if any(sparse is not None for _, sparse in frame_guides):
+                plain_hints = hint_tensor(*map(np.stack, zip(*(model_hints(d, None, size) for d, _ in frame_guides))))
+        noise = []
+        for cut in cuts:
+            if cut:
+                shot += 1
+                shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed + shot))
+            noise.append(shot_noise if args.shared_noise else torch.randn(latent_shape, generator=noise_generator))
+        vac_size = colorizer.vac_size(height, width)
+        vac_gray = prepare_gray(gray, vac_size) if vac_size != size else None
+        model_gray, batch_noise, step_state = prepare_gray(gray, size), torch.stack(noise), step_generator.get_state()
+
+        def sample_chroma(hint_input: torch.Tensor | None, generator: torch.Generator) -> np.ndarray:
+            latents = colorizer.sample_latents(model_gray, batch_noise, args.sampler, args.steps, args.guidance,
+                                               generator=generator, hints=hint_input, vac_gray=vac_gray)
+            return colorizer.decode_chroma(latents) * args.saturation
+
+        predicted = sample_chroma(hints, step_generator)
+        plain = itertools.repeat(None)
+        if plain_hints is not None:  # the same draws without the painted hints, which are kept where they reach
+            plain = sample_chroma(plain_hints, torch.Generator().set_state(step_state))
+        found_colour = zip(*found) if found is not None else itertools.repeat(None)
+        for g, g_small, g_guide, chroma, plain_chroma, cut, (dense, sparse), colour in zip(
+                gray, small, guide_gray, predicted, plain, cuts, frame_guides, found_colour):
+            painted = spread_painted(sparse, g_small / np.float32(255)) if sparse is not None else None
+            if plain_chroma is not None and painted is not None:
+                chroma = keep_painted_local(chroma, plain_chroma, painted[1])
+            if previous_chroma is not None and not cut and args.propagation > 0:
+                chroma = propagate_chroma(previous_gray, g_small, previous_chroma, chroma, args.propagation)
+            if colour is not None:
+                chroma = paste_found(chroma, *colour)
+            chroma = paste_painted(chroma, painted)
+            if colour is not None and correspondence.GUIDED_OUTPUT:
+                chroma = upsample_chroma(chroma, g_guide)
+            if dense is not None:
+                chroma = paste_dense(resize_to(chroma, guide_size), dense, g_guide)
+            previous_gray, previous_chroma = g_small, resize_to(chroma, size)
+            yield combine(g, chroma)
+
+
+def resize_if_needed(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Frame folders may mix sizes; every frame of a clip is brought to the first frame's size."""
+    import cv2
+
+    if frame.shape[:2] == (height, width):
+        return frame
+    return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def output_bit_depth(choice: str, info: VideoInfo) -> int:
+    """--bit-depth auto keeps the input's depth, as far as H.264 goes (10 bits)."""
+    if choice == "auto":
+        return 10 if info.bit_depth > 8 else 8
+    return int(choice)
+
+
+def pixels_and_timestamps(frames: Iterator[ClipFrame]) -> tuple[Iterator[np.ndarray], deque[int | None]]:
+    """The frames' pixels, streamed, and a queue that each frame's timestamp joins as the frame is read:
+    colorize_frames yields one output per input, in order, so an output's timestamp is the oldest one waiting."""
+    timestamps: deque[int | None] = deque()
+
+    def pixels() -> Iterator[np.ndarray]:
+        for frame in frames:
+            timestamps.append(frame.pts)
+            yield frame.image
+
+    return pixels(), timestamps
+
+
+def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, options: ColorizationOptions,
+                  frame_bar: bool = True) -> int:
+    """Colorize one clip into `output` (.mp4 or a PNG folder), written to a temporary path and renamed at the end.
+    `frame_bar` False hides the frame progress bar (several processes would draw theirs over each other).
+
+    The output is upright (a rotation tag is applied to the pixels), keeps the input's depth (--bit-depth) and, for a
+    variable-rate video, the input's own frame timestamps."""
+    from tqdm import tqdm
+
+    info = probe_clip(clip)
+    if info.frame_count == 0:
+        raise UserError(f"{clip}: has no frames; pass a video with at least one frame")
+    written = 0
+    as_video = output.suffix.lower() == ".mp4"
+    bit_depth = output_bit_depth(options.bit_depth, info)
+    # Deep frames carry the input's luma at 16 bits through colorize_frames to the 10-bit output.
+    pixels, timestamps = pixels_and_timestamps(iter_timed_frames(clip, deep=bit_depth > 8))
+    # The bar shows only on a terminal and is cleared when the clip ends or fails, so an error stays one line.
+    exemplars = [read_image_rgb(Path(path)) for path in options.exemplar]
+    guides = load_guides(clip, info, options, colorizer, exemplars)
+    frames = colorize_frames(colorizer, pixels, options, (info.height, info.width), guides, load_exemplars(exemplars))
+    with atomic_path(output, overwrite=options.overwrite, is_dir=not as_video) as temp, \
+            tqdm(frames, total=info.frame_count, desc=clip.name, unit="frame", leave=False,
+                 disable=None if frame_bar else True) as colorized:
+        if as_video:
+            audio = has_audio(clip)
+            video_path = temp.with_name(temp.stem + ".video.mp4") if audio else temp
+            try:
+                # Evenly spaced frames at the average rate would drift from the copied audio on a variable-rate
+                # input: those frames keep their own timestamps.
+                time_base = info.time_base if info.variable_rate else None
+                with VideoWriter(video_path, info.width, info.height, info.fps, options.crf, bit_depth,
+                                 time_base) as writer:
+                    for frame in colorized:
+                        writer.write(frame, timestamps.popleft())
+                        written += 1
+                if audio:
+                    mux_audio(video_path, clip, temp)
+            finally:
+                if audio:
+                    video_path.unlink(missing_ok=True)
+        else:
+            for frame in colorized:
+                write_image_rgb(temp / f"{written:05d}.png", frame)
+                timestamps.popleft()  # PNG frames have no timestamps; the queue is only kept short
+                written += 1
+        if written < info.frame_count:  # inside the block: a short output is thrown away, never kept
+            raise UserError(f"{clip}: only {written} of its {info.frame_count} frames could be read; re-encode or "
+                            f"replace it")
+    return written
