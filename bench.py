@@ -1,5 +1,5 @@
 """Benchmark the whole video_colorization.py pipeline: frames/s, seconds per frame by stage, peak memory, and
-(with a ground truth) quality from evaluate.py. Each setting runs --repeats times; the median is reported.
+(with a ground truth) quality from metrics.py. Each setting runs --repeats times; the median is reported.
 
   python bench.py                                   # our defaults on a 854x480 clip made from scikit-image photos
   python bench.py --clip ../shared/data/val/sam2__05_default_juggle --frames 32
@@ -145,7 +145,7 @@ def time_codec(frames: list[np.ndarray], clock: StageClock, folder: Path) -> Non
 def bench_setting(name: str, settings: ColorizationOptions, colorizer, color_frames, args) -> dict:
     import tempfile
 
-    from evaluate import evaluate_clip
+    from metrics import evaluate_clip
 
     gray_frames = [np.repeat(rgb_to_gray(f)[..., None], 3, axis=2) for f in color_frames]
     from correspondence import mirrored_crop, shared_matcher

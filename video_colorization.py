@@ -27,7 +27,7 @@ from colorizer import DEFAULT_MODEL, load_colorizer
 from demo import make_demo_clip
 from pipeline import BIT_DEPTHS, DEFAULTS, ColorizationOptions, add_sampling_arguments, colorize_clip, take_options
 from utils import UserError, check_writable, choose_device, run_cli, seed_everything
-from video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, list_clips
+from video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, clip_name, list_clips
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, ColorizationOptions]:
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Color
 def output_path(clip: Path, output: Path | None, several: bool, png: bool) -> Path:
     """Without --output: video_output/<name>_color.mp4. For a folder of clips, --output is a folder that gets
     <name>.mp4 (or <name>/ PNG frames with --png): the clip names evaluate.py matches against the ground truth."""
-    name = clip.stem if clip.is_file() else clip.name
+    name = clip_name(clip)
     if output is None:
         return Path("video_output") / (f"{name}_color" if png else f"{name}_color.mp4")
     if several:

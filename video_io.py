@@ -1,4 +1,5 @@
-"""Frames and videos in and out: clips (video files and frame folders), image decoding, timestamps, audio."""
+"""Frames and videos in and out: clips (video files and frame folders; their names, and pairing two folders of them
+by name), image decoding, timestamps, audio."""
 
 from __future__ import annotations
 
@@ -54,6 +55,44 @@ def list_clips(root: Path) -> list[Path]:
     if not clips:
         raise UserError(f"{root}: no frames or videos inside; expected root/<clip>/00000.jpg ... or video files")
     return clips
+
+
+def clip_name(path: Path) -> str:
+    """A video x.mp4 and a frame folder x/ both name the clip x."""
+    return path.stem if path.is_file() else path.name
+
+
+def _clips_by_name(root: Path) -> dict[str, Path]:
+    clips: dict[str, Path] = {}
+    for path in list_clips(root):
+        name = clip_name(path)
+        if name in clips:
+            raise UserError(f"{root}: both {clips[name].name} and {path.name} are clip '{name}'; keep one")
+        clips[name] = path
+    return clips
+
+
+def match_clips(pred_root: Path | None, gt_root: Path) -> list[tuple[str, Path | None, Path]]:
+    """Colorized clips paired with their ground truth (evaluate.py): (name, prediction or None, ground truth) per
+    clip. A single clip against a single clip pairs whatever the names; otherwise clips pair by name. Without a
+    prediction every ground-truth clip is listed."""
+    gt_clips = _clips_by_name(gt_root)
+    if pred_root is None:
+        return [(name, None, path) for name, path in gt_clips.items()]
+    pred_clips = _clips_by_name(pred_root)
+    pred_is_clip = list(pred_clips.values()) == [pred_root]
+    if pred_is_clip and list(gt_clips.values()) == [gt_root]:
+        return [(clip_name(pred_root), pred_root, gt_root)]
+    missing = [name for name in pred_clips if name not in gt_clips]
+    if missing:
+        names = ", ".join(list(gt_clips)[:6]) + (", ..." if len(gt_clips) > 6 else "")
+        raise UserError(f"{pred_clips[missing[0]]}: no ground-truth clip named '{missing[0]}' in {gt_root} "
+                        f"(it has {names}); rename it to match")
+    unmatched = [name for name in gt_clips if name not in pred_clips]
+    if unmatched and not pred_is_clip:
+        print(f"warning: {pred_root}: no prediction for {len(unmatched)} ground-truth clip(s) "
+              f"({', '.join(unmatched)}); their scores are left out of the means", file=sys.stderr)
+    return [(name, pred_clips[name], gt_clips[name]) for name in pred_clips]
 
 
 # ---------------------------------------------------------------------------------------------------------------

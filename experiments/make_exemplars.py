@@ -18,9 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
 from correspondence import mirrored_crop
-from evaluate import clip_name
 from utils import UserError, run_cli
-from video_io import iter_clip_frames, list_clips, write_image_rgb
+from video_io import clip_name, iter_clip_frames, list_clips, write_image_rgb
 
 
 def main() -> None:

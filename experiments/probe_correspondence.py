@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
 from correspondence import (CORRESPONDENCE_BACKBONE, CORRESPONDENCE_SHORT_SIDE, TEMPERATURE, TOP_K, Matcher,
                             guided_upsample, load_projection, mirrored_crop)
-from evaluate import psnr
+from metrics import psnr
 from utils import luma_chroma_to_rgb, rgb_to_gray, run_cli
 from video_io import iter_clip_frames
 

@@ -9,7 +9,7 @@ A variant sets correspondence.py's PASTE_FLOOR (`paste`: the least share of the 
 REGISTER_EXEMPLARS (`register`: whether an exemplar that is a reframed frame becomes a keyframe there),
 GUIDED_OUTPUT (`guided`: the output's chroma upsampled by the guided filter where colour was found) and
 CORRESPONDENCE_SHORT_SIDE (`side`: the matching size), and guidance.py's PALETTE_SHARE (`palette`); `automatic`
-matches nothing. Prints each variant's mean PSNR, colourfulness, CDC over the truth's and warp error (evaluate.py's),
+matches nothing. Prints each variant's mean PSNR, colourfulness, CDC over the truth's and warp error (metrics.py's),
 and the PSNR per clip.
 """
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 import correspondence
 import guidance
 from colorizer import DEFAULT_MODEL, load_colorizer
-from evaluate import cdc, colorfulness, psnr, warp_error
+from metrics import cdc, colorfulness, psnr, warp_error
 from pipeline import ColorizationOptions, colorize_clip
 from utils import run_cli
 from video_io import iter_clip_frames, write_image_rgb

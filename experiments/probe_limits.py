@@ -4,7 +4,7 @@
       ../shared/data/train/videos/sam2__bedroom --every 10 --json runs/probe/default.json
 
 Each variant colorizes every --every-th frame of each clip independently (no temporal features), recombines the
-chroma with the frame's own luma at its native size and is scored by PSNR (evaluate.psnr) and colourfulness:
+chroma with the frame's own luma at its native size and is scored by PSNR (metrics.psnr) and colourfulness:
 - sample: the default sampler (DDIM, 4 steps); x0: one DDIM step, i.e. the UNet's one-step estimate of the clean
   latent from pure noise (the learned conditional mean); zero-tokens: the sample with the VAC tokens zeroed;
 - vac-letterbox / vac-crop: the VAC sees the frame padded or cropped to a square instead of squashed into one;
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
 from colorizer import DEFAULT_MODEL, combine, load_colorizer, prepare_gray
-from evaluate import colorfulness, psnr
+from metrics import colorfulness, psnr
 from modules import CHROMA_RANGE
 from guidance import hint_tensor, point_hints, region_hints
 from utils import UserError, choose_device, rgb_to_chroma, rgb_to_gray, run_cli

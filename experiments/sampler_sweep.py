@@ -3,9 +3,9 @@
   python experiments/sampler_sweep.py --clips ../shared/data/val --frames 16 --out docs/sampler_sweep.png
 
 Every (sampler, steps) pair colorizes the first --frames frames of each clip (grayscale of the colour frames) with
-the same weights, noise and temporal settings, and is scored with evaluate.py against the colour frames; with several
---seeds, each setting runs once per seed (one initial noise per shot makes a clip's colours one draw) and the table
-gives their mean, and each seed's. Writes a PNG plot and a JSON table.
+the same weights, noise and temporal settings, and is scored by metrics.evaluate_clip against the colour frames;
+with several --seeds, each setting runs once per seed (one initial noise per shot makes a clip's colours one draw)
+and the table gives their mean, and each seed's. Writes a PNG plot and a JSON table.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
 from colorizer import DEFAULT_MODEL, SAMPLERS, load_colorizer
-from evaluate import evaluate_clip
+from metrics import evaluate_clip
 from pipeline import ColorizationOptions, colorize_frames, parse_options
 from utils import choose_device, run_cli
 from video_io import iter_clip_frames, list_clips

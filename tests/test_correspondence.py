@@ -44,7 +44,7 @@ def test_a_mirrored_crop_colours_the_frame_better_than_gray(matcher):
     import cv2
 
     from correspondence import mirrored_crop
-    from evaluate import psnr
+    from metrics import psnr
     from utils import luma_chroma_to_rgb, rgb_to_gray
 
     frames = panning_clip(12, (144, 192))
@@ -79,7 +79,7 @@ def test_an_exemplar_colours_a_clip(tmp_path, tiny_model, colour_clip):
     """A random tiny model colours nothing; an exemplar that is a mirrored crop of the first frame colours all, alone
     or with the other guides."""
     from correspondence import mirrored_crop
-    from evaluate import psnr
+    from metrics import psnr
     from video_io import iter_clip_frames, write_image_rgb
 
     folder, frames = colour_clip

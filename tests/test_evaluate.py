@@ -1,4 +1,5 @@
-"""Tests of evaluate.py: metric values worked out by hand, the paper's uint8 bug, clip matching, and the CLI."""
+"""Tests of metrics.py and evaluate.py: metric values worked out by hand, the paper's uint8 bug, clip matching, and
+the CLI."""
 
 import itertools
 import json
@@ -13,8 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import evaluate  # noqa: E402
 import flow as motion  # noqa: E402
+import metrics  # noqa: E402
 import utils  # noqa: E402
 import video_io  # noqa: E402
 
@@ -39,22 +40,22 @@ def constant_frame(rgb: tuple, height: int = 16, width: int = 16) -> np.ndarray:
 def test_psnr_uint8_does_not_wrap():
     # The paper's bug: uint8 10 - 250 wraps to 16, which would score about 24 dB instead of about 0.5 dB.
     pred, gt = constant_frame((10, 10, 10)), constant_frame((250, 250, 250))
-    assert evaluate.psnr(pred, gt) == pytest.approx(20 * math.log10(255 / 240), abs=1e-9)
-    assert evaluate.psnr(gt, pred) == evaluate.psnr(pred, gt)
+    assert metrics.psnr(pred, gt) == pytest.approx(20 * math.log10(255 / 240), abs=1e-9)
+    assert metrics.psnr(gt, pred) == metrics.psnr(pred, gt)
 
 
 def test_psnr_by_hand():
     pred = np.zeros((2, 2, 3), np.uint8)
     gt = pred.copy()
     gt[0, 0, 0] = 255  # MSE = 255^2 / 12, so PSNR = 10 log10(12)
-    assert evaluate.psnr(pred, gt) == pytest.approx(10 * math.log10(12), abs=1e-9)
+    assert metrics.psnr(pred, gt) == pytest.approx(10 * math.log10(12), abs=1e-9)
 
 
 def test_psnr_of_identical_frames_is_capped_and_counted():
     frame = smooth_texture()
-    assert evaluate.psnr(frame, frame) == evaluate.PSNR_CAP_DB
-    result = evaluate.evaluate_clip([frame, frame], [frame, frame])
-    assert result["psnr"] == evaluate.PSNR_CAP_DB
+    assert metrics.psnr(frame, frame) == metrics.PSNR_CAP_DB
+    result = metrics.evaluate_clip([frame, frame], [frame, frame])
+    assert result["psnr"] == metrics.PSNR_CAP_DB
     assert result["psnr_capped_frames"] == 2
 
 
@@ -64,30 +65,30 @@ def test_psnr_of_identical_frames_is_capped_and_counted():
 def test_ssim_identical_is_one_and_uint8_matches_float():
     gt = smooth_texture()
     pred = np.clip(gt.astype(np.int16) + 40, 0, 255).astype(np.uint8)
-    assert evaluate.ssim(gt, gt) == pytest.approx(1.0)
-    value = evaluate.ssim(pred, gt)
+    assert metrics.ssim(gt, gt) == pytest.approx(1.0)
+    value = metrics.ssim(pred, gt)
     assert 0.0 < value < 0.99
-    assert value == pytest.approx(evaluate.ssim(pred.astype(np.float64), gt.astype(np.float64)))
+    assert value == pytest.approx(metrics.ssim(pred.astype(np.float64), gt.astype(np.float64)))
 
 
 def test_ssim_rejects_tiny_frames():
     with pytest.raises(utils.UserError, match="too small"):
-        evaluate.ssim(constant_frame((1, 2, 3), 4, 4), constant_frame((1, 2, 3), 4, 4))
+        metrics.ssim(constant_frame((1, 2, 3), 4, 4), constant_frame((1, 2, 3), 4, 4))
 
 
 # --- Colorfulness ---------------------------------------------------------------------------------------------------
 
 
 def test_colorfulness_by_hand():
-    assert evaluate.colorfulness(constant_frame((90, 90, 90))) == 0.0
+    assert metrics.colorfulness(constant_frame((90, 90, 90))) == 0.0
     # rg = 100 and yb = |150 - 50| = 100 everywhere: no spread, CF = 0.3 * sqrt(100^2 + 100^2).
-    assert evaluate.colorfulness(constant_frame((200, 100, 50))) == pytest.approx(0.3 * math.hypot(100, 100))
+    assert metrics.colorfulness(constant_frame((200, 100, 50))) == pytest.approx(0.3 * math.hypot(100, 100))
     # Two pixels (0,0,0) and (100,0,0): rg = [0, 100], yb = [0, 50]; std = mean = (50, 25).
     two = np.array([[[0, 0, 0], [100, 0, 0]]], np.uint8)
-    assert evaluate.colorfulness(two) == pytest.approx(1.3 * math.hypot(50, 25))
+    assert metrics.colorfulness(two) == pytest.approx(1.3 * math.hypot(50, 25))
     # yellow (100,100,0) and blue (0,0,100): yb = |+-100| = 100 for both, so no spread: CF = 0.3 * 100.
     yellow_blue = np.array([[[100, 100, 0], [0, 0, 100]]], np.uint8)
-    assert evaluate.colorfulness(yellow_blue) == pytest.approx(30.0)
+    assert metrics.colorfulness(yellow_blue) == pytest.approx(30.0)
 
 
 # --- JS divergence and CDC ------------------------------------------------------------------------------------------
@@ -98,29 +99,29 @@ def test_js_divergence_symmetric_zero_and_by_hand():
     p, q = rng.dirichlet(np.ones(256)), rng.dirichlet(np.ones(256) * 0.1)  # q has near-empty bins
     q[:10] = 0
     q /= q.sum()
-    assert evaluate.js_divergence(p, q) == pytest.approx(evaluate.js_divergence(q, p), abs=1e-15)
-    assert evaluate.js_divergence(p, p) == pytest.approx(0.0, abs=1e-15)
-    assert evaluate.js_divergence([1, 0], [0, 1]) == pytest.approx(math.log(2))
+    assert metrics.js_divergence(p, q) == pytest.approx(metrics.js_divergence(q, p), abs=1e-15)
+    assert metrics.js_divergence(p, p) == pytest.approx(0.0, abs=1e-15)
+    assert metrics.js_divergence([1, 0], [0, 1]) == pytest.approx(math.log(2))
     # m = (0.75, 0.25): KL(p||m) = ln(4/3), KL(q||m) = (ln(2/3) + ln 2) / 2.
     expected = 0.5 * math.log(4 / 3) + 0.25 * (math.log(2 / 3) + math.log(2))
-    assert evaluate.js_divergence([1, 0], [0.5, 0.5]) == pytest.approx(expected)
+    assert metrics.js_divergence([1, 0], [0.5, 0.5]) == pytest.approx(expected)
     from scipy.spatial.distance import jensenshannon
 
-    assert evaluate.js_divergence(p, q) == pytest.approx(jensenshannon(p, q) ** 2)
+    assert metrics.js_divergence(p, q) == pytest.approx(jensenshannon(p, q) ** 2)
 
 
 def test_cdc_of_constant_video_is_zero():
     frames = [constant_frame((30, 140, 220))] * 6
-    assert evaluate.cdc(frames) == 0.0
+    assert metrics.cdc(frames) == 0.0
 
 
 def test_cdc_by_hand_averages_over_dilations():
     black, white = constant_frame((0, 0, 0)), constant_frame((255, 255, 255))
     # Alternating frames: k=1 pairs differ completely (JS = ln 2), k=2 and k=4 pairs are equal (0).
-    assert evaluate.cdc([black, white, black, white, black]) == pytest.approx(math.log(2) / 3)
+    assert metrics.cdc([black, white, black, white, black]) == pytest.approx(math.log(2) / 3)
     # Two frames: only k=1 has a pair.
-    assert evaluate.cdc([black, white]) == pytest.approx(math.log(2))
-    assert math.isnan(evaluate.cdc([black]))
+    assert metrics.cdc([black, white]) == pytest.approx(math.log(2))
+    assert math.isnan(metrics.cdc([black]))
 
 
 def test_cdc_matches_tcvc_reference_code():
@@ -137,7 +138,7 @@ def test_cdc_matches_tcvc_reference_code():
             js = [0.5 * entropy(h[c], (h[c] + g[c]) / 2) + 0.5 * entropy(g[c], (h[c] + g[c]) / 2) for h, g in pairs]
             total += np.mean(js) / 3
         per_channel.append(total)
-    assert evaluate.cdc(frames) == pytest.approx(np.mean(per_channel), rel=1e-12)
+    assert metrics.cdc(frames) == pytest.approx(np.mean(per_channel), rel=1e-12)
 
 
 # --- Warp error ----------------------------------------------------------------------------------------------------
@@ -172,12 +173,12 @@ def test_reliable_flow_masks_pixels_that_come_from_outside_the_frame():
 def test_warp_error_zero_when_colors_follow_the_motion_and_equal_to_a_global_color_jump():
     texture = smooth_texture(96, 128)
     prev, current = np.ascontiguousarray(texture[:, 8:-8]), np.ascontiguousarray(texture[:, 5:-11])
-    assert evaluate.warp_error(prev, prev, prev, prev) == pytest.approx(0.0, abs=1e-6)
-    assert evaluate.warp_error(prev, current, prev, current) < 1.0
+    assert metrics.warp_error(prev, prev, prev, prev) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.warp_error(prev, current, prev, current) < 1.0
     red, blue = constant_frame((200, 40, 40), *prev.shape[:2]), constant_frame((40, 40, 200), *prev.shape[:2])
     red_ab, blue_ab = utils.rgb_to_lab(red)[0, 0, 1:], utils.rgb_to_lab(blue)[0, 0, 1:]
     expected = float(np.hypot(*(red_ab - blue_ab)))
-    assert evaluate.warp_error(red, blue, prev, current) == pytest.approx(expected, rel=1e-4)
+    assert metrics.warp_error(red, blue, prev, current) == pytest.approx(expected, rel=1e-4)
 
 
 # --- Whole clips --------------------------------------------------------------------------------------------------
@@ -187,8 +188,8 @@ def test_evaluate_clip_warps_with_the_ground_truth_motion():
     texture = smooth_texture(96, 128)
     gt = [np.ascontiguousarray(texture[:, 8 - shift : 120 - shift]) for shift in (0, 3, 6)]
     frozen = [gt[0]] * 3  # a prediction that ignores the motion: steady by its own flow, not by the GT's
-    result = evaluate.evaluate_clip(frozen, gt)
-    expected = np.mean([evaluate.warp_error(gt[0], gt[0], gt[t - 1], gt[t]) for t in (1, 2)])
+    result = metrics.evaluate_clip(frozen, gt)
+    expected = np.mean([metrics.warp_error(gt[0], gt[0], gt[t - 1], gt[t]) for t in (1, 2)])
     assert result["warp_error"] == pytest.approx(expected)
     assert result["warp_error"] > 5 * result["gt_warp_error"]
 
@@ -196,9 +197,9 @@ def test_evaluate_clip_warps_with_the_ground_truth_motion():
 def test_evaluate_clip_frame_count_mismatch_is_an_error():
     frames = [smooth_texture(seed=s) for s in range(3)]
     with pytest.raises(utils.UserError, match="3 predicted frames but 2 ground-truth"):
-        evaluate.evaluate_clip(frames, frames[:2], name="x")
+        metrics.evaluate_clip(frames, frames[:2], name="x")
     with pytest.raises(utils.UserError, match="2 predicted frames but 3 ground-truth"):
-        evaluate.evaluate_clip(frames[:2], frames, name="x")
+        metrics.evaluate_clip(frames[:2], frames, name="x")
 
 
 def test_evaluate_clip_resizes_prediction_with_a_warning(capsys):
@@ -206,17 +207,17 @@ def test_evaluate_clip_resizes_prediction_with_a_warning(capsys):
 
     gt = [smooth_texture(seed=s) for s in range(3)]
     pred = [cv2.resize(f, (40, 32), interpolation=cv2.INTER_AREA) for f in gt]
-    result = evaluate.evaluate_clip(pred, gt, sample_at=[0, 2], name="small")
+    result = metrics.evaluate_clip(pred, gt, sample_at=[0, 2], name="small")
     assert "resizing the prediction" in capsys.readouterr().err
     assert result["resized"] and result["frames"] == 3
     assert result["samples"][2][0].shape == gt[2].shape
-    assert 15 < result["psnr"] < evaluate.PSNR_CAP_DB
+    assert 15 < result["psnr"] < metrics.PSNR_CAP_DB
 
 
 def test_gray_baseline_scores():
     gt = [smooth_texture(seed=s) for s in range(5)]
-    result = evaluate.evaluate_clip(evaluate.gray_baseline(gt), gt)
-    expected = np.mean([evaluate.psnr(np.repeat(utils.rgb_to_gray(f)[..., None], 3, axis=2), f) for f in gt])
+    result = metrics.evaluate_clip(metrics.gray_baseline(gt), gt)
+    expected = np.mean([metrics.psnr(np.repeat(utils.rgb_to_gray(f)[..., None], 3, axis=2), f) for f in gt])
     assert result["psnr"] == pytest.approx(expected)
     assert result["colorfulness"] == 0.0
     assert result["colorfulness_gap"] == pytest.approx(result["gt_colorfulness"]) and result["gt_colorfulness"] > 10
@@ -241,14 +242,14 @@ def test_match_clips_pairs_video_with_folder_by_name(tmp_path, capsys):
     with video_io.VideoWriter(tmp_path / "pred" / "b.mp4", 80, 64, 25) as writer:
         for frame in frames:
             writer.write(frame)
-    pairs = evaluate.match_clips(tmp_path / "pred", tmp_path / "gt")
+    pairs = video_io.match_clips(tmp_path / "pred", tmp_path / "gt")
     assert pairs == [("b", tmp_path / "pred" / "b.mp4", tmp_path / "gt" / "b")]
     assert "no prediction for 1 ground-truth clip(s) (a)" in capsys.readouterr().err
     # A single video against a single clip pairs whatever the names.
-    assert evaluate.match_clips(tmp_path / "pred" / "b.mp4", tmp_path / "gt" / "a")[0][2] == tmp_path / "gt" / "a"
+    assert video_io.match_clips(tmp_path / "pred" / "b.mp4", tmp_path / "gt" / "a")[0][2] == tmp_path / "gt" / "a"
     write_frames(tmp_path / "pred" / "c", frames)
     with pytest.raises(utils.UserError, match="no ground-truth clip named 'c'"):
-        evaluate.match_clips(tmp_path / "pred", tmp_path / "gt")
+        video_io.match_clips(tmp_path / "pred", tmp_path / "gt")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -313,7 +314,7 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_gray_baseline_on_val_first_frames():
     clip = VAL / "openh264__foreman_cif"
     gt = list(itertools.islice(video_io.iter_clip_frames(clip), 3))
-    result = evaluate.evaluate_clip(evaluate.gray_baseline(gt), gt)
+    result = metrics.evaluate_clip(metrics.gray_baseline(gt), gt)
     # Over all 150 frames this clip scores 24.50 dB and colorfulness about 28 (see README_EVALUATE.md).
     assert 24.0 < result["psnr"] < 25.0
     assert 0.97 < result["ssim"] < 0.99

@@ -144,7 +144,7 @@ def test_model_hints_keep_a_one_pixel_dot_of_a_large_frame():
 
 
 def test_flow_reference_baseline_beats_gray_and_starts_from_the_truth():
-    from evaluate import flow_reference_baseline, gray_baseline, psnr
+    from metrics import flow_reference_baseline, gray_baseline, psnr
 
     frames = panning_clip(10)
     carried = list(flow_reference_baseline(iter(frames)))
@@ -198,7 +198,7 @@ def test_a_keyframe_carried_by_luma_leaves_no_colour_trail_on_a_real_clip(monkey
 
     import flow
     import guidance
-    from evaluate import psnr
+    from metrics import psnr
     from utils import luma_chroma_to_rgb, rgb_to_gray
     from video_io import iter_clip_frames
 
@@ -222,7 +222,7 @@ def test_a_keyframe_carried_by_luma_leaves_no_colour_trail_on_a_real_clip(monkey
 
 
 def test_a_reference_frame_colours_the_clip(tmp_path, tiny_model, colour_clip):
-    from evaluate import psnr
+    from metrics import psnr
     from video_io import iter_clip_frames
 
     folder, frames = colour_clip
