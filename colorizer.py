@@ -12,16 +12,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from color_head import ColorHead, load_color_head
 from guidance import no_hints
-from modules import (load_vac, load_vae, model_multiple, round_to_multiple, unet_in_channels, unet_input, vac_condition,
-                     vac_fingerprint, vac_input_scale, vac_spatial_channels, vae_downscale, vae_fingerprint,
-                     vae_output_to_chroma)
+from modules import (CHROMA_RANGE, HybridVAC, load_vac, load_vae, model_multiple, round_to_multiple, unet_in_channels,
+                     unet_input, vac_condition, vac_fingerprint, vac_input_scale, vac_spatial_channels, vae_downscale,
+                     vae_fingerprint, vae_output_to_chroma)
 from utils import UserError, first_line, luma_chroma_to_rgb
 
 CONFIG_NAME = "colorizer.json"
 DEFAULT_MODEL = Path(__file__).resolve().parent / "unet_model" / "default"  # the shipped model
 DECODE_MARGIN = 2  # latent pixels, see Colorizer.decode_chroma
 SAMPLERS = ("ddim", "ddpm", "dpm++", "unipc", "euler")
+# Defaults for models whose colorizer.json names none: the chroma gain chosen for v3 by the sampler sweep on the
+# clips training held out (its model card), and the colour head's calibrated mean.
+SAMPLING_DEFAULTS = {"saturation": 1.5, "vividness": 0.0}
 
 
 def make_scheduler(name: str, train_config: dict):
@@ -63,6 +67,7 @@ class Colorizer:
     vac: torch.nn.Module
     config: dict
     device: torch.device
+    color_head: ColorHead | None = None
 
     @property
     def image_size(self) -> int:
@@ -77,6 +82,15 @@ class Colorizer:
         """Models trained with train_diffusion.py --hints have a colour-hint input; older ones colorize
         automatically."""
         return bool(self.config.get("hint_channels"))
+
+    def sampling_default(self, name: str, chosen: float | None) -> float:
+        """A sampling setting: `chosen`, else the model's own default (colorizer.json, where export_model.py puts
+        what was chosen for it on held-out clips), else SAMPLING_DEFAULTS'."""
+        return float(self.config.get(name, SAMPLING_DEFAULTS[name]) if chosen is None else chosen)
+
+    def vividness(self, chosen: float | None) -> float | None:
+        """The colour head's vividness (sampling_default), or None for a model without a head."""
+        return None if self.color_head is None else self.sampling_default("vividness", chosen)
 
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         """The model's input size for a frame: short side near image_size, aspect ratio kept."""
@@ -97,7 +111,8 @@ class Colorizer:
     def sample_latents(self, gray: torch.Tensor, noise: torch.Tensor, sampler: str = "ddim", steps: int = 20,
                        guidance: float = 1.0, tokens: torch.Tensor | None = None,
                        generator: torch.Generator | None = None, hints: torch.Tensor | None = None,
-                       spatial: torch.Tensor | None = None, vac_gray: torch.Tensor | None = None) -> torch.Tensor:
+                       spatial: torch.Tensor | None = None, vac_gray: torch.Tensor | None = None,
+                       vividness: float | None = None) -> torch.Tensor:
         """gray: Bx1xhxw in [0, 1] at the working size; noise: B x C x h/d x w/d. Returns scaled latents.
 
         The VAC's condition is `tokens` (and a hybrid VAC's `spatial` map) when given, else computed from `vac_gray`
@@ -105,7 +120,8 @@ class Colorizer:
 
         `generator` draws the noise that stochastic samplers (DDPM, Euler ancestral-style steps) add at each step, so
         a seed reproduces their output; without it they draw from torch's global generator. `hints` (Bx3xhxw, see
-        guidance.py) guide a model that takes them; None means no hint."""
+        guidance.py) guide a model that takes them; None means no hint. With a colour head and a `vividness`, the
+        head's chroma at that vividness is the hint wherever no other hint is given (computed from `vac_gray`)."""
         scheduler = make_scheduler(sampler, self.config["scheduler"])
         scheduler.set_timesteps(steps, device=self.device)
         step_options = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
@@ -115,11 +131,15 @@ class Colorizer:
         elif hints is not None:
             raise UserError("this model has no colour-hint input (trained without --hints); colorize without "
                             "--reference / --hints, or use a model trained with them")
-        if tokens is None:
+        if tokens is None or (vividness is not None and self.color_head is not None):
             scale = vac_input_scale(self.vac)
             if vac_gray is None and scale > 1:
                 vac_gray = F.interpolate(gray, scale_factor=scale, mode="bilinear", align_corners=False)
-            tokens, spatial = vac_condition(self.vac, gray if vac_gray is None else vac_gray.to(self.device))
+            vac_tokens, vac_spatial, head_chroma = self.condition(gray if vac_gray is None else vac_gray, vividness)
+            tokens, spatial = (vac_tokens, vac_spatial) if tokens is None else (tokens, spatial)
+            if head_chroma is not None:
+                hints = fill_hints(hints, F.interpolate(head_chroma, size=gray.shape[-2:], mode="bilinear",
+                                                        align_corners=False))
         tokens = tokens.to(self.device)
         spatial = spatial.to(self.device) if spatial is not None else None
         unet_gray = gray
@@ -141,6 +161,19 @@ class Colorizer:
         return latents
 
     @torch.inference_mode()
+    def condition(self, vac_gray: torch.Tensor, vividness: float | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Bx1xHxW gray at vac_size -> the VAC's tokens, its spatial map (a hybrid VAC's, else None) and, for a model
+        with a colour head given a `vividness`, the head's chroma (Bx2xH/4xW/4, 8-bit scale; else None): one pass of
+        the backbone serves both."""
+        vac_gray = vac_gray.to(self.device)
+        if self.color_head is None or vividness is None:
+            return (*vac_condition(self.vac, vac_gray), None)
+        features = self.vac.features(vac_gray)
+        logits = self.color_head(features, vac_gray)
+        return (*self.vac.head(features), self.color_head.chroma(logits, vividness))
+
+    @torch.inference_mode()
     def decode_chroma(self, latents: torch.Tensor) -> np.ndarray:
         """Scaled latents -> BxHxWx2 float32 chroma (Cb, Cr) at the working size.
 
@@ -152,6 +185,13 @@ class Colorizer:
         decoded = self.vae.decode(padded / self.vae.config.scaling_factor).sample
         margin = DECODE_MARGIN * self.downscale
         return vae_output_to_chroma(decoded[..., margin:-margin, margin:-margin], self.vae)
+
+
+def fill_hints(hints: torch.Tensor, chroma: torch.Tensor) -> torch.Tensor:
+    """Bx3xhxw hints (guidance.hint_tensor's layout) with `chroma` (Bx2xhxw, 8-bit scale) wherever none is given."""
+    given = hints[:, 2:3] > 0
+    filled = torch.where(given, hints[:, :2], chroma / CHROMA_RANGE)
+    return torch.cat([filled, torch.ones_like(hints[:, 2:3])], dim=1)
 
 
 def load_colorizer(path: Path, device: torch.device, vae_spec: str | None = None,
@@ -177,9 +217,22 @@ def load_colorizer(path: Path, device: torch.device, vae_spec: str | None = None
     vac = load_vac(vac_spec or resolve_component(config["vac"], folder))
     check_compatible(unet, vae, vac, folder, int(config.get("hint_channels", 0)))
     check_trained_components(config, folder, vae, vac, vae_spec, vac_spec)
-    for module in (unet, vae, vac):
-        module.to(device).eval().requires_grad_(False)
-    return Colorizer(unet, vae, vac, config, device)
+    color_head = load_matching_head(config, folder, vac) if config.get("color_head") else None
+    for module in (unet, vae, vac, color_head):
+        if module is not None:
+            module.to(device).eval().requires_grad_(False)
+    return Colorizer(unet, vae, vac, config, device, color_head)
+
+
+def load_matching_head(config: dict, folder: Path, vac) -> ColorHead:
+    """The model's colour head, which reads its hybrid VAC's backbone maps and speaks through the UNet's hint input:
+    the VAC must have the head's backbone, the UNet a hint input."""
+    head = load_color_head(Path(resolve_component(config["color_head"], folder)))
+    backbone = vac.config.get("backbone") if isinstance(vac, HybridVAC) else None
+    if head.config.get("backbone") != backbone or not config.get("hint_channels"):
+        raise UserError(f"{folder}: its colour head needs a hybrid VAC on {head.config.get('backbone')} and a UNet "
+                        f"with a hint input; remove 'color_head' from {CONFIG_NAME} or use a matching model")
+    return head
 
 
 def check_compatible(unet, vae, vac, folder: Path, hint_input: int = 0) -> None:

@@ -4,6 +4,8 @@ up to the checkpoint's step in training/ (for experiments/plot_training.py). The
 left behind; the UNet is stored in fp16.
 
   python export_model.py --checkpoint runs/guided/checkpoint-28000 --out unet_model/default --overwrite
+  python export_model.py --checkpoint unet_model/default --color-head runs/color/color --vividness 0.5 \
+      --saturation 1 --out runs/with_head        # a model folder given a colour head and its sampling defaults
 """
 
 from __future__ import annotations
@@ -22,23 +24,28 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint-<step>/ or a run folder (newest)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--color-head", type=Path, help="a colour head (train_color_head.py's runs/<run>/color) to "
+                        "ship with the model: automatic colorization then takes its colours")
+    parser.add_argument("--vividness", type=float, help="the model's default --vividness")
+    parser.add_argument("--saturation", type=float, help="the model's default --saturation")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser.parse_args()
 
 
-def export(checkpoint: Path, out: Path, overwrite: bool) -> Path:
+def export(checkpoint: Path, out: Path, overwrite: bool, settings: dict | None = None) -> Path:
+    """`settings`: colorizer.json entries to set (a colour head's folder, sampling defaults)."""
     from diffusers import UNet2DConditionModel
 
     folder = resolve_model_folder(checkpoint)
-    config = json.loads((folder / CONFIG_NAME).read_text())
+    config = {**json.loads((folder / CONFIG_NAME).read_text()), **(settings or {})}
     with atomic_path(out, overwrite=overwrite, is_dir=True) as temp:
         # fp16 storage halves the shipped size; load_colorizer computes in float32 whatever the stored precision.
         UNet2DConditionModel.from_pretrained(folder / "unet").half().save_pretrained(temp / "unet")
-        for name in ("vae", "vac"):
-            source = Path(resolve_component(config[name], folder))
-            if source.is_dir():
+        for name, key in (("vae", "vae"), ("vac", "vac"), ("color", "color_head")):
+            source = Path(resolve_component(config[key], folder)) if key in config else None
+            if source is not None and source.is_dir():
                 shutil.copytree(source, temp / name)
-                config[name] = name
+                config[key] = name
         logs = logs_of(folder)
         if logs == folder:  # a checkpoint: its logs are its run folder's
             logs = folder.parent
@@ -50,7 +57,10 @@ def export(checkpoint: Path, out: Path, overwrite: bool) -> Path:
 
 def main() -> None:
     args = parse_args()
-    source = export(args.checkpoint, args.out, args.overwrite)
+    settings = {key: value for key, value in (("color_head", args.color_head and str(args.color_head.resolve())),
+                                              ("vividness", args.vividness), ("saturation", args.saturation))
+                if value is not None}
+    source = export(args.checkpoint, args.out, args.overwrite, settings)
     print(f"exported {source} -> {args.out}")
 
 

@@ -1,0 +1,135 @@
+"""The colour-distribution head: on the frozen ImageNet backbone's maps of the grayscale frame (the hybrid VAC's),
+a distribution over quantized chroma (Cb, Cr) bins at every position, and the chroma it decodes to.
+
+Trained with plain cross-entropy on soft-encoded targets (Zhang, Isola, Efros, *Colorful Image Colorization*, 2016),
+the head learns the calibrated distribution of colours given the frame; its mean is the PSNR-optimal chroma, pale
+by construction. Class rebalancing, which Zhang et al. apply in training, is applied here at decoding instead: a
+loss that weights each target bin by w(q) has the optimum w(q) p(q | x) (normalised), so dividing the calibrated
+distribution by the prior, raised to the power `vividness`, gives every rebalancing strength from one trained head
+(0: the calibrated mean; 1: Zhang et al.'s weights with lambda 0.5). It is the one knob between a pale, safe colour
+and a vivid one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils import UserError, first_line
+
+HEAD_CONFIG = "config.json"
+HEAD_WEIGHTS = "color_head.safetensors"
+OUTPUT_STRIDE = 4  # of the backbone's input: half the working size
+PRIOR_MIX = 0.5  # Zhang et al.'s lambda: the prior mixed with a uniform one, so rare bins are not boosted without bound
+
+
+def bin_centres(step: float) -> torch.Tensor:
+    """Every (Cb, Cr) bin centre of a grid of `step` levels within the chroma range: Q x 2."""
+    axis = torch.arange(-128.0 + step / 2, 128.0, step)
+    return torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+def soft_targets(chroma: torch.Tensor, centres: torch.Tensor, neighbours: int = 5, sigma: float = 4.0) -> torch.Tensor:
+    """N x 2 chroma -> N x Q distributions: a Gaussian over the `neighbours` nearest bin centres (soft encoding, so
+    neighbouring bins are not counted as wrong as far ones)."""
+    distances, nearest = torch.cdist(chroma, centres).topk(neighbours, largest=False)
+    weights = torch.softmax(-distances.square() / (2 * sigma**2), dim=1)
+    return torch.zeros(len(chroma), len(centres)).scatter_(1, nearest, weights)
+
+
+def smoothed_prior(counts: torch.Tensor, centres: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Bin counts -> the prior distribution over bins, smoothed by a Gaussian across neighbouring bins."""
+    kernel = torch.exp(-torch.cdist(centres, centres).square() / (2 * sigma**2))
+    prior = kernel @ (counts / counts.sum())
+    return prior / prior.sum()
+
+
+class ColorHead(nn.Module):
+    """The backbone's maps at strides 8, 16, 32 (a feature pyramid, top down) ++ the grayscale frame unshuffled to
+    stride 4 -> logits over the chroma bins at stride 4. `centres` and the corpus prior are buffers, so a saved head
+    decodes on its own."""
+
+    def __init__(self, config: dict, centres: torch.Tensor, prior: torch.Tensor):
+        super().__init__()
+        self.config = config
+        width = config["width"]
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in config["channels"])
+        self.smooth = nn.ModuleList(nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(8, width),
+                                                  nn.SiLU()) for _ in config["channels"])
+        gray_channels = OUTPUT_STRIDE**2
+        self.fine = nn.Sequential(nn.Conv2d(width + gray_channels, width, 3, padding=1), nn.GroupNorm(8, width),
+                                  nn.SiLU(), nn.Conv2d(width, len(centres), 1))
+        self.register_buffer("centres", centres.float())
+        self.register_buffer("prior", prior.float())
+
+    def forward(self, features: list[torch.Tensor], gray: torch.Tensor) -> torch.Tensor:
+        """features: the backbone's maps on `gray` (Bx1xHxW in [0, 1], the backbone's input) -> B x Q x H/4 x W/4."""
+        pyramid = None
+        for lateral, smooth, feature in reversed(list(zip(self.lateral, self.smooth, features))):
+            level = lateral(feature.float())
+            if pyramid is not None:
+                level = level + F.interpolate(pyramid, size=level.shape[-2:], mode="bilinear", align_corners=False)
+            pyramid = smooth(level)
+        fine_gray = F.pixel_unshuffle(gray * 2.0 - 1.0, OUTPUT_STRIDE)
+        pyramid = F.interpolate(pyramid, size=fine_gray.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fine(torch.cat([pyramid, fine_gray], dim=1))
+
+    def distribution(self, logits: torch.Tensor, vividness: float) -> torch.Tensor:
+        """Logits -> the distribution over bins, rebalanced by the prior to the power `vividness` (module doc)."""
+        prior = (1 - PRIOR_MIX) * self.prior + PRIOR_MIX / len(self.prior)
+        log_prior = prior.log().view(1, -1, 1, 1)
+        return torch.softmax(F.log_softmax(logits, dim=1) - vividness * log_prior, dim=1)
+
+    def chroma(self, logits: torch.Tensor, vividness: float) -> torch.Tensor:
+        """Logits -> B x 2 x h x w chroma (Cb, Cr, on the 8-bit scale): the mean of the rebalanced distribution."""
+        return torch.einsum("bqhw,qc->bchw", self.distribution(logits, vividness), self.centres)
+
+
+def build_color_head(backbone_channels: list[int], step: float, prior_counts: torch.Tensor, width: int = 96,
+                     min_share: float = 1e-4) -> ColorHead:
+    """A fresh head whose bins are the grid cells the corpus uses (`prior_counts` over bin_centres(step), soft
+    counts of training chroma): cells holding less than `min_share` of it are dropped."""
+    centres = bin_centres(step)
+    used = prior_counts > min_share * prior_counts.sum()
+    config = {"channels": list(backbone_channels), "width": width, "step": step}
+    return ColorHead(config, centres[used], smoothed_prior(prior_counts[used], centres[used], step / 2))
+
+
+def save_color_head(head: ColorHead, folder: Path, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().cpu().contiguous() for key, value in head.state_dict().items()}
+    save_file(state, str(folder / HEAD_WEIGHTS))
+    (folder / HEAD_CONFIG).write_text(json.dumps({**head.config, **(extra or {})}, indent=2))
+
+
+def load_color_head(folder: Path) -> ColorHead:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / HEAD_CONFIG).exists() or not (folder / HEAD_WEIGHTS).exists():
+        raise UserError(f"{folder}: no colour head ({HEAD_CONFIG} + {HEAD_WEIGHTS}); pass a folder written by "
+                        f"train_color_head.py")
+    try:
+        config = json.loads((folder / HEAD_CONFIG).read_text())
+        state = load_file(str(folder / HEAD_WEIGHTS))
+        head = ColorHead(config, state["centres"], state["prior"])
+        head.load_state_dict(state)
+    except Exception as error:  # json, safetensors and torch each raise their own kinds
+        raise UserError(f"{folder}: cannot load the colour head ({first_line(error)}); re-export it") from None
+    return head.eval()
+
+
+def chroma_at(rgb: np.ndarray, stride: int) -> np.ndarray:
+    """BxHxWx3 uint8 -> B x H/stride x W/stride x 2 mean chroma per cell (the head's targets)."""
+    from utils import rgb_to_chroma
+
+    chroma = np.stack([rgb_to_chroma(frame) for frame in rgb])
+    b, h, w, _ = chroma.shape
+    return chroma.reshape(b, h // stride, stride, w // stride, stride, 2).mean(axis=(2, 4))

@@ -1,0 +1,114 @@
+"""The colour-distribution head: its targets, its decoding and vividness, its folder, its training script, and its
+place in the model's hint input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script
+
+
+def test_soft_targets_peak_at_the_nearest_bin_and_sum_to_one():
+    from color_head import bin_centres, soft_targets
+
+    centres = bin_centres(8.0)
+    chroma = torch.tensor([[0.0, 0.0], [30.5, -61.0], [-100.0, 12.0]])
+    targets = soft_targets(chroma, centres)
+    assert torch.allclose(targets.sum(dim=1), torch.ones(3))
+    nearest = torch.cdist(chroma, centres).argmin(dim=1)
+    assert torch.equal(targets.argmax(dim=1), nearest)
+    assert (targets > 0).sum(dim=1).tolist() == [5, 5, 5]
+
+
+def small_head(prior_counts: torch.Tensor | None = None):
+    from color_head import bin_centres, build_color_head
+
+    centres = bin_centres(16.0)
+    if prior_counts is None:  # a corpus of mostly neutral colour: the prior peaks at gray
+        prior_counts = torch.exp(-centres.square().sum(dim=1) / (2 * 20.0**2)) + 1e-3
+    return build_color_head([8, 8, 8], 16.0, prior_counts, width=16)
+
+
+def test_vividness_zero_is_the_calibrated_mean_and_more_vividness_moves_away_from_the_common_colours():
+    head = small_head()
+    torch.manual_seed(0)
+    logits = torch.randn(2, len(head.centres), 3, 4) * 0.1  # nearly flat: what an unsure head predicts
+    plain = head.chroma(logits, 0.0)
+    expected = torch.einsum("bqhw,qc->bchw", torch.softmax(logits, dim=1), head.centres)
+    assert torch.allclose(plain, expected, atol=1e-5)
+    magnitudes = [head.chroma(logits, v).norm(dim=1).mean().item() for v in (0.0, 0.5, 1.0)]
+    assert magnitudes[0] < magnitudes[1] < magnitudes[2]
+
+
+def test_a_confident_neutral_prediction_stays_neutral_at_full_vividness():
+    head = small_head()
+    gray_bin = head.centres.norm(dim=1).argmin()
+    logits = torch.full((1, len(head.centres), 2, 2), -20.0)
+    logits[:, gray_bin] = 20.0
+    assert head.chroma(logits, 1.0).abs().max() < 12.0  # within the gray bin's own cell
+
+
+def test_a_saved_head_loads_and_predicts_the_same(tmp_path):
+    from color_head import load_color_head, save_color_head
+
+    head = small_head().eval()
+    save_color_head(head, tmp_path / "color", {"backbone": "efficientnet_lite0"})
+    loaded = load_color_head(tmp_path / "color")
+    features = [torch.randn(1, 8, 4, 4), torch.randn(1, 8, 2, 2), torch.randn(1, 8, 1, 1)]
+    gray = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(head(features, gray), loaded(features, gray))
+    assert loaded.config["backbone"] == "efficientnet_lite0"
+
+
+def test_a_missing_head_folder_is_a_one_line_error(tmp_path):
+    from color_head import load_color_head
+    from utils import UserError
+
+    with pytest.raises(UserError, match="train_color_head.py") as error:
+        load_color_head(tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_head_colour_fills_only_where_no_hint_is_given():
+    from colorizer import fill_hints
+
+    hints = torch.zeros(1, 3, 2, 2)
+    hints[0, :, 0, 0] = torch.tensor([0.5, -0.25, 1.0])  # a given hint at the top-left
+    chroma = torch.full((1, 2, 2, 2), 64.0)
+    filled = fill_hints(hints, chroma)
+    assert filled[0, :, 0, 0].tolist() == [0.5, -0.25, 1.0]
+    assert torch.allclose(filled[0, :2, 1, 1], torch.tensor([0.5, 0.5]))
+    assert filled[0, 2].eq(1.0).all()
+
+
+@pytest.mark.slow
+def test_training_learns_held_out_colour_and_resumes(tmp_path):
+    """A short run on a few photos learns: its training loss falls; a run resumed from its checkpoint goes on counting
+    steps and scoring the held-out photos, and exports a head that knows its backbone."""
+    import cv2
+    from skimage import data
+
+    from video_io import write_image_rgb
+
+    root = tmp_path / "photos"
+    for name, photo in (("coffee", data.coffee()), ("chelsea", data.chelsea()), ("astronaut", data.astronaut())):
+        (root / name).mkdir(parents=True)
+        photo = cv2.resize(photo, (192, 144), interpolation=cv2.INTER_AREA)
+        for k in range(4):  # shifted crops: several items per scene
+            write_image_rgb(root / name / f"{name}_{k}.png", photo[k * 4 : k * 4 + 128, k * 8 : k * 8 + 160])
+    common = ["--dataroot", str(root), "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"),
+              "--holdout", "astronaut", "--crop", "96", "--item-size", "112", "--batch-size", "8",
+              "--validate-every", "10", "--checkpoint-every", "10", "--warmup-steps", "2", "--lr", "3e-3"]
+    run_script("train_color_head.py", *common, "--max-steps", "10", cwd=tmp_path)
+    run_script("train_color_head.py", *common, "--max-steps", "30", "--resume", cwd=tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "runs" / "color" / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 30]
+    train_losses = [json.loads(line)["loss"] for line in (tmp_path / "runs" / "color" / "train_loss.jsonl").open()]
+    assert np.mean(train_losses[-5:]) < np.mean(train_losses[:5])
+    config = json.loads((tmp_path / "runs" / "color" / "color" / "config.json").read_text())
+    assert config["step"] == 30 and config["backbone"] == "efficientnet_lite0"
