@@ -10,7 +10,7 @@
   match, so an exemplar may be framed, cropped or mirrored differently from the shot. The found colour is brought to
   the frame's size by the guided filter on the frame's luma.
 - Registration: an exemplar that shows what one of the frames shows (reframed, cropped, mirrored) is warped onto that
-  frame and becomes a keyframe there for the pixels it covers (registered_guide).
+  frame (best_registration), where guidance.registered_guide makes it a keyframe for the pixels it covers.
 
 The settings below were chosen on clips held out of training (docs/exemplar.md has the measurements).
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,9 +27,6 @@ import torch.nn.functional as F
 
 from modules import imagenet_efficientnet, imagenet_input
 from utils import UserError, rgb_to_chroma, rgb_to_gray
-
-if TYPE_CHECKING:
-    from guidance import Guide
 
 CORRESPONDENCE_BACKBONE = "efficientnet_lite0"
 CORRESPONDENCE_SHORT_SIDE = 320  # both images are matched at this short side (the stride-8 grid: 40 positions)
@@ -289,11 +285,11 @@ def warp_onto(exemplar: np.ndarray, homography: np.ndarray, size: tuple[int, int
     return warped, cv2.erode(covered, np.ones((5, 5), np.uint8)).astype(np.float32)
 
 
-def registered_guide(exemplar: np.ndarray, grays: dict[int, np.ndarray]) -> Guide | None:
+def best_registration(exemplar: np.ndarray,
+                      grays: dict[int, np.ndarray]) -> tuple[int, np.ndarray, np.ndarray] | None:
     """An exemplar registered onto the frame it fits best among `grays` (frame index -> uint8 luma at the
-    propagation size) -> a keyframe guide there covering what the exemplar shows (guidance.Guide), or None."""
-    from guidance import Guide, luma_palette
-
+    propagation size) -> (that frame's index, the exemplar warped onto it, where it covers it: warp_onto's), or None
+    where it fits none (guidance.registered_guide makes a keyframe of it)."""
     keypoints = exemplar_keypoints(exemplar)
     if not keypoints:
         return None
@@ -301,7 +297,4 @@ def registered_guide(exemplar: np.ndarray, grays: dict[int, np.ndarray]) -> Guid
     if not fits:
         return None
     index = min(fits, key=lambda i: fits[i][1])
-    landed, covered = warp_onto(exemplar, fits[index][0], grays[index].shape)
-    chroma = rgb_to_chroma(landed) * covered[..., None]
-    return Guide(index, chroma, covered, covered.copy(), dense=True,
-                 palette=luma_palette(rgb_to_gray(exemplar), rgb_to_chroma(exemplar)))
+    return index, *warp_onto(exemplar, fits[index][0], grays[index].shape)

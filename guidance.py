@@ -1,4 +1,8 @@
-"""Colour hints: the UNet's hint input, the random hints training draws, and chroma carried along the optical flow.
+"""Colour given from elsewhere: the UNet's hint input, the random hints training draws, and, at inference, the guides
+(keyframes, painted hints, registered exemplars) carried along the optical flow. The pipeline's face is
+GuidePropagator: `step` gives a frame the guides that reach it, `hint_input` the model's hint input from them, and
+`output_chroma` the per-frame chain that makes the output's colour from the sampled chroma (painted hints kept local,
+the previous output carried along the flow, the exemplars' and the painted colour pasted, the keyframe's pasted).
 
 A hint is a chroma value (BT.601 Cb, Cr) at some pixels of the working-size frame plus a mask saying which pixels
 carry one. The UNet receives them pixel-unshuffled beside the grayscale frame (modules.unet_input), so a single
@@ -17,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from correspondence import best_registration, paste_found, upsample_chroma
 from flow import reliable_flow, warp, warp_matching_luma
 from modules import CHROMA_RANGE
 
@@ -223,6 +228,20 @@ def load_hint_image(path: Path, index: int, size: tuple[int, int]) -> Guide:
     return Guide(index, rgb_to_chroma(np.ascontiguousarray(rgba[..., :3])) * mask[..., None], mask, mask, dense=False)
 
 
+def registered_guide(exemplar: np.ndarray, grays: dict[int, np.ndarray]) -> Guide | None:
+    """An exemplar that is a reframed frame among `grays` (frame index -> uint8 luma at the propagation size; see
+    correspondence.best_registration) -> a keyframe guide there covering what the exemplar shows, or None."""
+    from utils import rgb_to_chroma, rgb_to_gray
+
+    registered = best_registration(exemplar, grays)
+    if registered is None:
+        return None
+    index, landed, covered = registered
+    chroma = rgb_to_chroma(landed) * covered[..., None]
+    return Guide(index, chroma, covered, covered.copy(), dense=True,
+                 palette=luma_palette(rgb_to_gray(exemplar), rgb_to_chroma(exemplar)))
+
+
 def carry_guide(guide: Guide, from_gray: np.ndarray, to_gray: np.ndarray) -> Guide:
     """A guide moved from the frame of `from_gray` onto the frame of `to_gray` along the flow, sampled from source
     pixels of the target pixel's luma (no colour trails); its confidence is kept where the flow passes the
@@ -288,10 +307,13 @@ def merge_palettes(guides: list[Guide], closeness: list[float]) -> np.ndarray | 
 
 
 class GuidePropagator:
-    """Carries every guide's colour along the optical flow, forward through the frames after its own and backward
-    through those before it, each step masked by the flow's reliability, so colour fades out where the motion cannot
-    be followed (occlusions, new content); a scene cut stops it. Call `backward_pass` first with the frames up to
-    the last guide, then `step(t, gray)` for t = 0, 1, ... in order; each returns the frame's (dense, sparse) guides.
+    """One clip's colour from elsewhere, frame by frame. Carries every guide's colour along the optical flow, forward
+    through the frames after its own and backward through those before it, each step masked by the flow's
+    reliability, so colour fades out where the motion cannot be followed (occlusions, new content); a scene cut
+    stops it. Call `backward_pass` first with the frames up to the last guide, then `step(t, gray)` for t = 0, 1, ...
+    in order; each returns the frame's (dense, sparse) guides, which `hint_input` turns into the model's hint input.
+    `output_chroma` then makes each sampled frame's output colour in order: its guides pasted, the exemplars'
+    colour, and the previous output's colour carried along the flow (with no guide too: GuidePropagator([])).
     The backward results wait in float16 until their frame comes: memory grows with the frames before the last
     keyframe, not with the clip."""
 
@@ -300,6 +322,7 @@ class GuidePropagator:
         self.forward: list[Guide] = []
         self.previous_gray: np.ndarray | None = None
         self.backward: dict[int, list[Guide]] = {}
+        self.previous_output: tuple[np.ndarray, np.ndarray] | None = None  # luma and chroma at the working size
 
     @property
     def last_guided_frame(self) -> int:
@@ -329,11 +352,58 @@ class GuidePropagator:
         reaching = self.forward + backward
         return merge([g for g in reaching if g.dense], t), merge([g for g in reaching if not g.dense], t)
 
+    @staticmethod
+    def hint_input(frame_guides: list[tuple[Guide | None, Guide | None]],
+                   size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch of frames' (dense, sparse) guides -> the model's hint input at the working size, and where painted
+        hints are among them the same without those (the second pass whose colour keep_painted_local keeps away
+        from the painted strokes), else None."""
+        hints = hint_tensor(*map(np.stack, zip(*(model_hints(d, s, size) for d, s in frame_guides))))
+        if all(sparse is None for _, sparse in frame_guides):
+            return hints, None
+        return hints, hint_tensor(*map(np.stack, zip(*(model_hints(d, None, size) for d, _ in frame_guides))))
+
+    def output_chroma(self, chroma: np.ndarray, plain: np.ndarray | None, luma: np.ndarray,
+                      guide_luma: np.ndarray | None, frame_guides: tuple[Guide | None, Guide | None], cut: bool,
+                      propagation: float, found: tuple[np.ndarray, np.ndarray] | None = None,
+                      guided_output: bool = True) -> np.ndarray:
+        """One frame's sampled chroma (HxWx2 at the working size, `luma` its uint8 luma there; `plain`: the same
+        draws without painted hints, or None) -> its output chroma, frames in order: painted hints kept local, the
+        previous output's colour carried along the flow (weight `propagation`; not across a cut), the exemplars'
+        found colour (chroma and confidence, or None) and the painted colour pasted, then, where colour was found,
+        upsampled to the propagation size by the guided filter (`guided_output`, else left to the keyframe paste's
+        resize), and the keyframe's colour pasted there (`guide_luma`: the frame's uint8 luma at that size)."""
+        dense, sparse = frame_guides
+        painted = spread_painted(sparse, luma / np.float32(255)) if sparse is not None else None
+        if plain is not None and painted is not None:
+            chroma = keep_painted_local(chroma, plain, painted[1])
+        if self.previous_output is not None and not cut and propagation > 0:
+            previous_luma, previous_chroma = self.previous_output
+            chroma = propagate_chroma(previous_luma, luma, previous_chroma, chroma, propagation)
+        if found is not None:
+            chroma = paste_found(chroma, *found)
+        chroma = paste_painted(chroma, painted)
+        if found is not None and guided_output:
+            chroma = upsample_chroma(chroma, guide_luma)
+        if dense is not None:
+            chroma = paste_dense(resize_to(chroma, guide_luma.shape), dense, guide_luma)
+        self.previous_output = luma, resize_to(chroma, luma.shape)
+        return chroma
+
 
 def compact(guide: Guide, dtype) -> Guide:
     """The guide's arrays in `dtype` (float16 while backward results wait for their frame)."""
     return replace(guide, weighted=guide.weighted.astype(dtype), support=guide.support.astype(dtype),
                    confidence=guide.confidence.astype(dtype))
+
+
+def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    if image.shape[:2] == size:
+        return image
+    interpolation = cv2.INTER_AREA if image.shape[0] > size[0] else cv2.INTER_LINEAR
+    return cv2.resize(image, (size[1], size[0]), interpolation=interpolation)
 
 
 def model_hints(dense: Guide | None, sparse: Guide | None, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -23,10 +23,9 @@ import torch
 
 import correspondence
 from colorizer import SAMPLERS, Colorizer, combine, prepare_gray
-from correspondence import Exemplars, load_exemplars, paste_found, upsample_chroma
-from guidance import (GuidePropagator, hint_tensor, keep_painted_local, load_hint_image, load_reference, model_hints,
-                      parse_guide_spec, paste_dense, paste_painted, propagate_chroma, propagation_size,
-                      spread_painted)
+from correspondence import Exemplars, load_exemplars
+from guidance import (GuidePropagator, load_hint_image, load_reference, parse_guide_spec, propagation_size,
+                      registered_guide)
 from utils import UserError, atomic_path, rgb_to_gray
 from video_io import (ClipFrame, VideoInfo, VideoWriter, has_audio, iter_clip_frames, iter_timed_frames, mux_audio,
                       probe_clip, read_image_rgb, write_image_rgb)
@@ -169,19 +168,10 @@ def is_scene_cut(previous_gray: np.ndarray, gray: np.ndarray, threshold: float) 
     return cv2.compareHist(histograms[0], histograms[1], cv2.HISTCMP_BHATTACHARYYA) > threshold
 
 
-def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    import cv2
-
-    if image.shape[:2] == size:
-        return image
-    interpolation = cv2.INTER_AREA if image.shape[0] > size[0] else cv2.INTER_LINEAR
-    return cv2.resize(image, (size[1], size[0]), interpolation=interpolation)
-
-
 def load_guides(clip: Path, info, options: ColorizationOptions, colorizer: Colorizer,
                 exemplars: list[np.ndarray] = ()) -> GuidePropagator | None:
     """--reference and --hints for this clip, checked against its frame count, and the exemplars that turn out to
-    be reframed frames of it (correspondence.registered_guide) as keyframes, with their backward propagation done
+    be reframed frames of it (guidance.registered_guide) as keyframes, with their backward propagation done
     (it reads the frames up to the last guided one once more)."""
     size = propagation_size(info.height, info.width)
     guides = []
@@ -194,7 +184,7 @@ def load_guides(clip: Path, info, options: ColorizationOptions, colorizer: Color
             guides.append(load(path, index, size))
     if len(exemplars) and correspondence.REGISTER_EXEMPLARS:
         grays = sampled_grays(clip, info, size, correspondence.REGISTRATION_FRAMES)
-        guides += [g for g in (correspondence.registered_guide(e, grays) for e in exemplars) if g is not None]
+        guides += [g for g in (registered_guide(e, grays) for e in exemplars) if g is not None]
     if not guides:
         return None
     propagator = GuidePropagator(guides)
@@ -240,9 +230,10 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
     height, width = first_frame_shape
     size = colorizer.working_size(height, width)
     guide_size = propagation_size(height, width)
+    propagator = guides if guides is not None else GuidePropagator([])  # it carries the output along the flow too
     frame_number = 0
     latent_shape = colorizer.latent_shape(height, width)
-    shot, previous_gray, previous_chroma = 0, None, None
+    shot, previous_small = 0, None
     noise_generator = torch.Generator().manual_seed(args.seed)
     # A stream of its own (not seed + k, which the shots use) for the noise stochastic samplers add at each step.
     step_generator = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, 1]).generate_state(1)[0]))
@@ -251,7 +242,8 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
         gray = np.stack([rgb_to_gray(resize_if_needed(frame, height, width)) for frame in batch])
         small = np.stack([working_gray(g, size) for g in gray])
         cuts = [previous is not None and args.scene_cuts and is_scene_cut(previous, current, args.cut_threshold)
-                for previous, current in zip([previous_gray, *small[:-1]], small)]
+                for previous, current in zip([previous_small, *small[:-1]], small)]
+        previous_small = small[-1]
         guide_gray = [working_gray(g, guide_size) if guides or exemplars else None for g in gray]
         frame_guides = [guides.step(frame_number + i, g, cut) if guides else (None, None)
                         for i, (g, cut) in enumerate(zip(guide_gray, cuts))]
@@ -262,9 +254,7 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
             found = exemplars.colour(np.stack([working_gray(g, match_size) for g in gray]), size)
         hints = plain_hints = None
         if guides and colorizer.takes_hints:
-            hints = hint_tensor(*map(np.stack, zip(*(model_hints(d, s, size) for d, s in frame_guides))))
-            if any(sparse is not None for _, sparse in frame_guides):
-                plain_hints = hint_tensor(*map(np.stack, zip(*(model_hints(d, None, size) for d, _ in frame_guides))))
+            hints, plain_hints = propagator.hint_input(frame_guides, size)
         noise = []
         for cut in cuts:
             if cut:
@@ -285,22 +275,10 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
         if plain_hints is not None:  # the same draws without the painted hints, which are kept where they reach
             plain = sample_chroma(plain_hints, torch.Generator().set_state(step_state))
         found_colour = zip(*found) if found is not None else itertools.repeat(None)
-        for g, g_small, g_guide, chroma, plain_chroma, cut, (dense, sparse), colour in zip(
+        for g, g_small, g_guide, chroma, plain_chroma, cut, frame_guide, colour in zip(
                 gray, small, guide_gray, predicted, plain, cuts, frame_guides, found_colour):
-            painted = spread_painted(sparse, g_small / np.float32(255)) if sparse is not None else None
-            if plain_chroma is not None and painted is not None:
-                chroma = keep_painted_local(chroma, plain_chroma, painted[1])
-            if previous_chroma is not None and not cut and args.propagation > 0:
-                chroma = propagate_chroma(previous_gray, g_small, previous_chroma, chroma, args.propagation)
-            if colour is not None:
-                chroma = paste_found(chroma, *colour)
-            chroma = paste_painted(chroma, painted)
-            if colour is not None and correspondence.GUIDED_OUTPUT:
-                chroma = upsample_chroma(chroma, g_guide)
-            if dense is not None:
-                chroma = paste_dense(resize_to(chroma, guide_size), dense, g_guide)
-            previous_gray, previous_chroma = g_small, resize_to(chroma, size)
-            yield combine(g, chroma)
+            yield combine(g, propagator.output_chroma(chroma, plain_chroma, g_small, g_guide, frame_guide, cut,
+                                                      args.propagation, colour, bool(correspondence.GUIDED_OUTPUT)))
 
 
 def resize_if_needed(frame: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -116,7 +116,8 @@ def test_an_exemplar_that_is_a_reframed_frame_becomes_a_keyframe_there():
     import cv2
     from skimage import data
 
-    from correspondence import mirrored_crop, registered_guide
+    from correspondence import mirrored_crop
+    from guidance import registered_guide
     from utils import rgb_to_chroma, rgb_to_gray
 
     shots = {0: panning_clip(1, (144, 192))[0], 5: data.coffee(), 9: data.chelsea()}
