@@ -112,7 +112,7 @@ def run_once(colorizer, clock: StageClock, gray_frames: list[np.ndarray], settin
              keyframe: np.ndarray | None, exemplar: np.ndarray | None) -> tuple[float, list]:
     """Colorize the decoded clip (with `keyframe` as frame 0's reference, `exemplar` as --exemplar); returns the wall
     time and the outputs."""
-    from correspondence import Exemplars, shared_matcher
+    from correspondence import load_exemplars
     from guidance import GuidePropagator, propagation_size, reference_guide
 
     start = time.perf_counter()
@@ -120,7 +120,7 @@ def run_once(colorizer, clock: StageClock, gray_frames: list[np.ndarray], settin
     if keyframe is not None:
         guides = GuidePropagator([reference_guide(keyframe, 0, propagation_size(*keyframe.shape[:2]))])
     if exemplar is not None:
-        exemplars = Exemplars([exemplar], shared_matcher())
+        exemplars = load_exemplars([exemplar], settings.learned_metric)
     outputs = list(clock.timed("colorize (total)", colorize_frames(colorizer, iter(gray_frames), settings,
                                                                    gray_frames[0].shape[:2], guides, exemplars)))
     return time.perf_counter() - start, outputs
@@ -153,7 +153,7 @@ def bench_setting(name: str, settings: ColorizationOptions, colorizer, color_fra
     runs = []
     modules = {"denoise (UNet)": colorizer.unet, "VAC tokens": colorizer.vac, "VAE decode": colorizer.vae.decoder}
     if args.exemplar:
-        modules["correspondence features"] = shared_matcher().network
+        modules["correspondence features"] = shared_matcher(settings.learned_metric).network
     for _ in range(args.repeats):
         clock = StageClock()
         for stage, module in modules.items():

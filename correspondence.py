@@ -36,10 +36,7 @@ TOP_K = 16  # matches a position averages over
 SIMILARITY_FLOOR, SIMILARITY_FULL = 0.5, 0.8
 PASTE_FLOOR = 0.5  # the output keeps at least this share of the found colour (see paste_found)
 GUIDED_RADIUS, GUIDED_EPSILON = 16, 1e-3  # the guided filter's window (pixels at a 480 px short side), regularisation
-LEARNED_METRIC = 1.0  # whether matching uses the metric learned on training clips (1) or plain cosine similarity (0)
 METRIC_FILE = Path(__file__).resolve().parent / "unet_model" / "matcher" / "metric.safetensors"
-GUIDED_OUTPUT = 1.0  # whether an exemplar's colour is upsampled by the guided filter (1) or bilinearly (0)
-REGISTER_EXEMPLARS = 1.0  # whether an exemplar that is a reframed frame becomes a keyframe there (1) or not (0)
 REGISTRATION_INLIERS = 40  # RANSAC inliers an exemplar needs to count as a reframed frame
 REGISTRATION_LUMA = 12.0  # mean luma difference (levels) it may have where it lands
 REGISTRATION_FRAMES = 16  # frames of the clip it is tried on (evenly spaced, the first among them)
@@ -160,17 +157,18 @@ def resized(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.stack([cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR) for image in images])
 
 
-def load_exemplars(images: list[np.ndarray]) -> Exemplars | None:
-    """--exemplar images (any size and framing; only their colours are used) prepared for matching, or None without
-    any."""
-    return Exemplars(images, shared_matcher()) if images else None
+def load_exemplars(images: list[np.ndarray], learned_metric: bool = True) -> Exemplars | None:
+    """--exemplar images (any size and framing; only their colours are used) prepared for matching (see
+    shared_matcher), or None without any."""
+    return Exemplars(images, shared_matcher(learned_metric)) if images else None
 
 
-@lru_cache(maxsize=1)
-def shared_matcher() -> Matcher:
+@lru_cache(maxsize=2)
+def shared_matcher(learned_metric: bool = True) -> Matcher:
     """One matcher per process: every clip of a folder uses the same backbone (the module's settings as they are
-    when it is first asked for), with the learned metric (its projection and temperature) where LEARNED_METRIC."""
-    if not LEARNED_METRIC:
+    when it is first asked for), with the metric learned on training clips (its projection and temperature), or
+    without it (`learned_metric` False, ColorizationOptions.learned_metric) plain cosine similarity."""
+    if not learned_metric:
         return Matcher(CORRESPONDENCE_BACKBONE, CORRESPONDENCE_SHORT_SIDE, TEMPERATURE, TOP_K)
     if not METRIC_FILE.is_file():
         raise UserError(f"{METRIC_FILE}: the exemplar matcher's learned metric is missing; restore it from git "

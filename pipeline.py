@@ -21,9 +21,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-import correspondence
 from colorizer import SAMPLERS, Colorizer, combine, prepare_gray
-from correspondence import Exemplars, load_exemplars
+from correspondence import REGISTRATION_FRAMES, Exemplars, load_exemplars
 from guidance import (GuidePropagator, load_hint_image, load_reference, parse_guide_spec, propagation_size,
                       registered_guide)
 from utils import UserError, atomic_path, rgb_to_gray
@@ -52,7 +51,8 @@ class ColorizationOptions:
     # (its model card): the highest PSNR among settings that reach 60% of the ground truth's colourfulness there.
     steps: int = 1
     guidance: float = 1.0
-    saturation: float = 1.5
+    saturation: float | None = None  # None: the model's own default (Colorizer.sampling_default)
+    vividness: float | None = None  # a colour head's strength; None: the model's own default
     seed: int = 0
     shared_noise: bool = True
     propagation: float = 0.99
@@ -61,6 +61,12 @@ class ColorizationOptions:
     reference: list[str] = field(default_factory=list)  # "[N=]IMAGE", as --reference takes them
     hints: list[str] = field(default_factory=list)  # "[N=]IMAGE", as --hints takes them
     exemplar: list[str] = field(default_factory=list)  # colour images that are not frames of the clip
+    # What an exemplar does, each switchable for the measurements (docs/exemplar.md): one that is a reframed frame
+    # becomes a keyframe there; the colour found is upsampled by the guided filter on the frame's luma; matching
+    # uses the metric learned on training clips (unet_model/matcher) rather than plain cosine similarity.
+    register_exemplars: bool = True
+    guided_output: bool = True
+    learned_metric: bool = True
     batch_size: int = 8
     crf: int = 18
     bit_depth: str = "auto"
@@ -68,9 +74,9 @@ class ColorizationOptions:
 
     def check(self) -> None:
         """The checks argparse does not make, as one-line errors."""
-        if not 0 <= self.propagation < 1 or self.saturation < 0:
-            raise UserError(f"--propagation {self.propagation} / --saturation {self.saturation}: propagation must be "
-                            f"in [0, 1) and saturation at least 0")
+        if not 0 <= self.propagation < 1 or min(self.saturation or 0, self.vividness or 0) < 0:
+            raise UserError(f"--propagation {self.propagation} / --saturation {self.saturation} / --vividness "
+                            f"{self.vividness}: propagation must be in [0, 1), saturation and vividness at least 0")
         if not 0 <= self.crf <= 51:
             raise UserError(f"--crf {self.crf}: H.264 takes 0 (lossless) to 51; 18 is the default")
         for name in ("steps", "batch_size"):
@@ -109,7 +115,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classifier-free guidance on the VAC tokens")
     parser.add_argument("--saturation", type=float, default=DEFAULTS.saturation,
                         help="multiply the sampled chroma by this; few steps give the model's mean colour, which "
-                        "is right more often than a full sample but pale, and a gain restores colour cheaper in PSNR")
+                        "is right more often than a full sample but pale, and a gain restores colour cheaper in PSNR "
+                        "(default: the model's own, 1.5 for a model without a colour head)")
+    parser.add_argument("--vividness", type=float, default=DEFAULTS.vividness,
+                        help="the knob for automatic colour, with a model that has a colour head: 0 gives the most "
+                        "likely mean colour (safe, pale), 1 leans towards rarer, more saturated colours (default: the "
+                        "model's own choice, made on clips held out of training)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--no-shared-noise", dest="shared_noise", action="store_false",
                         help="draw fresh noise for every frame (the paper's behaviour) instead of one per shot")
@@ -129,6 +140,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a colour image of the scene that is not a frame of the clip (a coloured still, a photo "
                         "of the place; any size and framing): every frame takes its colours where its content "
                         "matches (ImageNet features, see correspondence.py); repeatable")
+    parser.add_argument("--no-register-exemplars", dest="register_exemplars", action="store_false",
+                        help="never make an exemplar that is a reframed frame of the clip a keyframe there")
+    parser.add_argument("--no-guided-output", dest="guided_output", action="store_false",
+                        help="upsample an exemplar's colour bilinearly instead of by the guided filter on the luma")
+    parser.add_argument("--no-learned-metric", dest="learned_metric", action="store_false",
+                        help="match exemplars by the plain cosine similarity of the backbone's features instead of "
+                        "the metric learned on training clips (unet_model/matcher)")
     parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="frames denoised together")
 
 
@@ -182,8 +200,8 @@ def load_guides(clip: Path, info, options: ColorizationOptions, colorizer: Color
                 raise UserError(f"{option} {spec}: {clip} has no frame {index} (it has {info.frame_count}, numbered "
                                 f"from 0); give a frame number below {info.frame_count}")
             guides.append(load(path, index, size))
-    if len(exemplars) and correspondence.REGISTER_EXEMPLARS:
-        grays = sampled_grays(clip, info, size, correspondence.REGISTRATION_FRAMES)
+    if len(exemplars) and options.register_exemplars:
+        grays = sampled_grays(clip, info, size, REGISTRATION_FRAMES)
         guides += [g for g in (registered_guide(e, grays) for e in exemplars) if g is not None]
     if not guides:
         return None
@@ -226,11 +244,15 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
     painted hints), their colour carried to each frame is the model's hint input (for a model that has one), a
     painted colour spreads over its region, and a keyframe's colour is kept wherever it was carried reliably. With
     `exemplars`, the colour each frame's features find in them is blended into the output over the colour carried
-    from the previous frame (see correspondence.py)."""
+    from the previous frame (see correspondence.py). With a model that has a colour head (color_head.py), the head's
+    chroma at --vividness is the model's hint input wherever no guide gives one, unless a keyframe or an exemplar
+    colours the clip."""
     height, width = first_frame_shape
     size = colorizer.working_size(height, width)
     guide_size = propagation_size(height, width)
     propagator = guides if guides is not None else GuidePropagator([])  # it carries the output along the flow too
+    # A keyframe's or an exemplar's colours are the clip's own; the colour head's guess would only compete with them.
+    head_vividness = None if args.reference or exemplars is not None else colorizer.vividness(args.vividness)
     frame_number = 0
     latent_shape = colorizer.latent_shape(height, width)
     shot, previous_small = 0, None
@@ -267,8 +289,9 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
 
         def sample_chroma(hint_input: torch.Tensor | None, generator: torch.Generator) -> np.ndarray:
             latents = colorizer.sample_latents(model_gray, batch_noise, args.sampler, args.steps, args.guidance,
-                                               generator=generator, hints=hint_input, vac_gray=vac_gray)
-            return colorizer.decode_chroma(latents) * args.saturation
+                                               generator=generator, hints=hint_input, vac_gray=vac_gray,
+                                               vividness=head_vividness)
+            return colorizer.decode_chroma(latents) * colorizer.sampling_default("saturation", args.saturation)
 
         predicted = sample_chroma(hints, step_generator)
         plain = itertools.repeat(None)
@@ -278,7 +301,7 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
         for g, g_small, g_guide, chroma, plain_chroma, cut, frame_guide, colour in zip(
                 gray, small, guide_gray, predicted, plain, cuts, frame_guides, found_colour):
             yield combine(g, propagator.output_chroma(chroma, plain_chroma, g_small, g_guide, frame_guide, cut,
-                                                      args.propagation, colour, bool(correspondence.GUIDED_OUTPUT)))
+                                                      args.propagation, colour, args.guided_output))
 
 
 def resize_if_needed(frame: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -330,7 +353,8 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, options: Color
     # The bar shows only on a terminal and is cleared when the clip ends or fails, so an error stays one line.
     exemplars = [read_image_rgb(Path(path)) for path in options.exemplar]
     guides = load_guides(clip, info, options, colorizer, exemplars)
-    frames = colorize_frames(colorizer, pixels, options, (info.height, info.width), guides, load_exemplars(exemplars))
+    frames = colorize_frames(colorizer, pixels, options, (info.height, info.width), guides,
+                             load_exemplars(exemplars, options.learned_metric))
     with atomic_path(output, overwrite=options.overwrite, is_dir=not as_video) as temp, \
             tqdm(frames, total=info.frame_count, desc=clip.name, unit="frame", leave=False,
                  disable=None if frame_bar else True) as colorized:

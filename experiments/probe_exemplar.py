@@ -5,11 +5,12 @@ scored on every frame against the clip itself.
   python experiments/probe_exemplar.py --clips ../shared/data/train/videos/flatten__puff \
       --variants automatic paste=1 paste=0.5
 
-A variant sets correspondence.py's PASTE_FLOOR (`paste`: the least share of the found colour in the output),
-REGISTER_EXEMPLARS (`register`: whether an exemplar that is a reframed frame becomes a keyframe there),
-GUIDED_OUTPUT (`guided`: the output's chroma upsampled by the guided filter where colour was found) and
-CORRESPONDENCE_SHORT_SIDE (`side`: the matching size), and guidance.py's PALETTE_SHARE (`palette`); `automatic`
-matches nothing. Prints each variant's mean PSNR, colourfulness, CDC over the truth's and warp error (metrics.py's),
+A variant sets correspondence.py's PASTE_FLOOR (`paste`: the least share of the found colour in the output) and
+CORRESPONDENCE_SHORT_SIDE (`side`: the matching size), guidance.py's PALETTE_SHARE (`palette`), and the options
+ColorizationOptions.register_exemplars (`register`: whether an exemplar that is a reframed frame becomes a keyframe
+there), guided_output (`guided`: the output's chroma upsampled by the guided filter where colour was found) and
+learned_metric (`metric`: the learned matching metric or plain cosine similarity), 1 or 0; `automatic` matches
+nothing. Prints each variant's mean PSNR, colourfulness, CDC over the truth's and warp error (metrics.py's),
 and the PSNR per clip.
 """
 
@@ -35,10 +36,9 @@ from pipeline import ColorizationOptions, colorize_clip
 from utils import run_cli
 from video_io import iter_clip_frames, write_image_rgb
 
-SETTINGS = {"paste": (correspondence, "PASTE_FLOOR"),
-            "guided": (correspondence, "GUIDED_OUTPUT"),
-            "register": (correspondence, "REGISTER_EXEMPLARS"), "palette": (guidance, "PALETTE_SHARE"),
-            "side": (correspondence, "CORRESPONDENCE_SHORT_SIDE"), "metric": (correspondence, "LEARNED_METRIC")}
+CONSTANTS = {"paste": (correspondence, "PASTE_FLOOR"), "palette": (guidance, "PALETTE_SHARE"),
+             "side": (correspondence, "CORRESPONDENCE_SHORT_SIDE")}
+OPTIONS = {"guided": "guided_output", "register": "register_exemplars", "metric": "learned_metric"}
 COLUMNS = ("psnr", "colourfulness", "cdc_ratio", "warp_error")
 
 
@@ -57,16 +57,20 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def apply_variant(variant: str) -> bool:
-    """Set the variant's constants; False where it names `automatic` (no exemplar)."""
-    items = variant.split(",")
+def apply_variant(variant: str) -> tuple[bool, dict]:
+    """Set the variant's constants -> (False where it names `automatic`, i.e. no exemplar; the ColorizationOptions
+    fields it sets)."""
+    items, options = variant.split(","), {}
     for item in items:
         if item != "automatic":
             name, value = item.split("=")
-            module, constant = SETTINGS[name]
+            if name in OPTIONS:
+                options[OPTIONS[name]] = bool(float(value))
+                continue
+            module, constant = CONSTANTS[name]
             setattr(module, constant, type(getattr(module, constant))(float(value)))  # an int stays an int
     correspondence.shared_matcher.cache_clear()  # the matcher is built with the settings of the variant
-    return "automatic" not in items
+    return "automatic" not in items, options
 
 
 def colorize(colorizer, clip: Path, folder: Path, options: ColorizationOptions) -> list[np.ndarray]:
@@ -87,19 +91,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temp:
         folder = Path(temp)
         for variant in args.variants:
-            defaults = {setting: getattr(*setting) for setting in SETTINGS.values()}
-            matched = apply_variant(variant)
+            defaults = {setting: getattr(*setting) for setting in CONSTANTS.values()}
+            matched, settings = apply_variant(variant)
             rows = {}
             for clip in args.clips:
                 frames = list(iter_clip_frames(clip))
                 if args.keyframe:
                     write_image_rgb(folder / "key.png", frames[0])
                     options = ColorizationOptions(propagation=args.propagation, reference=[str(folder / "key.png")],
-                                                  exemplar=[str(folder / "key.png")] if args.also_exemplar else [])
+                                                  exemplar=[str(folder / "key.png")] if args.also_exemplar else [],
+                                                  **settings)
                 else:
                     write_image_rgb(folder / "exemplar.png", correspondence.mirrored_crop(frames[0]))
                     options = ColorizationOptions(propagation=args.propagation,
-                                                  exemplar=[str(folder / "exemplar.png")] if matched else [])
+                                                  exemplar=[str(folder / "exemplar.png")] if matched else [],
+                                                  **settings)
                 outputs = colorize(colorizer, clip, folder, options)
                 rows[clip.name] = {"psnr": float(np.mean([psnr(o, f) for o, f in zip(outputs, frames)])),
                                    "colourfulness": float(np.mean([colorfulness(o) for o in outputs])),
