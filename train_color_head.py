@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from color_head import (OUTPUT_STRIDE, ColorHead, bin_centres, build_color_head, chroma_at, load_color_head,
                         save_color_head, soft_targets)
 from modules import BACKBONES, imagenet_efficientnet, imagenet_input
+from training_log import LOG_NAMES, append_log, truncate_log
 from utils import UserError, atomic_path, luma_chroma_to_rgb, rgb_to_gray, run_cli
 from video_io import list_frames, read_image_rgb
 
@@ -190,11 +191,6 @@ def save_checkpoint(run_dir: Path, head: ColorHead, optimizer, step: int, args: 
                                      "holdout": args.holdout})
 
 
-def append(path: Path, record: dict) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -218,6 +214,8 @@ def main() -> None:
         head = ColorHead(state["config"], state["head"]["centres"], state["head"]["prior"])
         head.load_state_dict(state["head"])
         step = state["step"]
+        for name in LOG_NAMES:
+            truncate_log(run_dir / name, step)
     else:
         head = build_color_head(channels, args.bin_step, corpus_counts(items, args.bin_step, args.crop), args.width)
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.01)
@@ -236,13 +234,13 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         step += 1
-        append(run_dir / "train_loss.jsonl", {"step": step, "loss": round(loss.item(), 5)})
+        append_log(run_dir / LOG_NAMES[0], {"step": step, "loss": round(loss.item(), 5)})
         if step % args.checkpoint_every == 0 or step == args.max_steps:
             save_checkpoint(run_dir, head, optimizer, step, args)
             print(f"step {step}: loss {loss.item():.4f}, {(time.time() - started) / 60:.1f} min", flush=True)
         if held is not None and (step % args.validate_every == 0 or step == args.max_steps):
             record = {"step": step, **validate(head, backbone, held, args.crop)}
-            append(run_dir / "validation.jsonl", record)
+            append_log(run_dir / LOG_NAMES[1], record)
             print(json.dumps(record), flush=True)
     load_color_head(run_dir / "color")  # the exported head loads
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import REPO, panning_clip, run_script
+
+DEFAULT = REPO / "unet_model" / "default"
 
 
 def test_soft_targets_peak_at_the_nearest_bin_and_sum_to_one():
@@ -112,3 +114,67 @@ def test_training_learns_held_out_colour_and_resumes(tmp_path):
     assert np.mean(train_losses[-5:]) < np.mean(train_losses[:5])
     config = json.loads((tmp_path / "runs" / "color" / "color" / "config.json").read_text())
     assert config["step"] == 30 and config["backbone"] == "efficientnet_lite0"
+
+
+@pytest.fixture(scope="module")
+def red_head_model(tmp_path_factory):
+    """The shipped UNet, VAE and VAC with a colour head that says 'red' everywhere, whatever the frame."""
+    from color_head import bin_centres, build_color_head, save_color_head
+
+    folder = tmp_path_factory.mktemp("red_head_model")
+    for part in ("unet", "vae", "vac"):
+        (folder / part).symlink_to(DEFAULT / part)
+    head = build_color_head([40, 112, 320], 16.0, torch.ones(len(bin_centres(16.0))), width=16)
+    red = (head.centres - torch.tensor([-20.0, 60.0])).norm(dim=1).argmin()  # Cb below 0, Cr well above: red
+    with torch.no_grad():
+        head.fine[-1].weight.zero_()
+        head.fine[-1].bias.fill_(-20.0)
+        head.fine[-1].bias[red] = 20.0
+    save_color_head(head, folder / "color", {"backbone": "efficientnet_lite0"})
+    config = json.loads((DEFAULT / "colorizer.json").read_text())
+    (folder / "colorizer.json").write_text(json.dumps({**config, "color_head": "color", "saturation": 1.0}))
+    return folder
+
+
+def gray_frames(count: int = 3) -> list[np.ndarray]:
+    from utils import rgb_to_gray
+
+    return [np.repeat(rgb_to_gray(f)[..., None], 3, axis=2) for f in panning_clip(count, (96, 128))]
+
+
+def test_the_head_colours_automatic_output_and_leaves_a_keyframe_alone(red_head_model, tmp_path):
+    from colorizer import load_colorizer
+    from pipeline import ColorizationOptions, colorize_frames
+    from utils import rgb_to_chroma
+    from video_io import write_image_rgb
+
+    with_head = load_colorizer(red_head_model, torch.device("cpu"))
+    without = load_colorizer(DEFAULT, torch.device("cpu"))
+    frames = gray_frames()
+
+    def mean_cr(colorizer, **options) -> float:
+        output = colorize_frames(colorizer, iter(frames), ColorizationOptions(saturation=1.0, **options), (96, 128))
+        return float(np.mean([rgb_to_chroma(f)[..., 1].mean() for f in output]))
+
+    assert mean_cr(with_head) > mean_cr(without) + 15  # the head's red reaches the output through the UNet
+    key = panning_clip(1, (96, 128))[0]
+    write_image_rgb(tmp_path / "key.png", key)
+    keyed = [mean_cr(c, reference=[f"0={tmp_path / 'key.png'}"]) for c in (with_head, without)]
+    assert keyed[0] == pytest.approx(keyed[1], abs=1e-6)  # a keyframe's colours are not the head's to change
+
+
+def test_a_head_on_a_model_without_a_hybrid_vac_is_a_one_line_error(tiny_model, tmp_path):
+    import shutil
+
+    from color_head import save_color_head
+    from colorizer import load_colorizer
+    from utils import UserError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    save_color_head(small_head(), folder / "color", {"backbone": "efficientnet_lite0"})
+    config = json.loads((folder / "colorizer.json").read_text())
+    (folder / "colorizer.json").write_text(json.dumps({**config, "color_head": "color"}))
+    with pytest.raises(UserError, match="hybrid VAC") as error:
+        load_colorizer(folder, torch.device("cpu"))
+    assert "\n" not in str(error.value)
