@@ -52,6 +52,13 @@ def resolve_model_folder(path: Path) -> Path:
     return checkpoints[-1].parent
 
 
+def checkpoints_of(run_dir: Path) -> list[Path]:
+    """A training run's complete checkpoints (train_diffusion.py), oldest first (a checkpoint is renamed into place
+    only once fully written)."""
+    found = [p for p in run_dir.glob("checkpoint-*") if (p / CONFIG_NAME).exists() and (p / "state").is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
 def resolve_component(spec: str, folder: Path) -> str:
     """Component specs in colorizer.json are hub ids, torchvision names, or paths relative to the model folder."""
     if spec.startswith("torchvision:"):

@@ -1,4 +1,5 @@
-"""Datasets: colour frames from frame folders, random crops for pretraining, and the cached latents of latent.npz."""
+"""Datasets: colour frames from frame folders, random crops for pretraining, the cached latents of latent.npz, and the
+items each training step draws from them (batch_indices, source_weights)."""
 
 from __future__ import annotations
 
@@ -255,3 +256,25 @@ class LatentDataset(Dataset):
         if not val:  # too little data to hold out a whole video: fall back to a few frames
             val, train = train[-max(1, len(train) // 10) :], train[: -max(1, len(train) // 10)] or train
         return train, val
+
+
+def batch_indices(step: int, batch_size: int, count: int, seed: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """The examples of global step `step`: epochs are seeded permutations, so the data order survives --resume; with
+    `weights` (a probability per example), a seeded weighted draw of the step instead."""
+    if weights is not None:
+        return np.random.default_rng([seed, step, 3]).choice(count, size=batch_size, p=weights)
+    start = step * batch_size
+    epoch_first, epoch_last = start // count, (start + batch_size - 1) // count
+    order = np.concatenate([np.random.default_rng([seed, e]).permutation(count)
+                            for e in range(epoch_first, epoch_last + 1)])
+    offset = start - epoch_first * count
+    return order[offset : offset + batch_size]
+
+
+def source_weights(sources: np.ndarray, power: float) -> np.ndarray | None:
+    """A sampling probability per example: each source drawn in proportion to its size ** power (None: uniform)."""
+    names, inverse, counts = np.unique(sources, return_inverse=True, return_counts=True)
+    if power == 1 or len(names) == 1:
+        return None
+    weights = counts.astype(np.float64) ** power / counts
+    return weights[inverse] / weights[inverse].sum()

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from colorizer import CONFIG_NAME, Colorizer, combine
-from dataset import LatentDataset
+from colorizer import CONFIG_NAME, Colorizer, checkpoints_of, combine
+from dataset import LatentDataset, batch_indices, source_weights
 from guidance import HINT_CHANNELS, draw_training_hints
 from modules import (BACKBONE_KEYS, HybridVAC, build_unet, load_vac, load_vae, parameter_count, save_vac, unet_input,
                      vac_fingerprint, vac_spatial_channels, vae_downscale, vae_fingerprint)
@@ -99,12 +99,6 @@ def parse_args() -> argparse.Namespace:
                         "its VAC) instead of random weights: a fresh optimizer on committed weights")
     parser.add_argument("--overwrite", action="store_true", help="start the run over, deleting its checkpoints")
     return parser.parse_args()
-
-
-def checkpoints_of(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a checkpoint is renamed into place only once fully written)."""
-    found = [p for p in run_dir.glob("checkpoint-*") if (p / CONFIG_NAME).exists() and (p / "state").is_dir()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def copy_local_component(spec: str, run_dir: Path, name: str) -> str:
@@ -183,28 +177,6 @@ def check_resumable(checkpoint: Path, args: argparse.Namespace, fingerprints: di
         if saved.get(key) is not None and saved[key] != getattr(args, key):
             print(f"warning: {checkpoint} was trained with {name} {saved[key]}; the data order will differ from an "
                   f"uninterrupted run", file=sys.stderr)
-
-
-def batch_indices(step: int, batch_size: int, count: int, seed: int, weights: np.ndarray | None = None) -> np.ndarray:
-    """The examples of global step `step`: epochs are seeded permutations, so the data order survives --resume; with
-    `weights` (a probability per example), a seeded weighted draw of the step instead."""
-    if weights is not None:
-        return np.random.default_rng([seed, step, 3]).choice(count, size=batch_size, p=weights)
-    start = step * batch_size
-    epoch_first, epoch_last = start // count, (start + batch_size - 1) // count
-    order = np.concatenate([np.random.default_rng([seed, e]).permutation(count)
-                            for e in range(epoch_first, epoch_last + 1)])
-    offset = start - epoch_first * count
-    return order[offset : offset + batch_size]
-
-
-def source_weights(sources: np.ndarray, power: float) -> np.ndarray | None:
-    """A sampling probability per example: each source drawn in proportion to its size ** power (None: uniform)."""
-    names, inverse, counts = np.unique(sources, return_inverse=True, return_counts=True)
-    if power == 1 or len(names) == 1:
-        return None
-    weights = counts.astype(np.float64) ** power / counts
-    return weights[inverse] / weights[inverse].sum()
 
 
 def split(dataset: LatentDataset, args: argparse.Namespace) -> tuple[list[int], list[int]]:

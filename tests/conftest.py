@@ -1,5 +1,5 @@
 """Shared fixtures and helpers: tiny random components saved to disk, a short real colour clip made from skimage
-photos, colorization options, and a script's main() run in this process."""
+photos, colorization options, and a script run in this process."""
 
 from __future__ import annotations
 
@@ -162,28 +162,40 @@ class Result:
         return lines[-1]
 
 
+def script_path(script: str) -> Path:
+    """The file of a script named like "video_colorization" or "experiments.probe_limits"."""
+    return REPO / f"{script.replace('.', '/')}.py"
+
+
 def run_main(script: str, *argv, cwd: Path) -> Result:
-    """A script's main() through utils.run_cli in this process: its exit code, stdout and stderr."""
-    import importlib
+    """A script run in this process as the command line runs it (its file executed as __main__, so utils.run_cli
+    reports its errors; scripts are never imported as modules): its exit code, stdout and stderr."""
+    import runpy
 
-    from utils import run_cli
-
-    module = importlib.import_module(script)  # "video_colorization", or "experiments.probe_limits"
-    saved = sys.argv, os.getcwd(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved = sys.argv, os.getcwd(), list(sys.path), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     sys.argv = [f"{script.replace('.', '/')}.py", *map(str, argv)]
     stdout, stderr, code = io.StringIO(), io.StringIO(), 0
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            run_cli(module.main)
+            runpy.run_path(str(script_path(script)), run_name="__main__")
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
     finally:
         sys.argv = saved[0]
         os.chdir(saved[1])
-        for number, handler in saved[2].items():
+        sys.path[:] = saved[2]  # the experiments put the repo root on it
+        for number, handler in saved[3].items():
             signal.signal(number, handler)
     return Result(code, stdout.getvalue(), stderr.getvalue())
+
+
+def script_parts(script: str) -> dict:
+    """A script's top-level names, from its file run as a script that is not __main__ (so nothing runs): for the
+    tests of a script's own parts, such as its flags, since scripts are never imported as modules."""
+    import runpy
+
+    return runpy.run_path(str(script_path(script)))
 
 
 def run_script(*args: str, cwd) -> subprocess.CompletedProcess:

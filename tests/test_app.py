@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, panning_clip
+from conftest import REPO, panning_clip, script_parts
 
 gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install -r requirements.txt)")
 
@@ -74,9 +74,9 @@ def test_bad_input_is_a_one_line_page_error(tiny_model, gray_video, tmp_path):
 def test_the_page_colorizes_with_the_command_lines_options(hint_model, gray_video, tmp_path, monkeypatch):
     """The page's Colorize action writes the clip's frames, and its guides become the options the command line's
     --reference, --hints and --exemplar give (at 8 bits, replacing the page's previous result)."""
-    from video_colorization import parse_args
     from video_io import probe_clip
 
+    parse_args = script_parts("video_colorization")["parse_args"]
     (tmp_path / "work").mkdir()
     app, actions = app_actions(hint_model, tmp_path / "work")
     page_video, _, status = actions.colorize(app.Session(clip=gray_video, frame_count=12))

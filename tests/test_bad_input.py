@@ -385,7 +385,7 @@ def test_feature_extraction_takes_odd_but_valid_frames(tmp_path, inputs, tiny_co
 
 def test_feature_extraction_resumes_only_its_own_shards(tmp_path, frame_root, tiny_components, others, latent_npz,
                                                         monkeypatch):
-    import feature_extraction
+    from dataset import FrameFolderDataset
 
     # frames 0-7 / 8-15 / 16-19 make three shards; a damaged frame in the last stops the run after two
     root = tmp_path / "frames"
@@ -411,12 +411,11 @@ def test_feature_extraction_resumes_only_its_own_shards(tmp_path, frame_root, ti
     (shards / ".shard-00002.x1y2.tmp.npz").write_bytes(b"half")
     (work / "data" / "tiny" / ".latent.x1y2.tmp.npz").write_bytes(b"half")
     damaged.write_bytes(good)
-    made, original = [], feature_extraction.extract_shard
-    monkeypatch.setattr(feature_extraction, "extract_shard",
-                        lambda dataset, indices, *rest: made.append(indices) or original(dataset, indices, *rest))
+    made, original = [], FrameFolderDataset.__getitem__
+    monkeypatch.setattr(FrameFolderDataset, "__getitem__", lambda dataset, i: made.append(i) or original(dataset, i))
     result = extract(work, root, tiny_components)
     assert result.code == 0, result.stderr[-3000:]
-    assert made == [list(range(16, 20))]
+    assert made == list(range(16, 20))  # only the missing shard's frames are extracted
     assert files_under(work / "data") == ["tiny", "tiny/latent.npz"]
     with np.load(work / "data" / "tiny" / "latent.npz") as resumed, np.load(latent_npz) as uninterrupted:
         for key in ("latents", "tokens", "gray", "frame_indices", "video_ids", "videos", "vae_fingerprint"):
@@ -584,7 +583,7 @@ def test_interrupted_training_resumes_exactly(tmp_path, latent_npz, reference_ru
     process.send_signal(sig)
     stdout, stderr = process.communicate(timeout=300)
     assert "Traceback" not in stderr, stderr[-3000:]
-    from train_diffusion import checkpoints_of
+    from colorizer import checkpoints_of
 
     steps = [int(c.name.split("-")[1]) for c in checkpoints_of(run)]
     assert steps and steps[-1] < MAX_STEPS, "the run finished before the signal: nothing was tested"
@@ -615,7 +614,7 @@ def test_interrupted_training_resumes_exactly(tmp_path, latent_npz, reference_ru
 
 
 def test_data_order_depends_only_on_seed_and_step():
-    from train_diffusion import batch_indices
+    from dataset import batch_indices
 
     count, batch = 18, 4
     epochs = np.concatenate([np.random.default_rng([0, e]).permutation(count) for e in range(3)])
@@ -625,7 +624,7 @@ def test_data_order_depends_only_on_seed_and_step():
 
 
 def test_sources_are_sampled_by_size_to_a_power():
-    from train_diffusion import batch_indices, source_weights
+    from dataset import batch_indices, source_weights
 
     sources = np.array(["images/big"] * 900 + ["videos"] * 100)
     assert source_weights(sources, 1.0) is None  # every item alike: the seeded epochs above

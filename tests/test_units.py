@@ -176,7 +176,7 @@ def test_random_crops_are_reproducible_varied_crops_of_the_frame(frame_root):
 
 
 def test_batch_indices_cover_each_epoch_once_and_repeat():
-    from train_diffusion import batch_indices
+    from dataset import batch_indices
 
     epoch = np.concatenate([batch_indices(step, 4, 10, seed=3) for step in range(5)])
     assert sorted(epoch[:10].tolist()) == list(range(10))

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import options, panning_clip
+from conftest import options, panning_clip, script_parts
 
 
 def test_the_command_line_builds_the_options_with_their_defaults():
     from pipeline import ColorizationOptions, parse_options
-    from video_colorization import parse_args
 
+    parse_args = script_parts("video_colorization")["parse_args"]
     args, settings = parse_args(["--input", "clip.mp4"])
     assert settings == ColorizationOptions() and args.input == Path("clip.mp4") and not hasattr(args, "steps")
     flags = ["--sampler", "ddpm", "--steps", "3", "--no-shared-noise", "--propagation", "0.0", "--reference",
