@@ -31,6 +31,7 @@ SAMPLE_FRAMES = 4  # frames shown per clip in the side-by-side figure
 TABLE_COLUMNS = (  # (key, header, format)
     ("frames", "frames", "{:d}"),
     ("psnr", "PSNR", "{:.3f}"),
+    ("psnr_published_uint8", "PSNR(u8wrap)", "{:.3f}"),
     ("ssim", "SSIM", "{:.4f}"),
     ("cdc", "CDC", "{:.5f}"),
     ("gt_cdc", "CDC(GT)", "{:.5f}"),
@@ -41,6 +42,7 @@ TABLE_COLUMNS = (  # (key, header, format)
     ("gt_warp_error", "warp(GT)", "{:.3f}"),
 )
 SUMMARY_KEYS = tuple(key for key, _, _ in TABLE_COLUMNS) + ("psnr_capped_frames",)
+FRAME_MEANS = ("psnr_published_uint8",)  # averaged over every frame of every clip, as its published code does
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -48,10 +50,13 @@ SUMMARY_KEYS = tuple(key for key, _, _ in TABLE_COLUMNS) + ("psnr_capped_frames"
 
 
 def summarize(clip_results: dict[str, dict]) -> dict:
-    """Mean over clips of each metric (clips weigh equally); frame and capped counts are summed."""
+    """Mean over clips of each metric (clips weigh equally), but over every frame of every clip for FRAME_MEANS;
+    frame and capped counts are summed."""
     counts = ("frames", "psnr_capped_frames")
     summary = {key: metrics.finite_mean(result[key] for result in clip_results.values())
-               for key in SUMMARY_KEYS if key not in counts}
+               for key in SUMMARY_KEYS if key not in counts + FRAME_MEANS}
+    summary |= {key: float(np.mean([value for result in clip_results.values() for value in result["per_frame"][key]]))
+                for key in FRAME_MEANS}
     return {key: sum(result[key] for result in clip_results.values()) for key in counts} | summary
 
 
@@ -263,6 +268,8 @@ def main() -> None:
     if capped:
         print(f"note: {capped} frame(s) identical to the ground truth; their PSNR counts as {metrics.PSNR_CAP_DB:g} dB")
     print("CDC and warp error judge the output alone (a gray video scores well): read them beside the GT columns.")
+    print("PSNR(u8wrap) is the published protocol's PSNR, uint8 errors wrapping (docs/evaluation.md): compare it only "
+          "with figures computed the same way, and never quote it without PSNR.")
     print(f"LPIPS {skipped['lpips']}; FID {skipped['fid']}")
     print(f"wrote {out}/results.json, results.csv, overview.png and per-clip *_frames.png, *_curves.png")
 

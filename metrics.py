@@ -1,9 +1,11 @@
 """Metrics of colorized frames against their ground truth, shared by evaluate.py (its command line, tables and
-figures), bench.py and the experiments: PSNR, SSIM, colorfulness, CDC and warp error on frames and frame pairs;
-evaluate_clip, all of them on a whole clip, streamed; and the reference predictions evaluate.py --baseline scores
-(the gray input, the first frame's colour carried along the flow).
+figures), bench.py and the experiments: PSNR, SSIM, colorfulness, CDC and warp error on frames and frame pairs, and
+the PSNR of the published protocol; evaluate_clip, all of them on a whole clip, streamed; and the reference
+predictions evaluate.py --baseline scores (the gray input, the first frame's colour carried along the flow).
 
 Every metric is computed in float64: the paper's PSNR was taken on uint8 tensors, whose differences wrap modulo 256.
+The one exception, on purpose, is psnr_published_uint8: the published code's wrapping PSNR, to compare with its
+tables.
 The exact definitions are in DEFINITIONS below (evaluate.py writes them into every results.json) and in
 docs/evaluation.md. Heavy libraries load only inside functions.
 """
@@ -26,6 +28,11 @@ SSIM_MIN_SIDE = 7  # scikit-image's default 7x7 window
 DEFINITIONS = {
     "psnr": f"float64 RGB, data range 255, per frame then mean over frames; identical frames count as "
             f"{PSNR_CAP_DB:g} dB",
+    "psnr_published_uint8": "PSNR as the published colorization code computes it (ColorMNet's "
+    "evaluation_matrics/evaluation.py, the seed paper's alike): MSE = ((gt - pred)**2).mean() on the uint8 RGB "
+    "arrays, whose difference and square wrap modulo 256 (an error of d levels counts as (d*d) mod 256), "
+    "20 log10(255 / sqrt(MSE)) per frame (inf where the MSE is 0), mean over every frame (of every clip, in the mean "
+    "row); comparable only with figures computed the same way, and never to be quoted without psnr",
     "ssim": "skimage.metrics.structural_similarity(channel_axis=2, data_range=255) on float64 RGB, mean over frames",
     "cdc": "TCVC colour distribution consistency of the output alone: per RGB channel a 256-bin histogram over "
     "[0, 256) / pixel count; Jensen-Shannon divergence (natural log) between frames t and t+k, mean over t, "
@@ -39,7 +46,8 @@ DEFINITIONS = {
     "mean over frame pairs; lower is steadier",
     "gt_*": "the same metric on the ground truth itself: what a real colour video scores (a gray video scores a "
     "perfect CDC and warp error, so read them beside these)",
-    "mean": "clips weigh equally: the mean of the per-clip values",
+    "mean": "clips weigh equally: the mean of the per-clip values (psnr_published_uint8: of every frame's value, as "
+    "its code averages)",
     "gray baseline": "utils.rgb_to_gray (BT.601 luma) of the ground truth frame, replicated to 3 channels",
 }
 
@@ -54,6 +62,18 @@ def psnr(pred: np.ndarray, gt: np.ndarray) -> float:
     if mse == 0.0:
         return PSNR_CAP_DB
     return min(PSNR_CAP_DB, 10.0 * math.log10(255.0**2 / mse))
+
+
+def psnr_published_uint8(pred: np.ndarray, gt: np.ndarray) -> float:
+    """PSNR as the published colorization code computes it, exactly: ColorMNet's evaluation (and the seed paper's
+    code) takes `((img1 - img2)**2).mean()` of the uint8 arrays, so the difference and its square wrap modulo 256
+    and an error of d levels counts as (d * d) mod 256 (16 levels count as 0, 255 levels as 1); inf for a zero MSE.
+    Only figures computed the same way compare with it, and the gray input scores high on it: never quote it without
+    psnr (docs/evaluation.md)."""
+    if pred.dtype != np.uint8 or gt.dtype != np.uint8:
+        raise ValueError(f"psnr_published_uint8 needs uint8 frames, got {pred.dtype} and {gt.dtype}")
+    mse = ((gt - pred) ** 2).mean()  # the published code's own arithmetic, wrap included
+    return float("inf") if mse == 0 else float(20.0 * np.log10(255.0 / np.sqrt(mse)))
 
 
 def ssim(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -192,11 +212,13 @@ def evaluate_clip(pred_frames: Iterable[np.ndarray], gt_frames: Iterable[np.ndar
     """All metrics of one clip, streaming its frames (only per-frame numbers and histograms are kept).
 
     Frames are HxWx3 uint8 RGB, matched by order; a prediction of another size is resized to the ground truth.
-    Returns the clip means, `per_frame` lists (psnr, ssim, colorfulness, gt_colorfulness), and, when
+    Returns the clip means, `per_frame` lists (psnr, psnr_published_uint8, ssim, colorfulness,
+    gt_colorfulness), and, when
     `sample_at` names frame indices, `samples`: {index: (pred, gt)} for figures (not JSON-serialisable).
     """
     sample_at = set(sample_at)
-    per_frame: dict[str, list[float]] = {"psnr": [], "ssim": [], "colorfulness": [], "gt_colorfulness": []}
+    per_frame: dict[str, list[float]] = {"psnr": [], "psnr_published_uint8": [], "ssim": [], "colorfulness": [],
+                                         "gt_colorfulness": []}
     pred_histograms, gt_histograms, warp, gt_warp = [], [], [], []
     samples, resized = {}, False
     previous = None  # (pred a/b, GT a/b, GT luma) of the frame before
@@ -210,6 +232,7 @@ def evaluate_clip(pred_frames: Iterable[np.ndarray], gt_frames: Iterable[np.ndar
             resized = True
             pred = _resize_to(pred, gt)
         per_frame["psnr"].append(psnr(pred, gt))
+        per_frame["psnr_published_uint8"].append(psnr_published_uint8(pred, gt))
         per_frame["ssim"].append(ssim(pred, gt))
         per_frame["colorfulness"].append(colorfulness(pred))
         per_frame["gt_colorfulness"].append(colorfulness(gt))
@@ -226,6 +249,7 @@ def evaluate_clip(pred_frames: Iterable[np.ndarray], gt_frames: Iterable[np.ndar
     result = {
         "frames": len(per_frame["psnr"]),
         "psnr": finite_mean(per_frame["psnr"]),
+        "psnr_published_uint8": float(np.mean(per_frame["psnr_published_uint8"])),
         "ssim": finite_mean(per_frame["ssim"]),
         "cdc": cdc_from_histograms(np.stack(pred_histograms)),
         "gt_cdc": cdc_from_histograms(np.stack(gt_histograms)),

@@ -51,6 +51,26 @@ def test_psnr_by_hand():
     assert metrics.psnr(pred, gt) == pytest.approx(10 * math.log10(12), abs=1e-9)
 
 
+def test_published_psnr_wraps_as_the_published_code_does():
+    """ColorMNet's evaluation (and the seed paper's code) takes ((img1 - img2)**2).mean() of uint8 arrays: the
+    difference and its square wrap modulo 256, so an error of d levels counts as (d * d) mod 256."""
+    pred = np.zeros((2, 2, 3), np.uint8)
+    gt = pred.copy()
+    gt[0, 0, 0], gt[0, 0, 1], gt[0, 1, 0] = 16, 3, 255
+    pred[1, 1, 2] = 20  # gt - pred = -20 there; the other 8 values are exact
+    # Float: 16^2 + 3^2 + 255^2 + 20^2 = 256 + 9 + 65025 + 400 = 65690 over 12 values, so
+    # PSNR = 10 log10(255^2 * 12 / 65690) = 10 log10(11.8785) = 10.748 dB.
+    assert metrics.psnr(pred, gt) == pytest.approx(10 * math.log10(65025 * 12 / 65690), abs=1e-9)
+    assert metrics.psnr(pred, gt) == pytest.approx(10.748, abs=1e-3)
+    # Wrapped: 256 -> 0, 9 -> 9, 65025 = 254 * 256 + 1 -> 1, 400 = 256 + 144 -> 144: 154 over 12 values, so
+    # PSNR = 10 log10(255^2 * 12 / 154) = 10 log10(5066.88) = 37.047 dB for the same errors.
+    assert metrics.psnr_published_uint8(pred, gt) == pytest.approx(10 * math.log10(65025 * 12 / 154), abs=1e-9)
+    assert metrics.psnr_published_uint8(pred, gt) == pytest.approx(37.047, abs=1e-3)
+    assert metrics.psnr_published_uint8(gt, pred) == metrics.psnr_published_uint8(pred, gt)  # (-d)^2 = d^2
+    # Errors of 16, 32 or 240 levels square to multiples of 256: a zero MSE, as identical frames have, so inf.
+    assert metrics.psnr_published_uint8(constant_frame((0, 0, 0)), constant_frame((16, 32, 240))) == math.inf
+
+
 def test_psnr_of_identical_frames_is_capped_and_counted():
     frame = smooth_texture()
     assert metrics.psnr(frame, frame) == metrics.PSNR_CAP_DB
@@ -274,6 +294,32 @@ def test_cli_writes_reports_and_figures(tmp_path):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     again = run_cli("--gt", str(tmp_path / "gt"), "--baseline", "gray", "--out", str(out))
     assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+def test_cli_reports_the_published_psnr_over_every_frame(tmp_path):
+    """The published protocol's PSNR is the mean over every frame of every clip (a clip of three frames weighs three
+    times a clip of one), each frame's value (d * d) mod 256 in the MSE; the gray baseline's stands beside it."""
+    clips = {"long": [smooth_texture(seed=s) for s in range(3)], "short": [smooth_texture(seed=7)]}
+    for name, frames in clips.items():
+        write_frames(tmp_path / "gt" / name, frames)
+        write_frames(tmp_path / "pred" / name, [np.roll(f, 1, axis=2) for f in frames])
+    out = tmp_path / "out"
+    done = run_cli("--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--baseline", "gray", "--out",
+                   str(out))
+    assert done.returncode == 0, done.stderr
+    assert "PSNR(u8wrap)" in done.stdout.splitlines()[0]
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    assert set(methods) == {"prediction", "gray"}
+    for method in methods.values():
+        every_frame = [v for clip in method["clips"].values() for v in clip["per_frame"]["psnr_published_uint8"]]
+        assert len(every_frame) == 4
+        assert method["mean"]["psnr_published_uint8"] == pytest.approx(np.mean(every_frame), abs=1e-12)
+        clip_means = [clip["psnr_published_uint8"] for clip in method["clips"].values()]
+        assert abs(np.mean(clip_means) - np.mean(every_frame)) > 1e-6  # not the mean of the clip means
+    pred = np.roll(clips["short"][0], 1, axis=2).astype(int)
+    wrapped_mse = ((clips["short"][0].astype(int) - pred) ** 2 % 256).mean()
+    short = methods["prediction"]["clips"]["short"]["per_frame"]["psnr_published_uint8"]
+    assert short == [pytest.approx(20 * math.log10(255 / math.sqrt(wrapped_mse)), abs=1e-9)]
 
 
 def test_overview_shows_one_frame_of_every_clip(tmp_path):
