@@ -1,5 +1,6 @@
-"""Benchmark the whole video_colorization.py pipeline: frames/s, seconds per frame by stage, peak memory, and
-(with a ground truth) quality from metrics.py. Each setting runs --repeats times; the median is reported.
+"""Benchmark the whole colorization pipeline (pipeline.colorize_frames, as video_colorization.py runs it): frames/s,
+seconds per frame by stage, peak memory, and (with a ground truth) quality from metrics.py. Each setting runs
+--repeats times; the median is reported.
 
   python bench.py                                   # our defaults on a 854x480 clip made from scikit-image photos
   python bench.py --clip ../shared/data/val/sam2__05_default_juggle --frames 32

@@ -1,5 +1,6 @@
-"""The trained model as one object: load a model folder (UNet + VAE + VAC + scheduler) and sample chroma for
-grayscale frames. Shared by training-time validation, the colorization pipeline (pipeline.py) and the benchmarks."""
+"""The trained model as one object: load a model folder (UNet + VAE + VAC + scheduler; DEFAULT_MODEL ships, and a
+training run resolves to its newest complete checkpoint) and sample chroma for grayscale frames. Shared by
+training-time validation, the colorization pipeline (pipeline.py) and the benchmarks."""
 
 from __future__ import annotations
 

@@ -3,12 +3,13 @@
   python train_diffusion.py --dataset-name corpus --run-name mine --max-steps 20000
   python train_diffusion.py --dataset-name corpus --run-name mine --max-steps 40000 --resume   # continue
 
-The UNet sees the noisy colour latent concatenated with the unshuffled grayscale frame and cross-attends to the VAC
-tokens (dropped with probability --cond-dropout, which enables classifier-free guidance at sampling time). Each
-checkpoint-<step>/ folder is a complete model (EMA weights in unet/, colorizer.json naming the VAE, VAC and noise
-schedule) plus the training state (state/) that --resume continues from. Built on Accelerate: the same script
-runs on CPU, one GPU, or several processes (`accelerate launch train_diffusion.py ...`, or torchrun), which split
-each global batch evenly; N processes follow the same loss curve as one (the random draws are made per global batch).
+The UNet sees the noisy colour latent concatenated with the unshuffled grayscale frame (modules.unet_input, with the
+hints and a hybrid VAC's map) and cross-attends to the VAC tokens (dropped with probability --cond-dropout, which
+enables classifier-free guidance at sampling time). Each checkpoint-<step>/ folder is a complete model (EMA weights in
+unet/, colorizer.json naming the VAE, VAC and noise schedule) plus the training state (state/) that --resume continues
+from. Built on Accelerate: the same script runs on CPU, one GPU, or several processes (`accelerate launch
+train_diffusion.py ...`, or torchrun), which split each global batch evenly; N processes follow the same loss curve as
+one (the random draws are made per global batch).
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ diffusion model, upsampled to the input size and recombined with the input's own
 resolution are the input's. Frames of one shot share their initial noise and the previous frame's colours are
 carried along the optical flow, so colours do not flicker; a scene cut starts a new shot.
 `--sampler ddpm --steps 1000 --no-shared-noise --propagation 0` reproduces the paper's sampling.
+
+This file is the command line (its flags, the outputs planned and checked before any work, several processes sharing
+a folder of clips); the colorization itself is pipeline.py's, shared with the app, bench.py and the experiments.
 """
 
 from __future__ import annotations
