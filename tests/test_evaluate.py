@@ -407,3 +407,29 @@ def test_probe_hints_hold_the_true_colour_where_given_and_need_a_hint_model(tmp_
     result = run_main("experiments.probe_limits", "--model", tiny_model, "--clips", frame_root / "pan", "--variants",
                       "hints-full", cwd=REPO)
     assert result.code == 2 and "has no hint input" in result.stderr
+
+
+def test_frechet_distance_of_shifted_gaussians_is_the_squared_shift():
+    """Same covariance, means apart by (1, 2, 2): the trace term vanishes and the distance is 1 + 4 + 4 = 9."""
+    from metrics import frechet_distance
+
+    points = np.random.default_rng(0).normal(size=(500, 3))
+    assert frechet_distance(points, points) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(points + np.array([1.0, 2.0, 2.0]), points) == pytest.approx(9.0, abs=1e-6)
+
+
+def test_frechet_on_lite2_features_tells_gray_frames_from_colour_ones():
+    from conftest import panning_clip
+    from metrics import FrechetFeatures, frechet_distance
+    from utils import rgb_to_gray
+
+    frames = panning_clip(8, (96, 128))
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(f + rng.normal(0, 2, f.shape), 0, 255).astype(np.uint8) for f in frames]
+    gray = [np.repeat(rgb_to_gray(f)[..., None], 3, axis=2) for f in frames]
+    features = FrechetFeatures()
+    truth = np.stack([features(f) for f in frames])
+    assert truth.shape == (8, 1280)
+    to_noisy = frechet_distance(np.stack([features(f) for f in noisy]), truth)
+    to_gray = frechet_distance(np.stack([features(f) for f in gray]), truth)
+    assert to_gray > 3 * to_noisy
