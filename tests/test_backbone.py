@@ -84,6 +84,7 @@ def test_the_backbone_sees_what_is_in_the_frame():
     assert same < 0.5 * other
 
 
+@pytest.mark.slow  # feature extraction, a training run and colorization in subprocesses: about a minute
 def test_three_stages_with_a_hybrid_vac(tmp_path, tiny_components, frame_root, tiny_model, gray_video):
     """Backbone features cached by feature_extraction.py, the head trained with a UNet that starts from a model
     without them (and, with a learning rate of 0, predicts exactly what that model predicts), then colorization."""
@@ -125,6 +126,7 @@ def test_three_stages_with_a_hybrid_vac(tmp_path, tiny_components, frame_root, t
     assert probe_clip(output).frame_count == probe_clip(gray_video).frame_count
 
 
+@pytest.mark.slow  # feature extraction and two training runs in subprocesses: about 1.5 minutes
 def test_fine_tuning_the_backbone(tmp_path, tiny_components, frame_root):
     """latent.npz keeps the backbone's grayscale input; --train-backbone trains the backbone on it at its own
     learning rate, and the checkpoint's VAC holds the changed backbone, which loading it restores."""
