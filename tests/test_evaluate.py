@@ -305,7 +305,7 @@ def test_cli_reports_the_published_psnr_over_every_frame(tmp_path):
         write_frames(tmp_path / "pred" / name, [np.roll(f, 1, axis=2) for f in frames])
     out = tmp_path / "out"
     done = run_cli("--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--baseline", "gray", "--out",
-                   str(out))
+                   str(out), "--no-frechet")
     assert done.returncode == 0, done.stderr
     assert "PSNR(u8wrap)" in done.stdout.splitlines()[0]
     methods = json.loads((out / "results.json").read_text())["methods"]
