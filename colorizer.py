@@ -120,7 +120,7 @@ class Colorizer:
                        guidance: float = 1.0, tokens: torch.Tensor | None = None,
                        generator: torch.Generator | None = None, hints: torch.Tensor | None = None,
                        spatial: torch.Tensor | None = None, vac_gray: torch.Tensor | None = None,
-                       vividness: float | None = None) -> torch.Tensor:
+                       vividness: float | None = None, output_gain: float = 1.0) -> torch.Tensor:
         """gray: Bx1xhxw in [0, 1] at the working size; noise: B x C x h/d x w/d. Returns scaled latents.
 
         The VAC's condition is `tokens` (and a hybrid VAC's `spatial` map) when given, else computed from `vac_gray`
@@ -129,7 +129,9 @@ class Colorizer:
         `generator` draws the noise that stochastic samplers (DDPM, Euler ancestral-style steps) add at each step, so
         a seed reproduces their output; without it they draw from torch's global generator. `hints` (Bx3xhxw, see
         guidance.py) guide a model that takes them; None means no hint. With a colour head and a `vividness`, the
-        head's chroma at that vividness is the hint wherever no other hint is given (computed from `vac_gray`)."""
+        head's chroma at that vividness is the hint wherever no other hint is given (computed from `vac_gray`): the
+        output's colour, so it reaches the UNet divided by `output_gain`, the gain the caller applies to the decoded
+        chroma (--saturation)."""
         scheduler = make_scheduler(sampler, self.config["scheduler"])
         scheduler.set_timesteps(steps, device=self.device)
         step_options = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
@@ -146,8 +148,8 @@ class Colorizer:
             vac_tokens, vac_spatial, head_chroma = self.condition(gray if vac_gray is None else vac_gray, vividness)
             tokens, spatial = (vac_tokens, vac_spatial) if tokens is None else (tokens, spatial)
             if head_chroma is not None:
-                hints = fill_hints(hints, F.interpolate(head_chroma, size=gray.shape[-2:], mode="bilinear",
-                                                        align_corners=False))
+                head_chroma = F.interpolate(head_chroma, size=gray.shape[-2:], mode="bilinear", align_corners=False)
+                hints = fill_hints(hints, head_chroma / output_gain)
         tokens = tokens.to(self.device)
         spatial = spatial.to(self.device) if spatial is not None else None
         unet_gray = gray

@@ -252,7 +252,9 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
     guide_size = propagation_size(height, width)
     propagator = guides if guides is not None else GuidePropagator([])  # it carries the output along the flow too
     # A keyframe's or an exemplar's colours are the clip's own; the colour head's guess would only compete with them.
-    head_vividness = None if args.reference or exemplars is not None else colorizer.vividness(args.vividness)
+    saturation = colorizer.sampling_default("saturation", args.saturation)
+    head_vividness = None if args.reference or exemplars is not None or saturation == 0 else colorizer.vividness(
+        args.vividness)
     frame_number = 0
     latent_shape = colorizer.latent_shape(height, width)
     shot, previous_small = 0, None
@@ -290,8 +292,8 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
         def sample_chroma(hint_input: torch.Tensor | None, generator: torch.Generator) -> np.ndarray:
             latents = colorizer.sample_latents(model_gray, batch_noise, args.sampler, args.steps, args.guidance,
                                                generator=generator, hints=hint_input, vac_gray=vac_gray,
-                                               vividness=head_vividness)
-            return colorizer.decode_chroma(latents) * colorizer.sampling_default("saturation", args.saturation)
+                                               vividness=head_vividness, output_gain=saturation)
+            return colorizer.decode_chroma(latents) * saturation
 
         predicted = sample_chroma(hints, step_generator)
         plain = itertools.repeat(None)
