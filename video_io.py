@@ -335,8 +335,12 @@ class VideoWriter:
         # 4:2:0 needs even sizes; odd-sized frames keep full chroma instead of being cropped.
         subsampling = "420" if width % 2 == 0 and height % 2 == 0 else "444"
         self.stream.pix_fmt = f"yuv{subsampling}p" + ("10le" if bit_depth == 10 else "")
-        # x264's crf 0 is lossless only at 8 bits; qp 0 is lossless at any depth.
+        # x264's crf 0 is lossless only at 8 bits; qp 0 is lossless at any depth. Its macroblock-tree rate control
+        # reads memory it never wrote (the same frames, single-threaded, encoded differently whenever the heap held
+        # other bytes: a 854x480 clip differed by up to 31 levels after decoding, run to run), so it is off and the
+        # same frames always make the same file.
         self.stream.options = {"qp": "0"} if crf == 0 else {"crf": str(crf)}
+        self.stream.options["x264-params"] = "mbtree=0"
         self.time_base = time_base
         if time_base is not None:  # the encoder and the file count in the input's own ticks, so none is rounded
             self.stream.codec_context.time_base = time_base

@@ -190,3 +190,43 @@ def test_audio_is_copied_and_timing_kept(colorizer, tmp_path):
     with av.open(str(source)) as a, av.open(str(output)) as b:
         assert abs(a.duration - b.duration) <= 1e6 / 29.97 + 1  # within one frame (microseconds)
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def leave_noise_in_freed_memory(seed: int) -> None:
+    """Random bytes in the blocks the C heap hands out next, as a long run's work leaves them: a fresh process's
+    heap is zeros, which hides a library's reads of memory it never wrote."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for size in rng.integers(64, 120_000, 3000).tolist():
+        blocks.append(libc.malloc(size))
+        ctypes.memmove(blocks[-1], rng.bytes(size), size)
+    for block in blocks:
+        libc.free(block)
+
+
+def test_the_same_command_writes_the_same_video(colorizer, tmp_path):
+    """Two shots of an mp4 colorized twice, the heap holding other bytes each time: identical decoded frames (x264's
+    macroblock-tree rate control read memory it never wrote, and the first shot differed run to run)."""
+    import cv2
+    from skimage import data
+    from pipeline import colorize_clip
+    from utils import rgb_to_gray
+    from video_io import VideoWriter, iter_clip_frames
+
+    coffee = [cv2.resize(data.coffee()[i : i + 300, 4 * i : 4 * i + 400], (96, 72), interpolation=cv2.INTER_AREA)
+              for i in range(6)]
+    source = tmp_path / "shots.mp4"
+    with VideoWriter(source, 96, 72, Fraction(25)) as writer:
+        for frame in panning_clip(6) + coffee:
+            writer.write(np.repeat(rgb_to_gray(frame)[..., None], 3, axis=2))
+    runs = []
+    for seed in (0, 1):
+        leave_noise_in_freed_memory(seed)
+        colorize_clip(colorizer, source, tmp_path / f"run{seed}.mp4", options())
+        runs.append(list(iter_clip_frames(tmp_path / f"run{seed}.mp4")))
+    assert len(runs[0]) == len(runs[1]) == 12
+    assert max(np.abs(a.astype(int) - b).max() for a, b in zip(*runs)) == 0
