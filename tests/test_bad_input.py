@@ -455,7 +455,8 @@ def test_evaluation_rejects_bad_input(tmp_path, inputs, frame_root, case):
     else:
         out = inputs / "a_file" / "eval"
     before = files_under(tmp_path)
-    result = run_main("evaluate", "--pred", pred, "--gt", gt, "--out", out, "--max-frames", "40", cwd=tmp_path)
+    result = run_main("evaluate", "--pred", pred, "--gt", gt, "--out", out, "--max-frames", "40", "--no-frechet",
+                      cwd=tmp_path)
     says = {"corrupt_gt": "corrupt_jpeg/00005.jpg: cannot be decoded as an image",
             "truncated_pred": "cut.mp4: only", "exists": "eval: already exists; pass --overwrite",
             "unwritable": "cannot write there"}[case]

@@ -272,8 +272,10 @@ def test_match_clips_pairs_video_with_folder_by_name(tmp_path, capsys):
         video_io.match_clips(tmp_path / "pred", tmp_path / "gt")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *args], capture_output=True, text=True, cwd=REPO)
+def run_cli(*args: str, frechet: bool = False) -> subprocess.CompletedProcess:
+    """evaluate.py with `args`; without its Lite2 network (about 10 s to load) unless `frechet`."""
+    flags = [*args] if frechet else [*args, "--no-frechet"]
+    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *flags], capture_output=True, text=True, cwd=REPO)
 
 
 def test_cli_writes_reports_and_figures(tmp_path):
@@ -282,10 +284,13 @@ def test_cli_writes_reports_and_figures(tmp_path):
     write_frames(tmp_path / "pred" / "clip", [np.roll(f, 1, axis=2) for f in gt])
     out = tmp_path / "out"
     done = run_cli("--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--baseline", "gray", "--out",
-                   str(out))
+                   str(out), frechet=True)
     assert done.returncode == 0, done.stderr
     assert "MEAN" in done.stdout and "skipped: no weights given (never downloaded)" in done.stdout
     report = json.loads((out / "results.json").read_text())
+    for method in ("prediction", "gray"):  # a distance between sets of frames: for the method, not for one clip
+        assert report["methods"][method]["mean"]["frechet_lite2"] > 0
+        assert report["methods"][method]["clips"]["clip"]["frechet_lite2"] is None
     assert set(report["methods"]) == {"prediction", "gray"}
     assert report["methods"]["prediction"]["clips"]["clip"]["frames"] == 4
     assert len(report["methods"]["gray"]["clips"]["clip"]["per_frame"]["psnr"]) == 4
