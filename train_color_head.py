@@ -150,10 +150,10 @@ def validate(head: ColorHead, backbone, held: np.ndarray, crop: int) -> dict:
     import cv2
 
     head.eval()
-    scores: dict[str, list[float]] = {"loss": [], "gray_psnr": [], "truth_colorfulness": []}
+    scores: dict[str, list[float]] = {"val_loss": [], "gray_psnr": [], "truth_colorfulness": []}
     for batch in np.array_split(held[:, :crop, :crop], max(1, len(held) // 32)):
         with torch.no_grad():
-            scores["loss"].append(float(loss_on(head, backbone, batch)))
+            scores["val_loss"].append(float(loss_on(head, backbone, batch)))
             logits = head_logits(head, backbone, batch)
             for vividness in VIVIDNESS_SCORED:
                 chroma = head.chroma(logits, vividness).permute(0, 2, 3, 1).numpy()

@@ -109,7 +109,7 @@ def plot(train: list[dict], validation: list[dict], panels: list[dict], smooth: 
     loss_axis = axes[0][0]
     steps = [e["step"] for e in train]
     loss_axis.plot(steps, moving_mean(np.array([e["loss"] for e in train]), smooth), color="0.6",
-                   label=f"training loss (Min-SNR weighted, mean of {smooth} logs)")
+                   label=f"training loss (mean of {smooth} logs)")
     loss_axis.plot([e["step"] for e in validation], [e["val_loss"] for e in validation], marker=".",
                    label="validation loss (held-out items)")
     loss_axis.set_yscale("log")
