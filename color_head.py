@@ -96,7 +96,7 @@ def build_color_head(backbone_channels: list[int], step: float, prior_counts: to
     counts of training chroma): cells holding less than `min_share` of it are dropped."""
     centres = bin_centres(step)
     used = prior_counts > min_share * prior_counts.sum()
-    config = {"channels": list(backbone_channels), "width": width, "step": step}
+    config = {"channels": list(backbone_channels), "width": width, "bin_step": step}
     return ColorHead(config, centres[used], smoothed_prior(prior_counts[used], centres[used], step / 2))
 
 

@@ -187,7 +187,7 @@ def save_checkpoint(run_dir: Path, head: ColorHead, optimizer, step: int, args: 
         torch.save({"head": head.state_dict(), "config": head.config, "optimizer": optimizer.state_dict(),
                     "step": step}, temp)
     with atomic_path(run_dir / "color", overwrite=True, is_dir=True) as temp:
-        save_color_head(head, temp, {"backbone": args.backbone, "crop": args.crop, "step": step,
+        save_color_head(head, temp, {"backbone": args.backbone, "crop": args.crop, "trained_steps": step,
                                      "holdout": args.holdout})
 
 

@@ -113,7 +113,7 @@ def test_training_learns_held_out_colour_and_resumes(tmp_path):
     train_losses = [json.loads(line)["loss"] for line in (tmp_path / "runs" / "color" / "train_loss.jsonl").open()]
     assert np.mean(train_losses[-5:]) < np.mean(train_losses[:5])
     config = json.loads((tmp_path / "runs" / "color" / "color" / "config.json").read_text())
-    assert config["step"] == 30 and config["backbone"] == "efficientnet_lite0"
+    assert config["trained_steps"] == 30 and config["backbone"] == "efficientnet_lite0"
 
 
 @pytest.fixture(scope="module")
