@@ -221,7 +221,8 @@ class ColorizeApp:
         progress(0, desc="reading the clip and its guides")
         seed_everything(options.seed)  # as video_colorization.py does: the same video as a fresh command-line run
         try:
-            count = colorize_clip(self.colorizer, session.clip, output, options)
+            # Each press is a new request: work a stopped one kept for its output is never resumed.
+            count = colorize_clip(self.colorizer, session.clip, output, options, start_over=True)
         except UserError as error:
             raise page_error(error) from None
         guided = f", guided by {len(session.guides)} guide(s)" if session.guides else ""

@@ -12,9 +12,14 @@ and the tests:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
+import json
+import os
+import pickle
+import sys
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -25,9 +30,9 @@ from colorizer import SAMPLERS, Colorizer, combine, prepare_gray
 from correspondence import REGISTRATION_FRAMES, Exemplars, load_exemplars
 from guidance import (GuidePropagator, load_hint_image, load_reference, parse_guide_spec, propagation_size,
                       registered_guide)
-from utils import UserError, atomic_path, rgb_to_gray
-from video_io import (ClipFrame, VideoInfo, VideoWriter, has_audio, iter_clip_frames, iter_timed_frames, mux_audio,
-                      probe_clip, read_image_rgb, write_image_rgb)
+from utils import UserError, atomic_path, discard, first_line, remove_stale_temporaries, rgb_to_gray
+from video_io import (ClipFrame, VideoInfo, VideoWriter, has_audio, iter_clip_frames, iter_timed_frames, join_video,
+                      list_frames, probe_clip, read_image_rgb, write_image_rgb)
 
 
 def positive_int(text: str) -> int:
@@ -38,6 +43,11 @@ def positive_int(text: str) -> int:
 
 
 BIT_DEPTHS = ("auto", "8", "10")
+# A clip's work is kept in segments of this many frames (rounded up to whole batches): about 11 s of compute at
+# 854x480 on 2 cores with the defaults, 30 s with a keyframe or an exemplar (the README's speeds), so a killed run
+# redoes at most that much. Each segment of an mp4 is encoded on its own (it starts with a keyframe).
+SEGMENT_FRAMES = 96
+PROGRESS_FILE = "progress.pkl"
 
 
 @dataclass
@@ -232,9 +242,31 @@ def working_gray(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (prepare_gray(gray[None], size)[0, 0].numpy() * 255).round().astype(np.uint8)
 
 
+@dataclass
+class ClipState:
+    """All that colorize_frames carries from one batch of a clip to the next (the frames done, the shot and the last
+    frame's luma for scene cuts, the noise generators, the guides and the previous output carried along the flow):
+    kept with each segment of the clip's work, so that a resumed run goes on exactly as an uninterrupted one."""
+
+    frames_done: int
+    shot: int
+    previous_small: np.ndarray | None
+    noise_generator: torch.Generator  # fresh noise per frame (--no-shared-noise)
+    step_generator: torch.Generator  # the noise stochastic samplers add at each step
+    propagator: GuidePropagator
+
+
+def start_state(args: ColorizationOptions, guides: GuidePropagator | None = None) -> ClipState:
+    """A clip's state before its first frame."""
+    # The step noise has a stream of its own (not seed + k, which the shots use).
+    step_seed = int(np.random.SeedSequence([args.seed, 1]).generate_state(1)[0])
+    return ClipState(0, 0, None, torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(step_seed),
+                     guides if guides is not None else GuidePropagator([]))  # it carries the output along the flow
+
+
 def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ColorizationOptions,
                     first_frame_shape: tuple[int, int], guides: GuidePropagator | None = None,
-                    exemplars: Exemplars | None = None) -> Iterator[np.ndarray]:
+                    exemplars: Exemplars | None = None, state: ClipState | None = None) -> Iterator[np.ndarray]:
     """Yield the colorized frames of one clip (HxWx3 RGB of the input frames' type, uint8 or uint16), streaming in
     batches of --batch-size.
 
@@ -246,32 +278,32 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
     `exemplars`, the colour each frame's features find in them is blended into the output over the colour carried
     from the previous frame (see correspondence.py). With a model that has a colour head (color_head.py), the head's
     chroma at --vividness is the model's hint input wherever no guide gives one, unless a keyframe or an exemplar
-    colours the clip."""
+    colours the clip.
+
+    `state` (a ClipState, updated as the frames go; its guides replace `guides`) continues a clip from a batch
+    boundary: after a batch's last frame is yielded it holds all the next batch needs."""
     height, width = first_frame_shape
     size = colorizer.working_size(height, width)
     guide_size = propagation_size(height, width)
-    propagator = guides if guides is not None else GuidePropagator([])  # it carries the output along the flow too
+    state = start_state(args, guides) if state is None else state
+    propagator = state.propagator
+    guides = propagator if propagator.guides else None
     # A keyframe's or an exemplar's colours are the clip's own; the colour head's guess would only compete with them.
     saturation = colorizer.sampling_default("saturation", args.saturation)
     head_vividness = None if args.reference or exemplars is not None or saturation == 0 else colorizer.vividness(
         args.vividness)
-    frame_number = 0
     latent_shape = colorizer.latent_shape(height, width)
-    shot, previous_small = 0, None
-    noise_generator = torch.Generator().manual_seed(args.seed)
-    # A stream of its own (not seed + k, which the shots use) for the noise stochastic samplers add at each step.
-    step_generator = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, 1]).generate_state(1)[0]))
-    shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed))
+    shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed + state.shot))
     for batch in batched(frames, args.batch_size):
         gray = np.stack([rgb_to_gray(resize_if_needed(frame, height, width)) for frame in batch])
         small = np.stack([working_gray(g, size) for g in gray])
         cuts = [previous is not None and args.scene_cuts and is_scene_cut(previous, current, args.cut_threshold)
-                for previous, current in zip([previous_small, *small[:-1]], small)]
-        previous_small = small[-1]
+                for previous, current in zip([state.previous_small, *small[:-1]], small)]
+        state.previous_small = small[-1]
         guide_gray = [working_gray(g, guide_size) if guides or exemplars else None for g in gray]
-        frame_guides = [guides.step(frame_number + i, g, cut) if guides else (None, None)
+        frame_guides = [guides.step(state.frames_done + i, g, cut) if guides else (None, None)
                         for i, (g, cut) in enumerate(zip(guide_gray, cuts))]
-        frame_number += len(batch)
+        state.frames_done += len(batch)
         found = None
         if exemplars is not None:
             match_size = exemplars.matcher.input_size(height, width)
@@ -282,12 +314,14 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
         noise = []
         for cut in cuts:
             if cut:
-                shot += 1
-                shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed + shot))
-            noise.append(shot_noise if args.shared_noise else torch.randn(latent_shape, generator=noise_generator))
+                state.shot += 1
+                shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed + state.shot))
+            noise.append(shot_noise if args.shared_noise else torch.randn(latent_shape,
+                                                                            generator=state.noise_generator))
         vac_size = colorizer.vac_size(height, width)
         vac_gray = prepare_gray(gray, vac_size) if vac_size != size else None
-        model_gray, batch_noise, step_state = prepare_gray(gray, size), torch.stack(noise), step_generator.get_state()
+        model_gray, batch_noise = prepare_gray(gray, size), torch.stack(noise)
+        step_state = state.step_generator.get_state()
 
         def sample_chroma(hint_input: torch.Tensor | None, generator: torch.Generator) -> np.ndarray:
             latents = colorizer.sample_latents(model_gray, batch_noise, args.sampler, args.steps, args.guidance,
@@ -295,7 +329,7 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
                                                vividness=head_vividness, output_gain=saturation)
             return colorizer.decode_chroma(latents) * saturation
 
-        predicted = sample_chroma(hints, step_generator)
+        predicted = sample_chroma(hints, state.step_generator)
         plain = itertools.repeat(None)
         if plain_hints is not None:  # the same draws without the painted hints, which are kept where they reach
             plain = sample_chroma(plain_hints, torch.Generator().set_state(step_state))
@@ -336,53 +370,153 @@ def pixels_and_timestamps(frames: Iterator[ClipFrame]) -> tuple[Iterator[np.ndar
 
 
 def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, options: ColorizationOptions,
-                  frame_bar: bool = True) -> int:
+                  frame_bar: bool = True, start_over: bool = False, segment_frames: int = SEGMENT_FRAMES) -> int:
     """Colorize one clip into `output` (.mp4 or a PNG folder), written to a temporary path and renamed at the end.
     `frame_bar` False hides the frame progress bar (several processes would draw theirs over each other).
 
+    The work is kept as it goes, in segments of `segment_frames` (whole batches) committed to resume_folder(output):
+    the same call after a kill continues from the last segment, and writes what an uninterrupted run writes. A kept
+    state of another input, other settings or another model is an error, unless `start_over` discards it.
+
     The output is upright (a rotation tag is applied to the pixels), keeps the input's depth (--bit-depth) and, for a
     variable-rate video, the input's own frame timestamps."""
-    from tqdm import tqdm
-
     info = probe_clip(clip)
     if info.frame_count == 0:
         raise UserError(f"{clip}: has no frames; pass a video with at least one frame")
-    written = 0
+    segment = options.batch_size * -(-segment_frames // options.batch_size)  # whole batches: a resume point
+    folder = resume_folder(output)
+    for name in {output.stem, output.name}:  # what a killed run left beside the output (its kept work stays)
+        remove_stale_temporaries(output.parent, name)
+    identity = run_identity(clip, options, colorizer, segment)
+    state = kept_state(folder, identity, start_over)
+    exemplars = [read_image_rgb(Path(path)) for path in options.exemplar]
+    try:
+        count = write_clip(colorizer, clip, output, options, frame_bar, info, state, identity, segment, exemplars)
+    except BaseException as error:
+        if isinstance(error, UserError) or not (folder / PROGRESS_FILE).exists():
+            discard(folder)  # bad input fails again on a rerun; a run stopped before its first segment kept nothing
+        raise
+    discard(folder)
+    return count
+
+
+def write_clip(colorizer: Colorizer, clip: Path, output: Path, options: ColorizationOptions, frame_bar: bool,
+               info: VideoInfo, state: ClipState | None, identity: dict[str, str], segment: int,
+               exemplars: list[np.ndarray]) -> int:
+    """colorize_clip's work from `state` (None: from frame 0), kept in segments, then the output from them."""
+    from tqdm import tqdm
+
+    folder = resume_folder(output)
     as_video = output.suffix.lower() == ".mp4"
     bit_depth = output_bit_depth(options.bit_depth, info)
-    # Deep frames carry the input's luma at 16 bits through colorize_frames to the 10-bit output.
-    pixels, timestamps = pixels_and_timestamps(iter_timed_frames(clip, deep=bit_depth > 8))
-    # The bar shows only on a terminal and is cleared when the clip ends or fails, so an error stays one line.
-    exemplars = [read_image_rgb(Path(path)) for path in options.exemplar]
-    guides = load_guides(clip, info, options, colorizer, exemplars)
-    frames = colorize_frames(colorizer, pixels, options, (info.height, info.width), guides,
-                             load_exemplars(exemplars, options.learned_metric))
-    with atomic_path(output, overwrite=options.overwrite, is_dir=not as_video) as temp, \
-            tqdm(frames, total=info.frame_count, desc=clip.name, unit="frame", leave=False,
-                 disable=None if frame_bar else True) as colorized:
-        if as_video:
-            audio = has_audio(clip)
-            video_path = temp.with_name(temp.stem + ".video.mp4") if audio else temp
-            try:
-                # Evenly spaced frames at the average rate would drift from the copied audio on a variable-rate
-                # input: those frames keep their own timestamps.
-                time_base = info.time_base if info.variable_rate else None
-                with VideoWriter(video_path, info.width, info.height, info.fps, options.crf, bit_depth,
-                                 time_base) as writer:
-                    for frame in colorized:
-                        writer.write(frame, timestamps.popleft())
-                        written += 1
-                if audio:
-                    mux_audio(video_path, clip, temp)
-            finally:
-                if audio:
-                    video_path.unlink(missing_ok=True)
+    with atomic_path(output, overwrite=options.overwrite, is_dir=not as_video) as temp:
+        if state is None:
+            discard(folder)
+            (folder if as_video else folder / "frames").mkdir(parents=True)
+            state = start_state(options, load_guides(clip, info, options, colorizer, exemplars))
         else:
-            for frame in colorized:
-                write_image_rgb(temp / f"{written:05d}.png", frame)
-                timestamps.popleft()  # PNG frames have no timestamps; the queue is only kept short
-                written += 1
-        if written < info.frame_count:  # inside the block: a short output is thrown away, never kept
-            raise UserError(f"{clip}: only {written} of its {info.frame_count} frames could be read; re-encode or "
-                            f"replace it")
-    return written
+            print(f"{clip}: resuming from frame {state.frames_done} of {info.frame_count} (the work kept in "
+                  f"{folder})", file=sys.stderr, flush=True)
+        # Deep frames carry the input's luma at 16 bits through colorize_frames to the 10-bit output.
+        pixels, timestamps = pixels_and_timestamps(iter_timed_frames(clip, deep=bit_depth > 8,
+                                                                     start=state.frames_done))
+        frames = colorize_frames(colorizer, pixels, options, (info.height, info.width),
+                                 exemplars=load_exemplars(exemplars, options.learned_metric), state=state)
+        # The bar shows only on a terminal and is cleared when the clip ends or fails, so an error stays one line.
+        with tqdm(frames, total=info.frame_count, initial=state.frames_done, desc=clip.name, unit="frame",
+                  leave=False, disable=None if frame_bar else True) as bar:
+            colorized, start = iter(bar), state.frames_done
+            while (first := next(colorized, None)) is not None:
+                write_part(itertools.chain([first], itertools.islice(colorized, segment - 1)), timestamps, folder,
+                           start, as_video, info, options, bit_depth)
+                save_state(folder, identity, state)
+                start = state.frames_done
+        if state.frames_done < info.frame_count:  # inside the block: a short output is thrown away, never kept
+            raise UserError(f"{clip}: only {state.frames_done} of its {info.frame_count} frames could be read; "
+                            f"re-encode or replace it")
+        if as_video:
+            join_video(sorted(folder.glob("[0-9]*.mp4")), clip if has_audio(clip) else None, temp)
+        else:
+            os.replace(folder / "frames", temp)
+    return state.frames_done
+
+
+def write_part(frames: Iterator[np.ndarray], timestamps: deque[int | None], folder: Path, start: int,
+               as_video: bool, info: VideoInfo, options: ColorizationOptions, bit_depth: int) -> None:
+    """One segment of a clip's output, frames `start`, ...: an mp4 of its own (named by its first frame, renamed into
+    place once complete) or PNG frames in folder/frames."""
+    if not as_video:
+        for index, frame in enumerate(frames, start):
+            write_image_rgb(folder / "frames" / f"{index:05d}.png", frame)
+            timestamps.popleft()  # PNG frames have no timestamps; the queue is only kept short
+        return
+    path = folder / f"{start:08d}.mp4"
+    temp = path.with_suffix(".tmp")
+    # Evenly spaced frames at the average rate would drift from the copied audio on a variable-rate input: those
+    # frames keep their own timestamps.
+    time_base = info.time_base if info.variable_rate else None
+    with VideoWriter(temp, info.width, info.height, info.fps, options.crf, bit_depth, time_base, start) as writer:
+        for frame in frames:
+            writer.write(frame, timestamps.popleft())
+    durable_replace(temp, path)
+
+
+def resume_folder(output: Path) -> Path:
+    """Where a clip's work is kept until its output is complete: a hidden folder beside the output."""
+    return output.with_name(f".{output.name}.resume")
+
+
+def run_identity(clip: Path, options: ColorizationOptions, colorizer: Colorizer, segment: int) -> dict[str, str]:
+    """Digests of what a run's output depends on, by what a user changes: the input file or frames, the settings
+    (the flags, the guide images' contents, the segment length) and the model's weights."""
+    files = list_frames(clip) if clip.is_dir() else [clip]
+    settings = {name: value for name, value in asdict(options).items() if name != "overwrite"}
+    guide_images = [parse_guide_spec(spec)[1] for spec in options.reference + options.hints] + options.exemplar
+    model = hashlib.sha256(json.dumps(colorizer.config, sort_keys=True, default=str).encode())
+    for module in (colorizer.unet, colorizer.vae, colorizer.vac, colorizer.color_head):
+        for tensor in (module.state_dict().values() if module is not None else ()):
+            model.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return {"input": digest(str(clip.resolve()), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]),
+            "settings": digest(settings, segment, [Path(image).read_bytes() if Path(image).is_file() else None
+                                                   for image in guide_images]),  # load_guides names a missing one
+            "model": model.hexdigest()}
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def kept_state(folder: Path, identity: dict[str, str], start_over: bool) -> ClipState | None:
+    """The state a killed run of the same command kept in `folder`, or None to start from frame 0 (none kept, or
+    `start_over`). A state of another input, other settings or another model is never mixed in."""
+    progress = folder / PROGRESS_FILE
+    if start_over or not progress.exists():
+        return None
+    try:
+        with open(progress, "rb") as file:
+            kept = pickle.load(file)  # written by save_state: this run's own file, not input from elsewhere
+    except Exception as error:
+        raise UserError(f"{progress}: the kept work cannot be read ({first_line(error)}); pass --start-over to "
+                        f"discard it") from None
+    changed = [part for part in identity if kept["identity"].get(part) != identity[part]]
+    if changed:
+        raise UserError(f"{folder}: holds the unfinished work of a run with another {' and '.join(changed)}; run "
+                        f"that command again to finish it, or pass --start-over to discard it")
+    return kept["state"]
+
+
+def save_state(folder: Path, identity: dict[str, str], state: ClipState) -> None:
+    """Commit a segment: the state after it, written whole or not at all (a kill or a power cut leaves the last
+    one)."""
+    temp = folder / (PROGRESS_FILE + ".tmp")
+    with open(temp, "wb") as file:
+        pickle.dump({"identity": identity, "state": state}, file)
+    durable_replace(temp, folder / PROGRESS_FILE)
+
+
+def durable_replace(temp: Path, final: Path) -> None:
+    """Rename `temp` onto `final` once its bytes are on the disk, so that a power cut never leaves a renamed file
+    without its contents."""
+    with open(temp, "rb") as file:
+        os.fsync(file.fileno())
+    os.replace(temp, final)

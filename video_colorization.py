@@ -28,7 +28,8 @@ import torch
 
 from colorizer import DEFAULT_MODEL, load_colorizer
 from demo import make_demo_clip
-from pipeline import BIT_DEPTHS, DEFAULTS, ColorizationOptions, add_sampling_arguments, colorize_clip, take_options
+from pipeline import (BIT_DEPTHS, DEFAULTS, SEGMENT_FRAMES, ColorizationOptions, add_sampling_arguments, colorize_clip,
+                      positive_int, take_options)
 from utils import UserError, check_writable, choose_device, run_cli, seed_everything
 from video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, clip_name, list_clips
 
@@ -62,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Color
     existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     existing.add_argument("--skip-existing", action="store_true", help="keep existing outputs and colorize only the "
                           "clips without one: a killed or failed run over a folder of clips resumes")
+    parser.add_argument("--start-over", action="store_true", help="discard the work a killed run kept beside an "
+                        "output (.<output>.resume) and colorize its clip from frame 0; without it the same command "
+                        "continues where the killed run stopped")
+    parser.add_argument("--segment-frames", type=positive_int, default=SEGMENT_FRAMES,
+                        help="frames of work kept at a time (rounded up to whole batches): what a killed run redoes "
+                        "at most")
     args = parser.parse_args(argv)
     return args, take_options(args)
 
@@ -178,7 +185,8 @@ def main() -> None:
     failures = []
     for number, (clip, output) in enumerate(todo, 1):
         try:
-            count = colorize_clip(colorizer, clip, output, options, frame_bar=world == 1)
+            count = colorize_clip(colorizer, clip, output, options, frame_bar=world == 1, start_over=args.start_over,
+                                  segment_frames=args.segment_frames)
         except UserError as error:
             if len(plan) == 1 and world == 1:
                 raise  # a single clip: its own message is the whole report

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 import os
 import re
 import sys
@@ -282,15 +283,16 @@ def iter_clip_frames(source: Path) -> Iterator[np.ndarray]:
     return (frame.image for frame in iter_timed_frames(source))
 
 
-def iter_timed_frames(source: Path, deep: bool = False) -> Iterator[ClipFrame]:
+def iter_timed_frames(source: Path, deep: bool = False, start: int = 0) -> Iterator[ClipFrame]:
     """Yield the frames of a video file or frame folder with their timestamps, one at a time (bounded memory), as
-    HxWx3 RGB turned upright: uint8, or with `deep` uint16 at 16-bit scale (10-bit video keeps its depth).
+    HxWx3 RGB turned upright: uint8, or with `deep` uint16 at 16-bit scale (10-bit video keeps its depth); from frame
+    `start` on (a video's earlier frames are decoded, which is exact, and not converted).
 
     Damaged input is an error, never a shorter clip: an undecodable image or video packet, or a video that ends
     before the frame count in its header (a truncated download), raises UserError naming the file and frame."""
     source = Path(source)
     if source.is_dir():
-        for path in list_frames(source):
+        for path in list_frames(source)[start:]:
             image = read_image_rgb(path)
             yield ClipFrame(image.astype(np.uint16) * 257 if deep else image, None)  # 255 * 257 = 65535
         return
@@ -307,9 +309,11 @@ def iter_timed_frames(source: Path, deep: bool = False) -> Iterator[ClipFrame]:
                 raise UserError(f"{source}: has no video stream (no frames); pass a video with at least one frame")
             declared = container.streams.video[0].frames
             for frame in container.decode(video=0):
+                count += 1
+                if count <= start:
+                    continue
                 image = frame.to_ndarray(format="rgb48le" if deep else "rgb24")
                 yield ClipFrame(np.ascontiguousarray(np.rot90(image, display_quarter_turns(frame))), frame.pts)
-                count += 1
     except av.error.FFmpegError as error:
         raise UserError(f"{source}: frame {count} cannot be decoded ({av_reason(error)}); the video is damaged: "
                         f"re-encode or replace it") from None
@@ -320,17 +324,20 @@ def iter_timed_frames(source: Path, deep: bool = False) -> Iterator[ClipFrame]:
 
 class VideoWriter:
     """Write RGB frames (uint8, or uint16 at 16-bit scale) to an H.264 mp4 of 8 or 10 bits: at an exact constant
-    frame rate (for example 30000/1001), or, given a time base, at the timestamps passed with each frame (a
-    variable-rate input's own, so that its audio stays in sync)."""
+    frame rate (for example 30000/1001; the first frame is frame `first_frame` of the clip, so that the parts of a
+    clip written one after another join into one video, see join_video), or, given a time base, at the timestamps
+    passed with each frame (a variable-rate input's own, so that its audio stays in sync)."""
 
     def __init__(self, path: Path, width: int, height: int, fps: Fraction, crf: int = 18, bit_depth: int = 8,
-                 time_base: Fraction | None = None):
+                 time_base: Fraction | None = None, first_frame: int = 0):
         import av
 
         if bit_depth not in (8, 10):
             raise ValueError(f"bit_depth {bit_depth}: H.264 is written with 8 or 10 bits")
         self.container = av.open(str(path), mode="w", format="mp4")
-        self.stream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100000))
+        self.rate = Fraction(fps).limit_denominator(100000)
+        self.stream = self.container.add_stream("libx264", rate=self.rate)
+        self.next_frame = first_frame
         self.stream.width, self.stream.height = width, height
         # 4:2:0 needs even sizes; odd-sized frames keep full chroma instead of being cropped.
         subsampling = "420" if width % 2 == 0 and height % 2 == 0 else "444"
@@ -354,6 +361,9 @@ class VideoWriter:
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=pixel_format)
         if self.time_base is not None:
             video_frame.pts, video_frame.time_base = pts, self.time_base
+        else:
+            video_frame.pts, video_frame.time_base = self.next_frame, 1 / self.rate
+            self.next_frame += 1
         try:
             self.container.mux(self.stream.encode(video_frame))
         except av.error.FFmpegError as error:
@@ -391,20 +401,23 @@ def has_audio(source: Path) -> bool:
         return False
 
 
-def mux_audio(video_only: Path, audio_source: Path, output: Path) -> None:
-    """Write `output` with the video packets of `video_only` and every audio stream of `audio_source`, both copied
-    unchanged (no re-encoding), so the soundtrack is bit-identical and stays in sync."""
+def join_video(parts: list[Path], audio_source: Path | None, output: Path) -> None:
+    """Write `output` with the video packets of `parts` (mp4s of one clip's consecutive frames, written by
+    VideoWriter with the same settings) one after another and every audio stream of `audio_source` (a video, or
+    None), all copied unchanged (no re-encoding), so the soundtrack is bit-identical and stays in sync."""
     import av
 
-    with av.open(str(video_only)) as video_in, av.open(str(audio_source)) as audio_in, \
-            av.open(str(output), mode="w", format="mp4") as out:
-        video_stream = out.add_stream_from_template(video_in.streams.video[0])
-        audio_streams = {s.index: out.add_stream_from_template(s) for s in audio_in.streams.audio}
-        targets = {id(video_in.streams.video[0]): video_stream}
-        targets.update({id(s): audio_streams[s.index] for s in audio_in.streams.audio})
+    with contextlib.ExitStack() as stack:
+        videos = [stack.enter_context(av.open(str(part))) for part in parts]
+        audio = stack.enter_context(av.open(str(audio_source))).streams.audio if audio_source else []
+        out = stack.enter_context(av.open(str(output), mode="w", format="mp4"))
+        video_stream = out.add_stream_from_template(videos[0].streams.video[0])
+        targets = {id(v.streams.video[0]): video_stream for v in videos}
+        targets.update({id(s): out.add_stream_from_template(s) for s in audio})
+        video_packets = itertools.chain.from_iterable(v.demux(v.streams.video[0]) for v in videos)
+        audio_packets = audio[0].container.demux(*audio) if audio else iter(())
         # Interleave by time, so the muxer never has to buffer a whole stream.
-        packets = heapq.merge(video_in.demux(video_in.streams.video[0]), audio_in.demux(*audio_in.streams.audio),
-                              key=lambda p: float((p.dts or 0) * p.time_base))
+        packets = heapq.merge(video_packets, audio_packets, key=lambda p: float((p.dts or 0) * p.time_base))
         for packet in packets:
             if packet.dts is not None:
                 packet.stream = targets[id(packet.stream)]
