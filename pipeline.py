@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import sys
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -422,15 +423,18 @@ def write_clip(colorizer: Colorizer, clip: Path, output: Path, options: Coloriza
                                                                      start=state.frames_done))
         frames = colorize_frames(colorizer, pixels, options, (info.height, info.width),
                                  exemplars=load_exemplars(exemplars, options.learned_metric), state=state)
-        # The bar shows only on a terminal and is cleared when the clip ends or fails, so an error stays one line.
+        # The bar (frames done, frames/s, time left) shows only on a terminal and is cleared when the clip ends or
+        # fails, so an error stays one line; elsewhere (a log file) each segment kept prints a line of the same.
         with tqdm(frames, total=info.frame_count, initial=state.frames_done, desc=clip.name, unit="frame",
                   leave=False, disable=None if frame_bar else True) as bar:
-            colorized, start = iter(bar), state.frames_done
+            colorized, start, began = iter(bar), state.frames_done, (state.frames_done, time.monotonic())
             while (first := next(colorized, None)) is not None:
                 write_part(itertools.chain([first], itertools.islice(colorized, segment - 1)), timestamps, folder,
                            start, as_video, info, options, bit_depth)
                 save_state(folder, identity, state)
                 start = state.frames_done
+                if bar.disable and start < info.frame_count:
+                    print(progress_line(clip.name, start, info.frame_count, *began), file=sys.stderr, flush=True)
         if state.frames_done < info.frame_count:  # inside the block: a short output is thrown away, never kept
             raise UserError(f"{clip}: only {state.frames_done} of its {info.frame_count} frames could be read; "
                             f"re-encode or replace it")
@@ -439,6 +443,15 @@ def write_clip(colorizer: Colorizer, clip: Path, output: Path, options: Coloriza
         else:
             os.replace(folder / "frames", temp)
     return state.frames_done
+
+
+def progress_line(name: str, done: int, total: int, first: int, began: float) -> str:
+    """`done` of `total` frames, and the rate and time left from the frames done since `first` (at `began`)."""
+    from tqdm import tqdm
+
+    rate = (done - first) / max(time.monotonic() - began, 1e-6)
+    return (f"{name}: {done} of {total} frames, {rate:.2f} frames/s, "
+            f"{tqdm.format_interval((total - done) / max(rate, 1e-6))} left")
 
 
 def write_part(frames: Iterator[np.ndarray], timestamps: deque[int | None], folder: Path, start: int,

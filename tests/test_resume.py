@@ -183,3 +183,16 @@ def test_a_killed_command_continues_where_it_stopped(tmp_path, shots, model):
     assert same_frames(output, tmp_path / "whole.mp4")
     assert audio_packets(output) == audio_packets(shots)
     assert files_under(output.parent) == ["out.mp4"]
+
+
+def test_long_work_reports_its_progress_in_a_log(tmp_path, frame_root, model):
+    """Without a terminal (the bar's place), each segment kept prints the frames done, frames/s and time left."""
+    import re
+
+    result = run_main("video_colorization", "--input", frame_root / "pan", "--output", tmp_path / "out.mp4",
+                      "--model", model, "--steps", "1", *SEGMENT, cwd=tmp_path)
+    assert result.code == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("pan: ")]
+    assert len(lines) == 2, result.stderr[-3000:]
+    for line, done in zip(lines, (4, 8)):
+        assert re.fullmatch(rf"pan: {done} of 12 frames, \d+\.\d\d frames/s, \d\d:\d\d left", line), line
