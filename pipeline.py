@@ -5,7 +5,8 @@ and the tests:
   parse_options are its flags);
 - colorize_frames: a clip's frames -> colorized frames, streamed in batches (one initial noise per shot, the previous
   output carried along the optical flow, scene cuts, and the guides: keyframes, painted hints, exemplars);
-- colorize_clip: one clip (a video or a frame folder) -> an .mp4 or a folder of PNG frames, written atomically;
+- colorize_clip: one clip (a video or a frame folder) -> an .mp4 or a folder of PNG frames, written atomically, its
+  work kept in segments beside the output (ClipState) so that the same call after a kill continues it;
 - load_guides: a clip's --reference, --hints and registered --exemplar images as a guidance.GuidePropagator.
 """
 

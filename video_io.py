@@ -418,7 +418,16 @@ def join_video(parts: list[Path], audio_source: Path | None, output: Path) -> No
         audio_packets = audio[0].container.demux(*audio) if audio else iter(())
         # Interleave by time, so the muxer never has to buffer a whole stream.
         packets = heapq.merge(video_packets, audio_packets, key=lambda p: float((p.dts or 0) * p.time_base))
+        last_dts = None
         for packet in packets:
-            if packet.dts is not None:
-                packet.stream = targets[id(packet.stream)]
-                out.mux(packet)
+            if packet.dts is None:
+                continue
+            if packet.stream.type == "video":
+                # A part's decoding times start before its first frame by the B-frames' delay, which at a
+                # variable rate can reach back past the previous part's last one: they are moved up, never past
+                # the packet's presentation time, which (as the order of the packets) stays as encoded.
+                if last_dts is not None and packet.dts <= last_dts:
+                    packet.dts = min(last_dts + 1, packet.pts)
+                last_dts = packet.dts
+            packet.stream = targets[id(packet.stream)]
+            out.mux(packet)
