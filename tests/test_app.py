@@ -84,7 +84,7 @@ def test_the_page_colorizes_with_the_command_lines_options(hint_model, gray_vide
     assert status == "Colorized 12 frames." and (info.frame_count, info.height, info.width) == (12, 72, 96)
 
     used = []
-    monkeypatch.setattr(app, "colorize_clip", lambda colorizer, clip, output, options: used.append(options) or 12)
+    monkeypatch.setattr(app, "colorize_clip", lambda colorizer, clip, output, options, **_: used.append(options) or 12)
     guides = [app.Guide(3, "--reference", tmp_path / "key.png"), app.Guide(0, "--hints", tmp_path / "dots.png"),
               app.Guide(9, "--reference", tmp_path / "key9.png"), app.Guide(4, "--exemplar", tmp_path / "photo.png")]
     actions.colorize(app.Session(clip=gray_video, frame_count=12, guides=guides))
