@@ -8,7 +8,12 @@ For every vividness: the head alone (its chroma per frame, on the frame's own lu
 and the whole pipeline (the head's chroma as the UNet's hint input, one shot's shared noise, the flow's carry), each
 scored against the colour frames; the gray input beside them. A model without a colour head gives the pipeline rows
 alone (the baseline). The figure shows one frame per clip: gray | head alone | pipeline | ground truth; the curve,
-PSNR against colourfulness over the knob, with other models' tables (--compare) as single points.
+PSNR against colourfulness over the knob, with other models' tables (--compare) as single points. With --tables, no
+clip is run: the curve is drawn from the mean of earlier --json tables (one per seed, say).
+
+  python experiments/probe_color_head.py --tables docs/probes/color_head_heldout_seed{0,1,2}.json \
+      --curve docs/color_head_curve.png --compare \
+      v3=docs/probes/color_head_heldout_v3_seed0.json,docs/probes/color_head_heldout_v3_seed1.json,docs/probes/color_head_heldout_v3_seed2.json
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from video_io import iter_clip_frames, list_clips
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=Path, required=True, help="colour clips held out of training")
+    parser.add_argument("--clips", type=Path, help="colour clips held out of training")
+    parser.add_argument("--tables", nargs="+", type=Path, help="instead of running: the mean of these --json tables")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--vividness", nargs="+", type=float, default=[0.0, 0.5, 1.0])
     parser.add_argument("--frames", type=int, default=40, help="first N frames of each clip")
@@ -45,9 +51,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--figure-vividness", type=float, help="the vividness the figure shows (default: the last)")
     parser.add_argument("--curve", type=Path, help="write the PSNR-colourfulness curve over the knob here")
     parser.add_argument("--compare", nargs="*", default=[], metavar="NAME=JSON",
-                        help="other models' --json tables, drawn on the curve as points")
+                        help="other models' --json tables, drawn on the curve as points (NAME=A,B,...: their mean)")
     parser.add_argument("--device", default="auto")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if (args.clips is None) == (args.tables is None) or (args.tables and args.curve is None):
+        parser.error("pass --clips (to run) or --tables with --curve (to draw from earlier runs)")
+    return args
+
+
+def mean_table(files: list[Path]) -> dict[str, dict]:
+    """The rows of several --json tables, each number the mean over the tables."""
+    tables = [json.loads(Path(file).read_text())["rows"] for file in files]
+    return {label: {key: float(np.mean([t[label][key] for t in tables])) for key, value in row.items()
+                    if isinstance(value, (int, float))} for label, row in tables[0].items()}
 
 
 def head_alone(colorizer: Colorizer, frames: list[np.ndarray], vividness: float) -> list[np.ndarray]:
@@ -134,9 +150,8 @@ def save_curve(path: Path, rows: dict[str, dict], compare: list[str]) -> None:
                 axis.annotate(f"{vividness:g}", (row["colorfulness"], row["psnr"]), fontsize=7,
                               textcoords="offset points", xytext=(3, 3))
     for spec in compare:
-        name, file = spec.split("=", 1)
-        other = json.loads(Path(file).read_text())["rows"]
-        for label, row in other.items():
+        name, files = spec.split("=", 1)
+        for label, row in mean_table([Path(f) for f in files.split(",")]).items():
             if label.startswith("pipeline"):
                 axis.plot(row["colorfulness"], row["psnr"], "D", label=name)
     gray = rows["gray"]
@@ -153,6 +168,9 @@ def save_curve(path: Path, rows: dict[str, dict], compare: list[str]) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.tables:
+        save_curve(args.curve, mean_table(args.tables), args.compare)
+        return
     torch.manual_seed(0)
     colorizer = load_colorizer(args.model, choose_device(args.device))
     clips = {clip.name: list(itertools.islice(iter_clip_frames(clip), args.frames)) for clip in list_clips(args.clips)}

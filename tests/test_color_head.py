@@ -3,6 +3,7 @@ place in the model's hint input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -149,7 +150,7 @@ def test_the_head_colours_automatic_output_and_leaves_a_keyframe_alone(red_head_
     from video_io import write_image_rgb
 
     with_head = load_colorizer(red_head_model, torch.device("cpu"))
-    without = load_colorizer(DEFAULT, torch.device("cpu"))
+    without = dataclasses.replace(with_head, color_head=None)
     frames = gray_frames()
 
     def mean_cr(colorizer, **options) -> float:
