@@ -428,7 +428,9 @@ def write_clip(colorizer: Colorizer, clip: Path, output: Path, options: Coloriza
         # fails, so an error stays one line; elsewhere (a log file) each segment kept prints a line of the same.
         with tqdm(frames, total=info.frame_count, initial=state.frames_done, desc=clip.name, unit="frame",
                   leave=False, disable=None if frame_bar else True) as bar:
-            colorized, start, began = iter(bar), state.frames_done, (state.frames_done, time.monotonic())
+            # a generator of our own: it stays exhausted, while the app's tqdm (gradio's) fails when asked again
+            colorized = (frame for frame in bar)
+            start, began = state.frames_done, (state.frames_done, time.monotonic())
             while (first := next(colorized, None)) is not None:
                 write_part(itertools.chain([first], itertools.islice(colorized, segment - 1)), timestamps, folder,
                            start, as_video, info, options, bit_depth)
