@@ -93,7 +93,7 @@ class Colorizer:
 
     def sampling_default(self, name: str, chosen: float | None) -> float:
         """A sampling setting: `chosen`, else the model's own default (colorizer.json, where export_model.py puts
-        what was chosen for it on held-out clips), else SAMPLING_DEFAULTS'."""
+        what was chosen for it on held-out clips), else SAMPLING_DEFAULTS."""
         return float(self.config.get(name, SAMPLING_DEFAULTS[name]) if chosen is None else chosen)
 
     def vividness(self, chosen: float | None) -> float | None:
