@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from color_head import (OUTPUT_STRIDE, ColorHead, bin_centres, build_color_head, chroma_at, load_color_head,
                         save_color_head, soft_targets)
+from dataset import gray_batch
+from metrics import colorfulness, psnr
 from modules import BACKBONES, imagenet_efficientnet, imagenet_input
 from training_log import LOG_NAMES, append_log, truncate_log
 from utils import UserError, atomic_path, luma_chroma_to_rgb, rgb_to_gray, run_cli
@@ -112,12 +114,8 @@ def crops(items: np.ndarray, rng: np.random.Generator, count: int, side: int) ->
     return np.ascontiguousarray(batch[:, :, ::-1]) if rng.random() < 0.5 else batch
 
 
-def luma(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.stack([rgb_to_gray(frame) for frame in rgb])).float().unsqueeze(1) / 255.0
-
-
 def head_logits(head: ColorHead, backbone, rgb: np.ndarray) -> torch.Tensor:
-    gray = luma(rgb)
+    gray = gray_batch(rgb)
     with torch.no_grad():
         features = backbone(imagenet_input(gray))
     return head(features, gray)
@@ -135,13 +133,6 @@ def corpus_counts(items: np.ndarray, step: float, crop: int) -> torch.Tensor:
     sample = items[np.random.default_rng(0).permutation(len(items))[:2000], :crop, :crop]
     chroma = torch.from_numpy(chroma_at(sample, OUTPUT_STRIDE)).float().reshape(-1, 2)
     return soft_targets(chroma, bin_centres(step)).sum(dim=0)
-
-
-def colorfulness(rgb: np.ndarray) -> float:
-    """Hasler & Suesstrunk as DDColor reports it (evaluate.py's definition)."""
-    x = rgb.astype(np.float64)
-    rg, yb = np.abs(x[..., 0] - x[..., 1]), np.abs((x[..., 0] + x[..., 1]) / 2 - x[..., 2])
-    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
 def validate(head: ColorHead, backbone, held: np.ndarray, crop: int) -> dict:
@@ -167,11 +158,6 @@ def validate(head: ColorHead, backbone, held: np.ndarray, crop: int) -> dict:
             scores["truth_colorfulness"].append(colorfulness(rgb))
     head.train()
     return {name: round(float(np.mean(values)), 4) for name, values in scores.items()}
-
-
-def psnr(prediction: np.ndarray, truth: np.ndarray) -> float:
-    mse = np.mean((prediction.astype(np.float64) - truth.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
 def learning_rate(step: int, args: argparse.Namespace) -> float:
