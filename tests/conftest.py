@@ -210,3 +210,19 @@ def run_script(*args: str, cwd) -> subprocess.CompletedProcess:
 def files_under(folder: Path) -> list[str]:
     """Everything under `folder`, hidden temporaries included."""
     return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*")) if Path(folder).exists() else []
+
+
+def interrupt_colorize_frames(monkeypatch, after: int) -> None:
+    """Make pipeline.colorize_frames raise KeyboardInterrupt (what Ctrl-C, or SIGTERM through utils.run_cli, does)
+    once it has yielded `after` frames."""
+    import pipeline
+
+    original = pipeline.colorize_frames
+
+    def stopped(*args, **kwargs):
+        for i, frame in enumerate(original(*args, **kwargs)):
+            if i == after:
+                raise KeyboardInterrupt
+            yield frame
+
+    monkeypatch.setattr(pipeline, "colorize_frames", stopped)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, Result, files_under, panning_clip, run_main
+from conftest import REPO, Result, files_under, interrupt_colorize_frames, panning_clip, run_main
 
 # ---------------------------------------------------------------------------------------------------------------
 # Running the scripts
@@ -293,17 +293,7 @@ def test_colorization_output_problems(tmp_path, frame_root, model, inputs, monke
 
     # a run stopped half-way (Ctrl-C, or SIGTERM, which utils.run_cli raises the same way) leaves neither the
     # output nor a temporary file
-    import pipeline
-
-    original = pipeline.colorize_frames
-
-    def stopped_after_three_frames(*args, **kwargs):
-        for i, frame in enumerate(original(*args, **kwargs)):
-            if i == 3:
-                raise KeyboardInterrupt
-            yield frame
-
-    monkeypatch.setattr(pipeline, "colorize_frames", stopped_after_three_frames)
+    interrupt_colorize_frames(monkeypatch, 3)
     result = colorize(tmp_path / "stopped" / "result.mp4")
     assert result.code == 130 and "interrupted (SIGINT)" in result.stderr
     assert files_under(tmp_path / "stopped") == []

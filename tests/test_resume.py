@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, files_under, panning_clip, run_main
+from conftest import REPO, files_under, interrupt_colorize_frames, panning_clip, run_main
 
 SEGMENT = ["--segment-frames", "4", "--batch-size", "2"]  # a segment every two batches
 
@@ -125,14 +125,7 @@ def test_a_kept_state_of_another_run_is_refused(tmp_path, frame_root, model, mon
 
     assert colorize("--output", tmp_path / "whole").code == 0
     original = pipeline.colorize_frames
-
-    def stopped(*args, **kwargs):
-        for i, frame in enumerate(original(*args, **kwargs)):
-            if i == 6:
-                raise KeyboardInterrupt
-            yield frame
-
-    monkeypatch.setattr(pipeline, "colorize_frames", stopped)
+    interrupt_colorize_frames(monkeypatch, 6)
     assert colorize().code == 130
     monkeypatch.setattr(pipeline, "colorize_frames", original)
     for extra, changed in ((["--seed", "1"], "settings"), (["--segment-frames", "6"], "settings"),
