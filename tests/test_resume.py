@@ -95,14 +95,7 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_output(tmp_path, shots, mode
 
     assert colorize(tmp_path / "whole" / "out.mp4")[0] == 0
     original = pipeline.colorize_frames
-
-    def stopped(*args, **kwargs):
-        for i, frame in enumerate(original(*args, **kwargs)):
-            if i == stop_at:
-                raise KeyboardInterrupt
-            yield frame
-
-    monkeypatch.setattr(pipeline, "colorize_frames", stopped)
+    interrupt_colorize_frames(monkeypatch, stop_at)
     output = tmp_path / "stopped" / "out.mp4"
     assert colorize(output)[0] == 130
     kept = stop_at // 4 * 4  # the frames of the segments committed before the stop
