@@ -91,6 +91,12 @@ class Colorizer:
         automatically."""
         return bool(self.config.get("hint_channels"))
 
+    @property
+    def head_hint_mask(self) -> float:
+        """The hint mask the colour head's suggestion carries: guidance.HEAD_HINT_MASK for a UNet trained with the
+        head (train_diffusion.py --color-head), else 1, a given colour, as for a model whose UNet never saw it."""
+        return float(self.config.get("head_hint_mask", 1.0))
+
     def sampling_default(self, name: str, chosen: float | None) -> float:
         """A sampling setting: `chosen`, else the model's own default (colorizer.json, where export_model.py puts
         what was chosen for it on held-out clips), else SAMPLING_DEFAULTS."""
@@ -149,7 +155,7 @@ class Colorizer:
             tokens, spatial = (vac_tokens, vac_spatial) if tokens is None else (tokens, spatial)
             if head_chroma is not None:
                 head_chroma = F.interpolate(head_chroma, size=gray.shape[-2:], mode="bilinear", align_corners=False)
-                hints = fill_hints(hints, head_chroma / output_gain)
+                hints = fill_hints(hints, head_chroma / output_gain, self.head_hint_mask)
         tokens = tokens.to(self.device)
         spatial = spatial.to(self.device) if spatial is not None else None
         unet_gray = gray
@@ -197,11 +203,12 @@ class Colorizer:
         return vae_output_to_chroma(decoded[..., margin:-margin, margin:-margin], self.vae)
 
 
-def fill_hints(hints: torch.Tensor, chroma: torch.Tensor) -> torch.Tensor:
-    """Bx3xhxw hints (guidance.hint_tensor's layout) with `chroma` (Bx2xhxw, 8-bit scale) wherever none is given."""
+def fill_hints(hints: torch.Tensor, chroma: torch.Tensor, mask: float = 1.0) -> torch.Tensor:
+    """Bx3xhxw hints (guidance.hint_tensor's layout) with `chroma` (Bx2xhxw, 8-bit scale) wherever none is given:
+    the mask 1 where a hint is given, `mask` where the chroma fills in."""
     given = hints[:, 2:3] > 0
     filled = torch.where(given, hints[:, :2], chroma / CHROMA_RANGE)
-    return torch.cat([filled, torch.ones_like(hints[:, 2:3])], dim=1)
+    return torch.cat([filled, torch.where(given, 1.0, torch.full_like(hints[:, 2:3], mask))], dim=1)
 
 
 def load_colorizer(path: Path, device: torch.device, vae_spec: str | None = None,

@@ -9,8 +9,10 @@ carry one. The UNet receives them pixel-unshuffled beside the grayscale frame (m
 hinted pixel stays exact. Where they come from:
 - training: none (half of the items, so automatic colorization stays the main task), a few random points and small
   patches of the true colour (Zhang et al. 2017), or dense hints: another frame of the same clip warped onto this one
-  by the optical flow and masked by its reliability, what propagation feeds the model at inference;
-- inference: a keyframe's chroma carried frame to frame along the flow (propagation), and painted hint images.
+  by the optical flow and masked by its reliability, what propagation feeds the model at inference; for a model
+  trained with a colour head, the head's chroma wherever an item has no dense hint, its mask HEAD_HINT_MASK;
+- inference: a keyframe's chroma carried frame to frame along the flow (propagation), painted hint images, and the
+  colour head's chroma wherever no guide gives one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from flow import reliable_flow, warp, warp_matching_luma
 from modules import CHROMA_RANGE
 
 HINT_CHANNELS = 3  # Cb and Cr (divided by CHROMA_RANGE, zero where no hint) and the mask
+# The mask's value where the colour head's suggestion fills in (a model trained with it, train_diffusion.py
+# --color-head): painted and carried hints are 0..1, so the UNet can tell a guess from a given colour.
+HEAD_HINT_MASK = -1.0
 UNRELIABLE_KEEP = 0.5  # confidence kept through a step where the flow fails its check
 # Where the flow fails its check but the luma it brings matches this frame's within this many levels, the colour it
 # brings is kept too: textureless regions (sky, smoke, walls) fail the check without being occluded (held-out clips,
@@ -82,11 +87,14 @@ def region_hints(chroma: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
 
 
 def draw_training_hints(chroma: np.ndarray, partner_chroma: np.ndarray, partner_mask: np.ndarray,
-                        rngs: list[np.random.Generator], none_fraction: float = 0.5) -> torch.Tensor:
+                        rngs: list[np.random.Generator], none_fraction: float = 0.5
+                        ) -> tuple[torch.Tensor, np.ndarray]:
     """One hint set per item of a batch (BxHxWx2 true chroma; the partner frame's warped chroma and reliability,
-    an all-zero mask for items without a partner; a generator per item) -> Bx3xHxW. Of the hinted items, half get
-    points and half dense hints (the partner's where it has one, else rectangles of the true colour)."""
+    an all-zero mask for items without a partner; a generator per item) -> (Bx3xHxW hints, B booleans: the items
+    given dense hints). Of the hinted items, half get points and half dense hints (the partner's where it has one,
+    else rectangles of the true colour): a keyframe's colour, where the colour head stays silent."""
     hints = np.zeros((*chroma.shape[:3], 2), np.float32), np.zeros(chroma.shape[:3], np.float32)
+    dense = np.zeros(len(rngs), bool)
     for i, rng in enumerate(rngs):
         draw = rng.random()
         if draw < none_fraction:
@@ -94,11 +102,11 @@ def draw_training_hints(chroma: np.ndarray, partner_chroma: np.ndarray, partner_
         if draw < none_fraction + (1 - none_fraction) / 2:
             hinted, mask = point_hints(chroma[i], rng)
         elif partner_mask[i].any():
-            hinted, mask = partner_chroma[i], partner_mask[i]
+            hinted, mask, dense[i] = partner_chroma[i], partner_mask[i], True
         else:
-            hinted, mask = region_hints(chroma[i], rng)
+            hinted, mask, dense[i] = *region_hints(chroma[i], rng), True
         hints[0][i], hints[1][i] = hinted, mask
-    return hint_tensor(*hints)
+    return hint_tensor(*hints), dense
 
 
 # ---------------------------------------------------------------------------------------------------------------

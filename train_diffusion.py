@@ -9,7 +9,9 @@ enables classifier-free guidance at sampling time). Each checkpoint-<step>/ fold
 unet/, colorizer.json naming the VAE, VAC and noise schedule) plus the training state (state/) that --resume continues
 from. Built on Accelerate: the same script runs on CPU, one GPU, or several processes (`accelerate launch
 train_diffusion.py ...`, or torchrun), which split each global batch evenly; N processes follow the same loss curve as
-one (the random draws are made per global batch).
+one (the random draws are made per global batch). With --color-head, the UNet learns to take a colour head's
+suggestion (its calibrated chroma) through the hint input, marked as a guess, where an item has no dense hint: the
+colouring it draws then follows the head where the frame bears it out.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from colorizer import CONFIG_NAME, Colorizer, checkpoints_of, combine
+from color_head import ColorHead, load_color_head
+from colorizer import CONFIG_NAME, Colorizer, checkpoints_of, combine, fill_hints
 from dataset import LatentDataset, batch_indices, source_weights
-from guidance import HINT_CHANNELS, draw_training_hints
+from guidance import HEAD_HINT_MASK, HINT_CHANNELS, draw_training_hints
 from modules import (BACKBONE_KEYS, HybridVAC, build_unet, load_vac, load_vae, parameter_count, save_vac, unet_input,
                      vac_fingerprint, vac_spatial_channels, vae_downscale, vae_fingerprint)
 from training_log import LOG_NAMES, append_log, truncate_log
@@ -77,6 +80,11 @@ def parse_args() -> argparse.Namespace:
                         "drawn from the data (needs latent.npz made with feature_extraction.py --hints)")
     parser.add_argument("--hint-none-fraction", type=float, default=0.5,
                         help="with --hints: items trained without any hint (automatic colorization)")
+    parser.add_argument("--color-head", type=Path, help="with --hints and a hybrid VAC: a colour head (a model's "
+                        "color/ folder, or train_color_head.py's) whose calibrated chroma the UNet learns to take as a "
+                        "suggestion where an item has no dense hint (needs latent.npz with the backbone's maps)")
+    parser.add_argument("--head-fraction", type=float, default=0.8,
+                        help="with --color-head: the share of items without a dense hint given the head's suggestion")
     parser.add_argument("--train-vac", action="store_true",
                         help="train the VAC with the UNet (tokens computed each step; the checkpoint holds the VAC)")
     parser.add_argument("--vac-lr-scale", type=float, default=0.3, help="with --train-vac: the VAC's learning rate "
@@ -166,6 +174,7 @@ def check_resumable(checkpoint: Path, args: argparse.Namespace, fingerprints: di
              ("--hints", bool(saved.get("hint_channels")), args.hints),
              ("--train-vac", bool(saved.get("train_vac")), args.train_vac),
              ("--train-backbone", bool(saved.get("train_backbone")), args.train_backbone),
+             ("--color-head", bool(saved.get("color_head")), bool(args.color_head)),
              ("VAE", saved.get("vae_fingerprint"), fingerprints["vae_fingerprint"])]
     if not args.train_vac:  # a trained VAC has moved on from the one the run started with
         pairs.append(("VAC", saved.get("vac_fingerprint"), fingerprints["vac_fingerprint"]))
@@ -178,6 +187,24 @@ def check_resumable(checkpoint: Path, args: argparse.Namespace, fingerprints: di
         if saved.get(key) is not None and saved[key] != getattr(args, key):
             print(f"warning: {checkpoint} was trained with {name} {saved[key]}; the data order will differ from an "
                   f"uninterrupted run", file=sys.stderr)
+
+
+def load_suggesting_head(args: argparse.Namespace, vac, dataset: LatentDataset, data_path: Path,
+                         device) -> ColorHead | None:
+    """--color-head, checked against the VAC and the data: it reads the hybrid VAC's frozen backbone maps, which
+    training takes from latent.npz."""
+    if not args.color_head:
+        return None
+    head = load_color_head(args.color_head)
+    backbone = vac.config.get("backbone") if isinstance(vac, HybridVAC) else None
+    if head.config.get("backbone") != backbone or args.train_backbone:
+        raise UserError(f"--color-head {args.color_head}: reads {head.config.get('backbone')}'s frozen maps; train "
+                        f"with a hybrid VAC on that backbone (--vac timm:{head.config.get('backbone')}), without "
+                        f"--train-backbone")
+    if not dataset.backbone or dataset.vac_gray is None:
+        raise UserError(f"{data_path}: holds no {backbone} maps and grayscale input for --color-head; re-run "
+                        f"feature_extraction.py --overwrite with --vac timm:{backbone}")
+    return head.to(device).eval().requires_grad_(False)
 
 
 def split(dataset: LatentDataset, args: argparse.Namespace) -> tuple[list[int], list[int]]:
@@ -268,13 +295,24 @@ def hybrid_condition(vac: HybridVAC, batch: dict) -> tuple[torch.Tensor, torch.T
     return vac.head([batch[key] for key in BACKBONE_KEYS])
 
 
-def complete_batch(batch: dict, vac, hint_rngs: list[np.random.Generator] | None, none_fraction: float = 1.0) -> dict:
+def head_suggestion(head: ColorHead, batch: dict) -> torch.Tensor:
+    """The colour head's calibrated chroma (vividness 0) for a batch, from its cached backbone maps and the
+    backbone's grayscale input, at the working size: Bx2xhxw on the 8-bit scale."""
+    with torch.no_grad():
+        chroma = head.chroma(head([batch[key] for key in BACKBONE_KEYS], batch["vac_gray"]), 0.0)
+    return F.interpolate(chroma, size=batch["gray"].shape[-2:], mode="bilinear", align_corners=False)
+
+
+def complete_batch(batch: dict, vac, hint_rngs: list[np.random.Generator] | None, none_fraction: float = 1.0,
+                   head: ColorHead | None = None, head_fraction: float = 0.0) -> dict:
     """The model's inputs for a batch: VAC tokens when latent.npz has none (with gradients when the VAC trains; a
     hybrid VAC makes them, and its spatial map, from the cached backbone features or, fine-tuning its backbone, from
     the grayscale input), and colour hints when the UNet takes them (`hint_rngs`: one generator per row, None for a
-    UNet without hints)."""
+    UNet without hints). With a colour `head`, a `head_fraction` of the rows without dense hints get its suggestion
+    wherever they have no hint, as sampling gives it."""
     batch = {key: value for key, value in batch.items() if torch.is_tensor(value)} | \
         {key: value for key, value in batch.items() if not torch.is_tensor(value) and hint_rngs is not None}
+    suggestion = head_suggestion(head, batch) if head is not None and hint_rngs is not None else None
     if isinstance(vac, HybridVAC):
         batch["tokens"], batch["spatial"] = hybrid_condition(vac, batch)
         for key in (*BACKBONE_KEYS, "vac_gray"):
@@ -282,9 +320,14 @@ def complete_batch(batch: dict, vac, hint_rngs: list[np.random.Generator] | None
     elif "tokens" not in batch:
         batch["tokens"] = vac(batch["gray"])
     if hint_rngs is not None:
-        hints = draw_training_hints(batch.pop("chroma"), batch.pop("partner_chroma"), batch.pop("partner_mask"),
-                                    hint_rngs, none_fraction)
-        batch["hints"] = hints.to(batch["gray"].device)
+        hints, dense = draw_training_hints(batch.pop("chroma"), batch.pop("partner_chroma"),
+                                           batch.pop("partner_mask"), hint_rngs, none_fraction)
+        hints = hints.to(batch["gray"].device)
+        if suggestion is not None:
+            suggested = [not d and rng.random() < head_fraction for d, rng in zip(dense, hint_rngs)]
+            rows = torch.tensor(suggested, device=hints.device).view(-1, 1, 1, 1)
+            hints = torch.where(rows, fill_hints(hints, suggestion, HEAD_HINT_MASK), hints)
+        batch["hints"] = hints
     return batch
 
 
@@ -294,14 +337,17 @@ def hint_generators(seed: int, step: int, rows: range) -> list[np.random.Generat
 
 
 @torch.no_grad()
-def validation_loss(unet, vac, dataset, indices, scheduler, downscale, device, batch_size: int, hints: bool) -> float:
-    """Plain v-MSE of held-out items without hints: automatic colorization, comparable between runs."""
+def validation_loss(unet, vac, dataset, indices, scheduler, downscale, device, batch_size: int, hints: bool,
+                    head: ColorHead | None = None) -> float:
+    """Plain v-MSE of held-out items without hints (but the colour head's suggestion, where the model takes one):
+    automatic colorization as sampling does it, comparable between runs of the same kind."""
     generator = torch.Generator(device=device).manual_seed(1234)
     losses = []
     for i in range(0, min(len(indices), 256), batch_size):
         batch = stack(dataset, indices[i : i + batch_size], device)
         rows = range(len(batch["latents"]))
-        batch = complete_batch(batch, vac, hint_generators(0, 0, rows) if hints else None, none_fraction=1.0)
+        batch = complete_batch(batch, vac, hint_generators(0, 0, rows) if hints else None, none_fraction=1.0,
+                               head=head, head_fraction=1.0)
         losses.append(diffusion_loss(unet, batch, scheduler, 0.0, downscale, generator=generator).item())
     return float(np.mean(losses))
 
@@ -314,7 +360,8 @@ def save_sample_grid(colorizer: Colorizer, dataset, indices, path: Path) -> None
     if isinstance(colorizer.vac, HybridVAC):
         with torch.no_grad():
             tokens, spatial = hybrid_condition(colorizer.vac, batch)
-    latents = colorizer.sample_latents(batch["gray"], noise, "ddim", 20, tokens=tokens, spatial=spatial)
+    head_input = {"vac_gray": batch["vac_gray"], "vividness": 0.0} if colorizer.color_head is not None else {}
+    latents = colorizer.sample_latents(batch["gray"], noise, "ddim", 20, tokens=tokens, spatial=spatial, **head_input)
     predicted, truth = colorizer.decode_chroma(latents), colorizer.decode_chroma(batch["latents"])
     gray = (batch["gray"][:, 0].cpu().numpy() * 255).round().astype(np.uint8)
     rows = [np.concatenate([np.repeat(g[..., None], 3, 2), combine(g, p), combine(g, t)], 1)
@@ -329,6 +376,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
+    if args.color_head and not args.hints:
+        raise UserError("--color-head: the head speaks through the UNet's hint input; add --hints")
+    if not 0 <= args.head_fraction <= 1:
+        raise UserError(f"--head-fraction {args.head_fraction}: must be in [0, 1]")
     if not args.data and not args.dataset_name:
         raise UserError("no data: pass --dataset-name NAME (data/NAME/latent.npz) or --data PATH")
 
@@ -535,6 +586,8 @@ def run_config(args: argparse.Namespace, accelerator, run_dir: Path, data: tuple
         "dropout": args.dropout,
         "cond_dropout": args.cond_dropout,
         **({"hint_channels": HINT_CHANNELS} if args.hints else {}),
+        **({"color_head": copy_local_component(str(args.color_head), run_dir, "color")
+            if accelerator.is_main_process else None, "head_hint_mask": HEAD_HINT_MASK} if args.color_head else {}),
         **({"train_vac": True, "vac": "vac"} if args.train_vac else {}),
         **({"train_backbone": True} if args.train_backbone else {}),
         "dataset": str(data_path),
@@ -596,7 +649,7 @@ def save_checkpoint(models: Models, accelerator, run_dir: Path, config: dict, st
 
 
 def validate(models: Models, accelerator, run_dir: Path, config: dict, step: int, data: tuple, vae, scheduler,
-             args: argparse.Namespace) -> None:
+             args: argparse.Namespace, head: ColorHead | None = None) -> None:
     """Validation loss and a sample grid of the held-out items (`data`: the dataset and their indices), with the EMA
     weights."""
     if not accelerator.is_main_process:
@@ -608,8 +661,8 @@ def validate(models: Models, accelerator, run_dir: Path, config: dict, step: int
     model.eval()
     downscale, vac = vae_downscale(vae), models.averaged_vac()
     loss = validation_loss(model, vac, dataset, val_ids, scheduler, downscale, accelerator.device, args.batch_size,
-                           args.hints)
-    colorizer = Colorizer(model, vae.to(accelerator.device), vac, config, accelerator.device)
+                           args.hints, head)
+    colorizer = Colorizer(model, vae.to(accelerator.device), vac, config, accelerator.device, head)
     save_sample_grid(colorizer, dataset, val_ids, run_dir / f"samples-{step:07d}.png")
     model.train()
     models.ema.restore(model.parameters())
@@ -649,6 +702,7 @@ def main() -> None:
         vac.config["backbone_trained"] = args.train_backbone or vac.backbone_trained
         vac.backbone.requires_grad_(args.train_backbone)  # else frozen: its maps cached, or computed from vac_gray
     check_components(dataset, data_path, vae, vac, vae_spec, vac_spec)
+    head = load_suggesting_head(args, vac, dataset, data_path, accelerator.device)
     fingerprints = {"vae_fingerprint": vae_fingerprint(vae), "vac_fingerprint": vac_fingerprint(vac)}
     run_dir = prepare_run_dir(args, accelerator)
     downscale = vae_downscale(vae)
@@ -679,7 +733,7 @@ def main() -> None:
         with accelerator.autocast():
             batch = complete_batch(stack(dataset, mine, accelerator.device), models.vac,
                                    hint_generators(args.seed, step, rows) if args.hints else None,
-                                   args.hint_none_fraction)
+                                   args.hint_none_fraction, head, args.head_fraction)
             loss = diffusion_loss(models.unet, batch, scheduler, args.cond_dropout, downscale, args.snr_gamma,
                                   step_generator(args.seed, step, accelerator.device), part)
         models.update(accelerator, loss)
@@ -700,7 +754,7 @@ def main() -> None:
         if signum or out_of_time or step % args.checkpoint_every == 0 or step == args.max_steps:
             save_checkpoint(models, accelerator, run_dir, config, step, args.keep_checkpoints)
         if step % args.validate_every == 0 or step == args.max_steps:
-            validate(models, accelerator, run_dir, config, step, (dataset, val_ids), vae, scheduler, args)
+            validate(models, accelerator, run_dir, config, step, (dataset, val_ids), vae, scheduler, args, head)
         if signum or out_of_time:
             accelerator.print(f"stopped at step {step} with checkpoint-{step}; continue with --resume")
             break

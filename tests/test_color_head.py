@@ -87,6 +87,9 @@ def test_head_colour_fills_only_where_no_hint_is_given():
     assert filled[0, :, 0, 0].tolist() == [0.5, -0.25, 1.0]
     assert torch.allclose(filled[0, :2, 1, 1], torch.tensor([0.5, 0.5]))
     assert filled[0, 2].eq(1.0).all()
+    marked = fill_hints(hints, chroma, mask=-1.0)  # a model trained with the head tells its guess from a given hint
+    assert marked[0, 2, 0, 0] == 1.0 and marked[0, 2].flatten()[1:].eq(-1.0).all()
+    assert torch.equal(marked[:, :2], filled[:, :2])
 
 
 @pytest.mark.slow
@@ -117,21 +120,26 @@ def test_training_learns_held_out_colour_and_resumes(tmp_path):
     assert config["trained_steps"] == 30 and config["backbone"] == "efficientnet_lite0"
 
 
-@pytest.fixture(scope="module")
-def red_head_model(tmp_path_factory):
-    """The shipped UNet, VAE and VAC with a colour head that says 'red' everywhere, whatever the frame."""
+def save_red_head(folder) -> None:
+    """A colour head on Lite0's maps that says 'red' (Cb -20, Cr 60, within a bin) everywhere, whatever the frame."""
     from color_head import bin_centres, build_color_head, save_color_head
 
-    folder = tmp_path_factory.mktemp("red_head_model")
-    for part in ("unet", "vae", "vac"):
-        (folder / part).symlink_to(DEFAULT / part)
     head = build_color_head([40, 112, 320], 16.0, torch.ones(len(bin_centres(16.0))), width=16)
     red = (head.centres - torch.tensor([-20.0, 60.0])).norm(dim=1).argmin()  # Cb below 0, Cr well above: red
     with torch.no_grad():
         head.fine[-1].weight.zero_()
         head.fine[-1].bias.fill_(-20.0)
         head.fine[-1].bias[red] = 20.0
-    save_color_head(head, folder / "color", {"backbone": "efficientnet_lite0"})
+    save_color_head(head, folder, {"backbone": "efficientnet_lite0"})
+
+
+@pytest.fixture(scope="module")
+def red_head_model(tmp_path_factory):
+    """The shipped UNet, VAE and VAC with a colour head that says 'red' everywhere, whatever the frame."""
+    folder = tmp_path_factory.mktemp("red_head_model")
+    for part in ("unet", "vae", "vac"):
+        (folder / part).symlink_to(DEFAULT / part)
+    save_red_head(folder / "color")
     config = json.loads((DEFAULT / "colorizer.json").read_text())
     (folder / "colorizer.json").write_text(json.dumps({**config, "color_head": "color", "saturation": 1.0}))
     return folder
@@ -182,3 +190,42 @@ def test_a_head_on_a_model_without_a_hybrid_vac_is_a_one_line_error(tiny_model, 
     with pytest.raises(UserError, match="hybrid VAC") as error:
         load_colorizer(folder, torch.device("cpu"))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow  # feature extraction and a two-step training run: about a minute
+def test_a_unet_trained_with_the_head_sees_its_colour_marked_as_a_guess(tmp_path, tiny_components, frame_root,
+                                                                         monkeypatch):
+    """train_diffusion.py --color-head: the head's colour reaches the UNet's hint input, marked HEAD_HINT_MASK, on
+    items without a dense hint and never on those with one; the checkpoint is a model that samples the same way."""
+    import colorizer
+    import modules
+    from colorizer import load_colorizer
+    from conftest import run_main
+    from guidance import HEAD_HINT_MASK
+    from modules import build_hybrid_vac, save_vac
+
+    run_script("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "hybrid", "--image-size", "32",
+               "--hints", "--vae", str(tiny_components["vae"]), "--vac", "timm:efficientnet_lite0", cwd=tmp_path)
+    save_vac(build_hybrid_vac(token_dim=32, layers=1, heads=2, spatial_channels=8), tmp_path / "small_vac")
+    save_red_head(tmp_path / "red")
+    seen, unet_input = [], modules.unet_input
+    monkeypatch.setattr(modules, "unet_input", lambda *args: seen.append(args[3].clone()) or unet_input(*args))
+    result = run_main("train_diffusion", "--dataset-name", "hybrid", "--output-dir", "runs", "--net-dimension", "8",
+                      "--vac", tmp_path / "small_vac", "--batch-size", "8", "--warmup-steps", "1", "--train-vac",
+                      "--hints", "--color-head", tmp_path / "red", "--max-steps", "2", "--checkpoint-every", "2",
+                      "--validate-every", "100", cwd=tmp_path)
+    assert result.code == 0, result.stderr[-2000:]
+    rows = torch.cat(seen[:2])  # the two training steps' batches
+    guessed = (rows[:, 2] == HEAD_HINT_MASK).flatten(1).any(dim=1)
+    dense = (rows[:, 2] > 0).flatten(1).float().mean(dim=1) > 0.2
+    assert guessed.any() and not (guessed & dense).any() and (~guessed).any()
+    where = rows[:, 2:3] == HEAD_HINT_MASK
+    assert (rows[:, 1:2][where] * 128).min() > 40  # the red head's Cr wherever it fills in
+    assert ((rows[guessed, 2] == HEAD_HINT_MASK) | (rows[guessed, 2] == 1.0)).all()  # its guess, or a painted point
+
+    model = load_colorizer(tmp_path / "runs" / "run", torch.device("cpu"))
+    assert model.color_head is not None and model.head_hint_mask == HEAD_HINT_MASK
+    seen.clear()
+    monkeypatch.setattr(colorizer, "unet_input", modules.unet_input)
+    model.sample_latents(torch.rand(1, 1, 32, 32), torch.randn(1, 4, 8, 8), steps=1, vividness=0.0)
+    assert seen[0][:, 2].eq(HEAD_HINT_MASK).all()

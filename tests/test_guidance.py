@@ -24,7 +24,8 @@ def test_training_hints_keep_half_the_items_unhinted_and_copy_true_colours():
     partner_mask[::2, 8:24, 8:24] = 1  # even items have a partner covering the middle
     partner_chroma = chroma + 5.0
     rngs = [np.random.default_rng([0, i]) for i in range(len(chroma))]
-    hints = draw_training_hints(chroma, partner_chroma, partner_mask, rngs, none_fraction=0.5).numpy()
+    hints, dense = draw_training_hints(chroma, partner_chroma, partner_mask, rngs, none_fraction=0.5)
+    hints = hints.numpy()
     mask = hints[:, 2]
     hinted = mask.reshape(len(mask), -1).any(axis=1)
     assert 20 <= (~hinted).sum() <= 44  # about half without any hint
@@ -34,14 +35,16 @@ def test_training_hints_keep_half_the_items_unhinted_and_copy_true_colours():
         given = hints[i, :2].transpose(1, 2, 0) * 128
         inside = mask[i] > 0
         if np.array_equal(inside, partner_mask[i] > 0):  # the partner's warped colours, as they are
+            assert dense[i]
             assert np.allclose(given[inside], partner_chroma[i][inside], atol=1e-3)
         else:  # points, patches or regions of the true colour: within the range of their patch
             assert np.abs(given[inside] - chroma[i][inside]).mean() < 6
     assert any(np.array_equal(mask[i] > 0, partner_mask[i] > 0) for i in np.flatnonzero(hinted))
+    assert not dense[~hinted].any() and mask[dense].mean() > mask[hinted & ~dense].mean()  # points cover little
     # the same generators draw the same hints (a resumed run trains on the same ones)
     generators = [np.random.default_rng([0, i]) for i in range(64)]
-    again = draw_training_hints(chroma, partner_chroma, partner_mask, generators)
-    assert torch.equal(again, torch.from_numpy(hints))
+    again, dense_again = draw_training_hints(chroma, partner_chroma, partner_mask, generators)
+    assert torch.equal(again, torch.from_numpy(hints)) and np.array_equal(dense_again, dense)
 
 
 def test_a_keyframe_travels_forward_and_backward_along_the_motion():
