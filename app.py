@@ -6,8 +6,10 @@ colour strokes painted on a frame or a coloured version of a frame, and colorize
 
 The page runs the command line's own code: pipeline.colorize_clip with its ColorizationOptions.
 Painted strokes become `--hints N=IMAGE` and an uploaded keyframe `--reference N=IMAGE`, so the page and the CLI
-give the same video (frame count, frame rate, size and audio kept). It listens on this machine only unless --host
-says otherwise, makes no share link, sends no telemetry and downloads nothing.
+give the same video (frame count, frame rate, size and audio kept). Colorizations run one at a time and the others
+wait in gradio's queue, each tab shown its place; the Stop button or closing the tab ends a run within a batch. It
+listens on this machine only unless --host says otherwise, makes no share link, sends no telemetry and downloads
+nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import html
 import itertools
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +34,7 @@ import gradio as gr  # noqa: E402
 
 from colorizer import DEFAULT_MODEL, Colorizer, load_colorizer  # noqa: E402
 from demo import make_demo_clip  # noqa: E402
-from pipeline import ColorizationOptions, colorize_clip  # noqa: E402
+from pipeline import ColorizationOptions, Stopped, colorize_clip  # noqa: E402
 from utils import UserError, choose_device, run_cli, seed_everything  # noqa: E402
 from video_io import iter_clip_frames, probe_clip  # noqa: E402
 
@@ -81,6 +85,14 @@ def page_error(problem: str | UserError) -> gr.Error:
     return gr.Error(html.escape(message), print_exception=False)
 
 
+def limits_note(options: argparse.Namespace) -> str:
+    """The page's limits, stated where a video is loaded: a video over them is refused before any work."""
+    return (f"Videos of at most {options.max_frames} frames ({options.max_frames / 30:.0f} s at 30 frames/s, "
+            f"`--max-frames`), {options.max_pixels:,} pixels a frame (1920x1080 is 2,073,600, `--max-pixels`) and "
+            f"{options.max_file_size} (`--max-file-size`); `video_colorization.py` takes any. One video is colorized "
+            f"at a time: the others wait their turn, and each shows its place in the queue.")
+
+
 def guide_list(session: Session) -> str:
     if not session.guides:
         return "No guides: colorization is automatic."
@@ -122,6 +134,10 @@ class ColorizeApp:
         self.colorizer = colorizer
         self.options = options
         self.work = work
+        self.runs: dict[str, threading.Event] = {}  # a tab's (gradio session's) run in progress -> its stop flag
+        # Gradio's cancel frees the queue's slot at once, but cannot stop the thread of a running call: the cancelled
+        # run ends at its next batch, and the next one waits for it here rather than share the model and the CPU.
+        self.one_run = threading.Lock()
 
     def folder(self, session: Session) -> Path:
         if session.folder is None:
@@ -208,8 +224,9 @@ class ColorizeApp:
         session.guides = []
         return session, guide_list(session)
 
-    def colorize(self, session: Session, progress=gr.Progress(track_tqdm=True)):
-        """colorize_clip with the CLI's defaults and the guides; its tqdm bar becomes the page's progress bar."""
+    def colorize(self, session: Session, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+        """colorize_clip with the CLI's defaults and the guides; its tqdm bar becomes the page's progress bar. The
+        tab's Stop button or its closing (self.stop) ends it before the next batch."""
         if session.clip is None:
             raise page_error("Load a video or the demo clip first")
         guides = {flag: [f"{g.frame}={g.path}" for g in session.guides if g.flag == flag] for flag in GUIDE_NAMES}
@@ -218,15 +235,32 @@ class ColorizeApp:
         options = ColorizationOptions(reference=guides["--reference"], hints=guides["--hints"], exemplar=exemplars,
                                       bit_depth="8", overwrite=True)
         output = self.folder(session) / f"{session.clip.stem}_color.mp4"
-        progress(0, desc="reading the clip and its guides")
-        seed_everything(options.seed)  # as video_colorization.py does: the same video as a fresh command-line run
+        stop = self.runs[request.session_hash] = threading.Event()
         try:
-            # Each press is a new request: work a stopped one kept for its output is never resumed.
-            count = colorize_clip(self.colorizer, session.clip, output, options, start_over=True)
+            with self.one_run:
+                progress(0, desc="reading the clip and its guides")
+                seed_everything(options.seed)  # as video_colorization.py does: the same video as a fresh CLI run
+                # Each press is a new request: work a stopped one kept for its output is never resumed.
+                count = colorize_clip(self.colorizer, session.clip, output, options, start_over=True, stop=stop.is_set)
         except UserError as error:
             raise page_error(error) from None
+        except Stopped as stopped:  # Stop pressed or the tab closed: no page shows it, so the console keeps a trace
+            print(f"{session.clip.name}: {stopped}", file=sys.stderr, flush=True)
+            return None, None, "Stopped."
+        finally:
+            if self.runs.get(request.session_hash) is stop:
+                del self.runs[request.session_hash]
         guided = f", guided by {len(session.guides)} guide(s)" if session.guides else ""
         return str(output), str(output), f"Colorized {count} frames{guided}."
+
+    def stop(self, request: gr.Request) -> None:
+        """Ends the tab's run, if one is running: the tab was closed, or its Stop pressed."""
+        if run := self.runs.get(request.session_hash):
+            run.set()
+
+    def press_stop(self, request: gr.Request) -> str:
+        self.stop(request)  # a queued run gradio's cancel removes
+        return "Stopped."
 
 
 def build_page(app: ColorizeApp) -> gr.Blocks:
@@ -238,10 +272,13 @@ def build_page(app: ColorizeApp) -> gr.Blocks:
             with gr.Column():
                 gray = gr.Video(label="Grayscale input", sources=["upload"], elem_id="input-video")
                 demo = gr.Button("Demo clip", elem_id="demo")
+                gr.Markdown(limits_note(app.options), elem_id="limits")
             with gr.Column():
                 colour = gr.Video(label="Colorized", interactive=False, elem_id="output-video")
                 download = gr.File(label="Download the colour video", interactive=False, elem_id="download")
-        run = gr.Button("Colorize", variant="primary", elem_id="colorize")
+        with gr.Row():
+            run = gr.Button("Colorize", variant="primary", elem_id="colorize")
+            stop = gr.Button("Stop", variant="stop", elem_id="stop")
         status = gr.Markdown(elem_id="status")
 
         gr.Markdown("## Guide the colours")
@@ -277,7 +314,11 @@ def build_page(app: ColorizeApp) -> gr.Blocks:
         add_hints.click(app.add_hint_image, [upload, frame, session], [session, guides, upload])
         add_exemplar.click(app.add_exemplar, [upload, frame, session], [session, guides, upload])
         clear.click(app.clear_guides, [session], [session, guides])
-        run.click(app.colorize, [session], [colour, download, status], show_progress_on=[colour])
+        # One at a time: the model and the CPU are shared; the others queue, and gradio shows each its place.
+        colorizing = run.click(app.colorize, [session], [colour, download, status], show_progress_on=[colour],
+                               concurrency_limit=1)
+        stop.click(app.press_stop, None, [status], cancels=[colorizing])
+        page.unload(app.stop)  # a closed tab's run stops too, rather than keep the CPU busy for nobody
     return page
 
 

@@ -6,7 +6,8 @@ and the tests:
 - colorize_frames: a clip's frames -> colorized frames, streamed in batches (one initial noise per shot, the previous
   output carried along the optical flow, scene cuts, and the guides: keyframes, painted hints, exemplars);
 - colorize_clip: one clip (a video or a frame folder) -> an .mp4 or a folder of PNG frames, written atomically, its
-  work kept in segments beside the output (ClipState) so that the same call after a kill continues it;
+  work kept in segments beside the output (ClipState) so that the same call after a kill continues it, and a
+  `stop` hook that ends a run between batches (the app's Stop button and closed tabs);
 - load_guides: a clip's --reference, --hints and registered --exemplar images as a guidance.GuidePropagator.
 """
 
@@ -23,7 +24,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -50,6 +51,10 @@ BIT_DEPTHS = ("auto", "8", "10")
 # redoes at most that much. Each segment of an mp4 is encoded on its own (it starts with a keyframe).
 SEGMENT_FRAMES = 96
 PROGRESS_FILE = "progress.pkl"
+
+
+class Stopped(Exception):
+    """A run ended by its `stop` hook; the work kept so far stays, as after Ctrl-C."""
 
 
 @dataclass
@@ -268,7 +273,8 @@ def start_state(args: ColorizationOptions, guides: GuidePropagator | None = None
 
 def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: ColorizationOptions,
                     first_frame_shape: tuple[int, int], guides: GuidePropagator | None = None,
-                    exemplars: Exemplars | None = None, state: ClipState | None = None) -> Iterator[np.ndarray]:
+                    exemplars: Exemplars | None = None, state: ClipState | None = None,
+                    stop: Callable[[], bool] | None = None) -> Iterator[np.ndarray]:
     """Yield the colorized frames of one clip (HxWx3 RGB of the input frames' type, uint8 or uint16), streaming in
     batches of --batch-size.
 
@@ -283,7 +289,9 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
     colours the clip.
 
     `state` (a ClipState, updated as the frames go; its guides replace `guides`) continues a clip from a batch
-    boundary: after a batch's last frame is yielded it holds all the next batch needs."""
+    boundary: after a batch's last frame is yielded it holds all the next batch needs.
+
+    `stop`, when given, is asked before each batch; True raises Stopped, so a run ends within one batch's compute."""
     height, width = first_frame_shape
     size = colorizer.working_size(height, width)
     guide_size = propagation_size(height, width)
@@ -297,6 +305,8 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
     latent_shape = colorizer.latent_shape(height, width)
     shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed + state.shot))
     for batch in batched(frames, args.batch_size):
+        if stop is not None and stop():
+            raise Stopped(f"stopped after {state.frames_done} frames")
         gray = np.stack([rgb_to_gray(resize_if_needed(frame, height, width)) for frame in batch])
         small = np.stack([working_gray(g, size) for g in gray])
         cuts = [previous is not None and args.scene_cuts and is_scene_cut(previous, current, args.cut_threshold)
@@ -372,13 +382,15 @@ def pixels_and_timestamps(frames: Iterator[ClipFrame]) -> tuple[Iterator[np.ndar
 
 
 def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, options: ColorizationOptions,
-                  frame_bar: bool = True, start_over: bool = False, segment_frames: int = SEGMENT_FRAMES) -> int:
+                  frame_bar: bool = True, start_over: bool = False, segment_frames: int = SEGMENT_FRAMES,
+                  stop: Callable[[], bool] | None = None) -> int:
     """Colorize one clip into `output` (.mp4 or a PNG folder), written to a temporary path and renamed at the end.
     `frame_bar` False hides the frame progress bar (several processes would draw theirs over each other).
 
     The work is kept as it goes, in segments of `segment_frames` (whole batches) committed to resume_folder(output):
     the same call after a kill continues from the last segment, and writes what an uninterrupted run writes. A kept
-    state of another input, other settings or another model is an error, unless `start_over` discards it.
+    state of another input, other settings or another model is an error, unless `start_over` discards it. `stop`
+    (asked before each batch) ends the run with Stopped when it returns True.
 
     The output is upright (a rotation tag is applied to the pixels), keeps the input's depth (--bit-depth) and, for a
     variable-rate video, the input's own frame timestamps."""
@@ -393,7 +405,8 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, options: Color
     state = kept_state(folder, identity, start_over)
     exemplars = [read_image_rgb(Path(path)) for path in options.exemplar]
     try:
-        count = write_clip(colorizer, clip, output, options, frame_bar, info, state, identity, segment, exemplars)
+        count = write_clip(colorizer, clip, output, options, frame_bar, info, state, identity, segment, exemplars,
+                           stop)
     except BaseException as error:
         if isinstance(error, UserError) or not (folder / PROGRESS_FILE).exists():
             discard(folder)  # bad input fails again on a rerun; a run stopped before its first segment kept nothing
@@ -404,7 +417,7 @@ def colorize_clip(colorizer: Colorizer, clip: Path, output: Path, options: Color
 
 def write_clip(colorizer: Colorizer, clip: Path, output: Path, options: ColorizationOptions, frame_bar: bool,
                info: VideoInfo, state: ClipState | None, identity: dict[str, str], segment: int,
-               exemplars: list[np.ndarray]) -> int:
+               exemplars: list[np.ndarray], stop: Callable[[], bool] | None) -> int:
     """colorize_clip's work from `state` (None: from frame 0), kept in segments, then the output from them."""
     from tqdm import tqdm
 
@@ -423,7 +436,7 @@ def write_clip(colorizer: Colorizer, clip: Path, output: Path, options: Coloriza
         pixels, timestamps = pixels_and_timestamps(iter_timed_frames(clip, deep=bit_depth > 8,
                                                                      start=state.frames_done))
         frames = colorize_frames(colorizer, pixels, options, (info.height, info.width),
-                                 exemplars=load_exemplars(exemplars, options.learned_metric), state=state)
+                                 exemplars=load_exemplars(exemplars, options.learned_metric), state=state, stop=stop)
         # The bar (frames done, frames/s, time left) shows only on a terminal and is cleared when the clip ends or
         # fails, so an error stays one line; elsewhere (a log file) each segment kept prints a line of the same.
         with tqdm(frames, total=info.frame_count, initial=state.frames_done, desc=clip.name, unit="frame",

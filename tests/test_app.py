@@ -1,6 +1,7 @@
 """The browser app (app.py): its actions called directly, and the whole page in headless Chromium driven by Selenium
-(the system's chromium and chromedriver; nothing is downloaded). Skipped when gradio, selenium or the browser is
-missing."""
+(the system's chromium and chromedriver; nothing is downloaded): one tab guiding a clip, two tabs sharing the queue,
+Stop and a closed tab ending a run, and uploads over the page's limits. Skipped when gradio, selenium or the browser
+is missing."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install 
 
 STARTUP_SECONDS = 600  # importing torch and gradio on a busy 2-core machine takes minutes
 STEP_SECONDS = 300
+MAX_FRAMES, MAX_FILE_SIZE = 400, "1mb"  # the browser tests' app: small limits, to refuse small files
+STOP_SECONDS = 5  # a stopped run, or a closed tab's, leaves the CPU within this
+
+
+TAB = gr.Request(session_hash="tab")  # the browser tab a direct call stands for
 
 
 def app_actions(model: Path, work: Path, **limits):
@@ -66,7 +72,8 @@ def test_bad_input_is_a_one_line_page_error(tiny_model, gray_video, tmp_path):
     broken = tmp_path / "keyframe.png"
     broken.write_bytes(b"not a png")
     with pytest.raises(gr.Error) as error:
-        actions.colorize(app.Session(clip=gray_video, frame_count=12, guides=[app.Guide(0, "--reference", broken)]))
+        actions.colorize(app.Session(clip=gray_video, frame_count=12, guides=[app.Guide(0, "--reference", broken)]),
+                         TAB)
     assert "keyframe.png" in error.value.message and "\n" not in error.value.message
     assert not list(tmp_path.rglob("*_color.mp4"))
 
@@ -79,7 +86,7 @@ def test_the_page_colorizes_with_the_command_lines_options(hint_model, gray_vide
     parse_args = script_parts("video_colorization")["parse_args"]
     (tmp_path / "work").mkdir()
     app, actions = app_actions(hint_model, tmp_path / "work")
-    page_video, _, status = actions.colorize(app.Session(clip=gray_video, frame_count=12))
+    page_video, _, status = actions.colorize(app.Session(clip=gray_video, frame_count=12), TAB)
     info = probe_clip(Path(page_video))
     assert status == "Colorized 12 frames." and (info.frame_count, info.height, info.width) == (12, 72, 96)
 
@@ -87,10 +94,28 @@ def test_the_page_colorizes_with_the_command_lines_options(hint_model, gray_vide
     monkeypatch.setattr(app, "colorize_clip", lambda colorizer, clip, output, options, **_: used.append(options) or 12)
     guides = [app.Guide(3, "--reference", tmp_path / "key.png"), app.Guide(0, "--hints", tmp_path / "dots.png"),
               app.Guide(9, "--reference", tmp_path / "key9.png"), app.Guide(4, "--exemplar", tmp_path / "photo.png")]
-    actions.colorize(app.Session(clip=gray_video, frame_count=12, guides=guides))
+    actions.colorize(app.Session(clip=gray_video, frame_count=12, guides=guides), TAB)
     flags = ["--reference", f"3={tmp_path / 'key.png'}", "--hints", f"0={tmp_path / 'dots.png'}", "--reference",
              f"9={tmp_path / 'key9.png'}", "--exemplar", str(tmp_path / "photo.png")]
     assert used == [parse_args(["--input", str(gray_video), "--bit-depth", "8", "--overwrite", *flags])[1]]
+
+
+def test_stop_ends_the_run_after_the_batch_in_progress(tiny_model, gray_video, tmp_path, monkeypatch):
+    """Stop (or a closed tab) during a run: the batch being sampled is the last, nothing is written, and the tab's
+    next run is not stopped by it."""
+    app, actions = app_actions(tiny_model, tmp_path)
+    sample_latents, batches = actions.colorizer.sample_latents, []
+
+    def sample_then_stop(*args, **kwargs):
+        batches.append(len(args[0]))
+        actions.stop(TAB)  # pressed while the first batch is sampled
+        return sample_latents(*args, **kwargs)
+
+    monkeypatch.setattr(actions.colorizer, "sample_latents", sample_then_stop)
+    assert actions.colorize(app.Session(clip=gray_video, frame_count=12), TAB) == (None, None, "Stopped.")
+    assert batches == [8] and not list(tmp_path.rglob("*_color.mp4")) and not actions.runs
+    monkeypatch.setattr(actions.colorizer, "sample_latents", sample_latents)
+    assert actions.colorize(app.Session(clip=gray_video, frame_count=12), TAB)[2] == "Colorized 12 frames."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,12 +148,14 @@ def browser():
 
 @pytest.fixture(scope="module")
 def app_server(hint_model, tmp_path_factory):  # noqa: F811
-    """The app's address and its temporary folder (TMPDIR: its session files and gradio's cache land there)."""
+    """The app's address, its temporary folder (TMPDIR: its session files, gradio's cache and app.log land there)
+    and its process."""
     temp = tmp_path_factory.mktemp("app")
     log_path = temp / "app.log"
     port = free_port()
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "app.py", "--model", str(hint_model), "--port", str(port)],
+        process = subprocess.Popen([sys.executable, "app.py", "--model", str(hint_model), "--port", str(port),
+                                    "--max-frames", str(MAX_FRAMES), "--max-file-size", MAX_FILE_SIZE],
                                    cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "TMPDIR": str(temp)})
     url = f"http://127.0.0.1:{port}/"
@@ -144,7 +171,7 @@ def app_server(hint_model, tmp_path_factory):  # noqa: F811
                 if time.monotonic() > deadline:
                     pytest.fail(f"app.py did not answer within {STARTUP_SECONDS} s:\n{log_path.read_text()[-3000:]}")
                 time.sleep(2)
-        yield url, temp
+        yield url, temp, process
     finally:
         process.terminate()
         try:
@@ -190,16 +217,21 @@ def choose_frame(driver, index: int) -> None:
     number.send_keys(str(index), Keys.ENTER)
 
 
-def colorize_and_download(driver, status: str, folder: Path) -> np.ndarray:
-    """Click Colorize, wait for `status`, download the linked video; its frames as an int array."""
+def download(driver, folder: Path) -> np.ndarray:
+    """The page's colour video, downloaded into `folder`: its frames as an int array."""
     from video_io import iter_clip_frames
 
-    click(driver, "colorize")
-    wait_for_text(driver, "status", status)
     href = driver.find_element("css selector", "#download a").get_attribute("href")
     path = folder / f"{len(list(folder.iterdir()))}.mp4"
     path.write_bytes(urllib.request.urlopen(href, timeout=60).read())
     return np.stack(list(iter_clip_frames(path))).astype(int)
+
+
+def colorize_and_download(driver, status: str, folder: Path) -> np.ndarray:
+    """Click Colorize, wait for `status`, download the linked video; its frames as an int array."""
+    click(driver, "colorize")
+    wait_for_text(driver, "status", status)
+    return download(driver, folder)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -213,7 +245,7 @@ def test_guided_colorization_in_a_browser(app_server, browser, gray_video, tmp_p
 
     from video_io import read_image_rgba, write_image_rgb
 
-    app_url, app_temp = app_server
+    app_url, app_temp, _ = app_server
 
     truth = panning_clip()  # gray_video is its grayscale version: 12 frames of 72x96
     write_image_rgb(tmp_path / "keyframe5.png", truth[5])
@@ -262,3 +294,150 @@ def test_guided_colorization_in_a_browser(app_server, browser, gray_video, tmp_p
     # Nothing was fetched from outside the app.
     fetched = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert fetched and all(name.startswith(app_url) for name in fetched)
+
+
+def write_gray_video(path: Path, frame_count: int) -> Path:
+    """A grayscale mp4 of `frame_count` frames of 72x96: the panning clip, started again every 60 frames."""
+    from utils import rgb_to_gray
+    from video_io import VideoWriter
+
+    frames = [np.repeat(rgb_to_gray(frame)[..., None], 3, axis=2) for frame in panning_clip(60)]
+    with VideoWriter(path, 96, 72, 25) as writer:
+        for i in range(frame_count):
+            writer.write(frames[i % len(frames)])
+    return path
+
+
+def load_clip(driver, app_url: str, clip: Path) -> None:
+    """Open the page in the current tab and load `clip` into it."""
+    from video_io import probe_clip
+
+    driver.get(app_url)
+    wait_until(driver, lambda d: d.find_elements("id", "colorize"), "the page to render")
+    upload(driver, "input-video", clip)
+    last = str(probe_clip(clip).frame_count - 1)
+    wait_until(driver, lambda d: d.find_element("css selector", "#frame input[type=number]").get_attribute("max")
+               == last, f"the frame slider to reach frame {last}")
+
+
+def luma_error(video: np.ndarray, clip: Path) -> float:
+    """Mean difference, in levels, between a colorized video's luma and its grayscale input's."""
+    from utils import rgb_to_gray
+    from video_io import iter_clip_frames
+
+    gray = np.stack([rgb_to_gray(frame) for frame in iter_clip_frames(clip)]).astype(float)
+    return float(np.abs(np.stack([rgb_to_gray(frame.astype(np.uint8)) for frame in video]) - gray).mean())
+
+
+def cpu_rate(pid: int, seconds: float = 1.0) -> float:
+    """The cores a process used over the next `seconds`."""
+    import psutil
+
+    process = psutil.Process(pid)
+    before, start = sum(process.cpu_times()[:2]), time.monotonic()
+    time.sleep(seconds)
+    return (sum(process.cpu_times()[:2]) - before) / (time.monotonic() - start)
+
+
+def wait_busy(pid: int, idle: float) -> float:
+    """Wait until the app is colorizing, using a tenth of a core more than when `idle` (the cores its server uses
+    waiting; on a machine busy with other work a run gets little more): the cores it uses then."""
+    deadline = time.monotonic() + STEP_SECONDS
+    while (rate := cpu_rate(pid)) < idle + 0.1:
+        assert time.monotonic() < deadline, f"the app did not start colorizing within {STEP_SECONDS} s"
+    return rate
+
+
+def seconds_until_idle(pid: int, since: float, below: float) -> float:
+    """Seconds from `since` (time.monotonic) to the end of the first half second in which the app used fewer than
+    `below` cores; at most about 60."""
+    while time.monotonic() - since < 60 and cpu_rate(pid, 0.5) >= below:
+        pass
+    return time.monotonic() - since
+
+
+def stopped_runs(log: Path, clip: str) -> list[int]:
+    """The frames done by each run of `clip` that the app's log says was stopped."""
+    return [int(line.split()[-2]) for line in log.read_text().splitlines() if line.startswith(f"{clip}: stopped after")]
+
+
+@pytest.mark.slow  # a browser on a refused upload: a few seconds
+def test_uploads_over_the_limits_are_refused_before_any_work(app_server, browser, tmp_path):
+    app_url, _, _ = app_server
+    browser.get(app_url)
+    wait_until(browser, lambda d: d.find_elements("id", "colorize"), "the page to render")
+    limits = browser.find_element("id", "limits").text
+    assert f"at most {MAX_FRAMES} frames" in limits and MAX_FILE_SIZE in limits
+
+    big = tmp_path / "big.mp4"
+    big.write_bytes(bytes(2 * 1024 * 1024))
+    upload(browser, "input-video", big)  # refused by the browser itself: nothing reaches the app
+    wait_until(browser, lambda d: 'exceed the maximum allowed size of 1.0 Mb: "big.mp4"' in d.page_source,
+               "the size limit's message")
+    upload(browser, "input-video", write_gray_video(tmp_path / "long.mp4", MAX_FRAMES + 1))
+    wait_until(browser, lambda d: f"long.mp4: has {MAX_FRAMES + 1} frames and this page colorizes at most "
+               f"{MAX_FRAMES} (--max-frames)" in d.page_source, "the frame limit's message")
+    click(browser, "colorize")  # neither became the tab's clip
+    wait_until(browser, lambda d: "Load a video or the demo clip first" in d.page_source, "the no-clip message")
+
+
+@pytest.mark.slow  # two tabs, one after the other in the queue: about 20 s
+def test_two_tabs_queue_and_each_gets_its_own_clip(app_server, browser, gray_video, tmp_path):
+    app_url, _, _ = app_server
+    long_clip = write_gray_video(tmp_path / "long.mp4", 120)  # several seconds: the second tab finds it running
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+
+    first = browser.current_window_handle
+    load_clip(browser, app_url, long_clip)
+    browser.switch_to.new_window("tab")
+    second = browser.current_window_handle
+    load_clip(browser, app_url, gray_video)
+    browser.switch_to.window(first)
+    click(browser, "colorize")
+    browser.switch_to.window(second)
+    click(browser, "colorize")
+    wait_until(browser, lambda d: "queue: 1/1" in d.find_element("id", "output-video").text,
+               "the second tab to show its place in the queue")
+    wait_for_text(browser, "status", "Colorized 12 frames.")
+    short_video = download(browser, downloads)
+    browser.close()
+    browser.switch_to.window(first)
+    wait_for_text(browser, "status", "Colorized 120 frames.")
+    long_video = download(browser, downloads)
+
+    assert long_video.shape == (120, 72, 96, 3) and short_video.shape == (12, 72, 96, 3)
+    assert luma_error(long_video, long_clip) < 3 and luma_error(short_video, gray_video) < 3
+
+
+@pytest.mark.slow  # two runs of a long clip, each stopped after a few seconds: about 30 s
+def test_stop_and_a_closed_tab_end_the_run_within_seconds(app_server, browser, tmp_path):
+    """The run leaves the CPU within STOP_SECONDS: the app's CPU use falls back from its colorizing rate to below
+    halfway to its idle rate, and the log says the pipeline's stop hook ended the run."""
+    app_url, app_temp, process = app_server
+    clip = write_gray_video(tmp_path / "stopped.mp4", MAX_FRAMES)  # half a minute or more of work
+    idle = cpu_rate(process.pid)
+
+    load_clip(browser, app_url, clip)
+    click(browser, "colorize")
+    busy = wait_busy(process.pid, idle)
+    since = time.monotonic()
+    click(browser, "stop")
+    after_stop = seconds_until_idle(process.pid, since, (idle + busy) / 2)
+    wait_for_text(browser, "status", "Stopped.")
+
+    click(browser, "colorize")
+    busy = wait_busy(process.pid, idle)
+    running = browser.current_window_handle
+    browser.switch_to.new_window("tab")  # the browser keeps a tab
+    browser.switch_to.window(running)
+    since = time.monotonic()
+    browser.close()
+    after_close = seconds_until_idle(process.pid, since, (idle + busy) / 2)
+    browser.switch_to.window(browser.window_handles[0])
+
+    print(f"the app idle ({idle:.2f} cores; {busy:.2f} colorizing) {after_stop:.1f} s after Stop, {after_close:.1f} s "
+          f"after closing the tab")
+    assert after_stop < STOP_SECONDS and after_close < STOP_SECONDS
+    stopped = stopped_runs(app_temp / "app.log", clip.name)
+    assert len(stopped) == 2 and all(0 < frames < MAX_FRAMES for frames in stopped)
