@@ -106,6 +106,11 @@ class Colorizer:
         """The colour head's vividness (sampling_default), or None for a model without a head."""
         return None if self.color_head is None else self.sampling_default("vividness", chosen)
 
+    def head_start(self, chosen: int | None) -> int | None:
+        """The denoising step sampling starts at from the colour head's colour (sample_latents): `chosen`, else the
+        model's own (colorizer.json), else None, from pure noise."""
+        return chosen if chosen is not None else self.config.get("head_start")
+
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         """The model's input size for a frame: short side near image_size, aspect ratio kept."""
         multiple = model_multiple(self.vae)
@@ -126,7 +131,8 @@ class Colorizer:
                        guidance: float = 1.0, tokens: torch.Tensor | None = None,
                        generator: torch.Generator | None = None, hints: torch.Tensor | None = None,
                        spatial: torch.Tensor | None = None, vac_gray: torch.Tensor | None = None,
-                       vividness: float | None = None, output_gain: float = 1.0) -> torch.Tensor:
+                       vividness: float | None = None, output_gain: float = 1.0,
+                       head_start: int | None = None) -> torch.Tensor:
         """gray: Bx1xhxw in [0, 1] at the working size; noise: B x C x h/d x w/d. Returns scaled latents.
 
         The VAC's condition is `tokens` (and a hybrid VAC's `spatial` map) when given, else computed from `vac_gray`
@@ -137,9 +143,14 @@ class Colorizer:
         guidance.py) guide a model that takes them; None means no hint. With a colour head and a `vividness`, the
         head's chroma at that vividness is the hint wherever no other hint is given (computed from `vac_gray`): the
         output's colour, so it reaches the UNet divided by `output_gain`, the gain the caller applies to the decoded
-        chroma (--saturation)."""
+        chroma (--saturation). With `head_start` (DDIM only), sampling starts from the head's colour, encoded by the
+        VAE and noised to that denoising step (SDEdit, Meng et al. 2022), instead of from `noise` alone, and takes
+        the sampler's steps from there: the noise no longer picks the colouring's tint on its own. A start at or
+        after the sampler's first step (999) is the plain start from noise."""
         scheduler = make_scheduler(sampler, self.config["scheduler"])
         scheduler.set_timesteps(steps, device=self.device)
+        if head_start is not None and sampler != "ddim":
+            raise UserError(f"--head-start {head_start}: works with --sampler ddim, not {sampler}")
         step_options = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         gray = gray.to(self.device)
         if self.takes_hints:
@@ -147,6 +158,7 @@ class Colorizer:
         elif hints is not None:
             raise UserError("this model has no colour-hint input (trained without --hints); colorize without "
                             "--reference / --hints, or use a model trained with them")
+        head_chroma = None
         if tokens is None or (vividness is not None and self.color_head is not None):
             scale = vac_input_scale(self.vac)
             if vac_gray is None and scale > 1:
@@ -164,7 +176,10 @@ class Colorizer:
             unet_gray = torch.cat([gray, gray])
             hints = torch.cat([hints, hints]) if hints is not None else None
             spatial = torch.cat([spatial, torch.zeros_like(spatial)]) if spatial is not None else None
-        latents = noise.to(self.device) * scheduler.init_noise_sigma
+        noise = noise.to(self.device)
+        latents = noise * scheduler.init_noise_sigma
+        if head_start is not None and head_chroma is not None and head_start < scheduler.timesteps[0]:
+            latents = self.start_from(scheduler, head_start, head_chroma / output_gain, noise)
         for t in scheduler.timesteps:
             model_input = torch.cat([latents, latents]) if guidance != 1.0 else latents
             model_input = scheduler.scale_model_input(model_input, t)
@@ -175,6 +190,16 @@ class Colorizer:
                 prediction = unconditional + guidance * (conditional - unconditional)
             latents = scheduler.step(prediction, t, latents, **step_options).prev_sample
         return latents
+
+    def start_from(self, scheduler, start: int, chroma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """`chroma` (Bx2xhxw, 8-bit scale) encoded and noised to step `start`; the DDIM `scheduler`'s steps shifted
+        to begin there (each still its sampler's stride from the next, which DDIM's update assumes)."""
+        if start < 0:
+            raise UserError(f"--head-start {start}: must be a denoising step, 0 or more")
+        shifted = scheduler.timesteps - (scheduler.timesteps[0] - start)
+        scheduler.timesteps = shifted[shifted >= 0]
+        clean = self.vae.encode(chroma / CHROMA_RANGE).latent_dist.mean * self.vae.config.scaling_factor
+        return scheduler.add_noise(clean, noise, scheduler.timesteps[:1])
 
     @torch.inference_mode()
     def condition(self, vac_gray: torch.Tensor, vividness: float | None = None

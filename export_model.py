@@ -28,6 +28,7 @@ def parse_args() -> argparse.Namespace:
                         "ship with the model: automatic colorization then takes its colours")
     parser.add_argument("--vividness", type=float, help="the model's default --vividness")
     parser.add_argument("--saturation", type=float, help="the model's default --saturation")
+    parser.add_argument("--head-start", type=int, help="the model's default --head-start")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser.parse_args()
 
@@ -58,7 +59,8 @@ def export(checkpoint: Path, out: Path, overwrite: bool, settings: dict | None =
 def main() -> None:
     args = parse_args()
     settings = {key: value for key, value in (("color_head", args.color_head and str(args.color_head.resolve())),
-                                              ("vividness", args.vividness), ("saturation", args.saturation))
+                                              ("vividness", args.vividness), ("saturation", args.saturation),
+                                              ("head_start", args.head_start))
                 if value is not None}
     source = export(args.checkpoint, args.out, args.overwrite, settings)
     print(f"exported {source} -> {args.out}")

@@ -70,6 +70,7 @@ class ColorizationOptions:
     guidance: float = 1.0
     saturation: float | None = None  # None: the model's own default (Colorizer.sampling_default)
     vividness: float | None = None  # a colour head's strength; None: the model's own default
+    head_start: int | None = None  # the step sampling starts at from the head's colour; None: the model's own
     seed: int = 0
     shared_noise: bool = True
     propagation: float = 0.99
@@ -94,6 +95,8 @@ class ColorizationOptions:
         if not 0 <= self.propagation < 1 or min(self.saturation or 0, self.vividness or 0) < 0:
             raise UserError(f"--propagation {self.propagation} / --saturation {self.saturation} / --vividness "
                             f"{self.vividness}: propagation must be in [0, 1), saturation and vividness at least 0")
+        if self.head_start is not None and (self.head_start < 0 or self.sampler != "ddim"):
+            raise UserError(f"--head-start {self.head_start}: a denoising step (0-999), with --sampler ddim")
         if not 0 <= self.crf <= 51:
             raise UserError(f"--crf {self.crf}: H.264 takes 0 (lossless) to 51; 18 is the default")
         for name in ("steps", "batch_size"):
@@ -138,6 +141,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the knob for automatic colour, with a model that has a colour head: 0 gives the most "
                         "likely mean colour (safe, pale), 1 leans towards rarer, more saturated colours (default: the "
                         "model's own choice, made on clips held out of training)")
+    parser.add_argument("--head-start", type=int, default=DEFAULTS.head_start,
+                        help="with a colour head and --sampler ddim: start sampling from the head's colour noised to "
+                        "this denoising step (lower stays closer to the head's colour; 999: from pure noise, as "
+                        "without a head) instead of from pure noise (default: the model's own)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--no-shared-noise", dest="shared_noise", action="store_false",
                         help="draw fresh noise for every frame (the paper's behaviour) instead of one per shot")
@@ -302,6 +309,8 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
     saturation = colorizer.sampling_default("saturation", args.saturation)
     head_vividness = None if args.reference or exemplars is not None or saturation == 0 else colorizer.vividness(
         args.vividness)
+    # the head's colour as the start is DDIM's (Colorizer.sample_latents); other samplers start from noise
+    head_start = None if head_vividness is None or args.sampler != "ddim" else colorizer.head_start(args.head_start)
     latent_shape = colorizer.latent_shape(height, width)
     shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed + state.shot))
     for batch in batched(frames, args.batch_size):
@@ -338,7 +347,8 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
         def sample_chroma(hint_input: torch.Tensor | None, generator: torch.Generator) -> np.ndarray:
             latents = colorizer.sample_latents(model_gray, batch_noise, args.sampler, args.steps, args.guidance,
                                                generator=generator, hints=hint_input, vac_gray=vac_gray,
-                                               vividness=head_vividness, output_gain=saturation)
+                                               vividness=head_vividness, output_gain=saturation,
+                                               head_start=head_start)
             return colorizer.decode_chroma(latents) * saturation
 
         predicted = sample_chroma(hints, state.step_generator)

@@ -175,6 +175,29 @@ def test_the_head_colours_automatic_output_and_leaves_a_keyframe_alone(red_head_
     assert keyed[0] == pytest.approx(keyed[1], abs=1e-6)  # a keyframe's colours are not the head's to change
 
 
+def test_a_start_from_the_head_colour_leaves_the_noise_little_to_choose(red_head_model):
+    """--head-start: sampling starts from the head's colour noised to that step, so the shot's noise (the seed) moves
+    the output less the earlier the start; other samplers are refused in one line."""
+    from colorizer import load_colorizer
+    from pipeline import ColorizationOptions, colorize_frames
+    from utils import UserError, rgb_to_chroma
+
+    model = load_colorizer(red_head_model, torch.device("cpu"))
+    frames = gray_frames()
+
+    def chroma(head_start: int | None, seed: int) -> np.ndarray:
+        options = ColorizationOptions(saturation=1.0, head_start=head_start, seed=seed)
+        return np.stack([rgb_to_chroma(f) for f in colorize_frames(model, iter(frames), options, (96, 128))])
+
+    def seed_change(head_start: int | None) -> float:
+        return float(np.abs(chroma(head_start, 0) - chroma(head_start, 1)).mean())
+
+    assert seed_change(0) < seed_change(None) / 4
+    assert np.array_equal(chroma(999, 0), chroma(None, 0))  # a start at the sampler's first step: from noise
+    with pytest.raises(UserError, match="--sampler ddim"):
+        ColorizationOptions(sampler="ddpm", head_start=500).check()
+
+
 def test_a_head_on_a_model_without_a_hybrid_vac_is_a_one_line_error(tiny_model, tmp_path):
     import shutil
 
