@@ -149,8 +149,8 @@ class Colorizer:
         after the sampler's first step (999) is the plain start from noise."""
         scheduler = make_scheduler(sampler, self.config["scheduler"])
         scheduler.set_timesteps(steps, device=self.device)
-        if head_start is not None and sampler != "ddim":
-            raise UserError(f"--head-start {head_start}: works with --sampler ddim, not {sampler}")
+        if head_start is not None and (head_start < 0 or sampler != "ddim"):
+            raise UserError(f"--head-start {head_start}: a denoising step (0-999), with --sampler ddim")
         step_options = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         gray = gray.to(self.device)
         if self.takes_hints:
@@ -194,8 +194,6 @@ class Colorizer:
     def start_from(self, scheduler, start: int, chroma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """`chroma` (Bx2xhxw, 8-bit scale) encoded and noised to step `start`; the DDIM `scheduler`'s steps shifted
         to begin there (each still its sampler's stride from the next, which DDIM's update assumes)."""
-        if start < 0:
-            raise UserError(f"--head-start {start}: must be a denoising step, 0 or more")
         shifted = scheduler.timesteps - (scheduler.timesteps[0] - start)
         scheduler.timesteps = shifted[shifted >= 0]
         clean = self.vae.encode(chroma / CHROMA_RANGE).latent_dist.mean * self.vae.config.scaling_factor
