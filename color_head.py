@@ -67,6 +67,11 @@ class ColorHead(nn.Module):
         self.register_buffer("centres", centres.float())
         self.register_buffer("prior", prior.float())
 
+    @property
+    def input_side(self) -> int | None:
+        """The short side of the backbone's input the head was trained on (train_color_head.py --crop)."""
+        return self.config.get("crop")
+
     def forward(self, features: list[torch.Tensor], gray: torch.Tensor) -> torch.Tensor:
         """features: the backbone's maps on `gray` (Bx1xHxW in [0, 1], the backbone's input) -> B x Q x H/4 x W/4."""
         pyramid = None

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from color_head import ColorHead, load_color_head
 from guidance import no_hints
-from modules import (CHROMA_RANGE, HybridVAC, load_vac, load_vae, model_multiple, round_to_multiple, unet_in_channels,
-                     unet_input, vac_condition, vac_fingerprint, vac_input_scale, vac_spatial_channels, vae_downscale,
-                     vae_fingerprint, vae_output_to_chroma)
+from modules import (BACKBONE_STRIDES, CHROMA_RANGE, HybridVAC, load_vac, load_vae, model_multiple, round_to_multiple,
+                     unet_in_channels, unet_input, vac_condition, vac_fingerprint, vac_input_scale,
+                     vac_spatial_channels, vae_downscale, vae_fingerprint, vae_output_to_chroma)
 from utils import UserError, first_line, luma_chroma_to_rgb
 
 CONFIG_NAME = "colorizer.json"
@@ -122,6 +122,17 @@ class Colorizer:
         scale = vac_input_scale(self.vac)
         return tuple(side * scale for side in self.working_size(height, width))
 
+    def head_size(self, height: int, width: int) -> tuple[int, int] | None:
+        """The colour head's input size for a frame, where it is not the VAC's: its training crop's side on the short
+        side (sides multiples of 32, as the backbone takes them). None without a head, or where the VAC's input is
+        the head's and one pass of the backbone serves both."""
+        side = self.color_head.input_side if self.color_head is not None else None
+        if side is None or side == min(self.vac_size(height, width)):
+            return None
+        scale = side / min(height, width)
+        return round_to_multiple(height * scale, BACKBONE_STRIDES[-1]), round_to_multiple(width * scale,
+                                                                                         BACKBONE_STRIDES[-1])
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         h, w = self.working_size(height, width)
         return self.vae.config.latent_channels, h // self.downscale, w // self.downscale
@@ -132,7 +143,7 @@ class Colorizer:
                        generator: torch.Generator | None = None, hints: torch.Tensor | None = None,
                        spatial: torch.Tensor | None = None, vac_gray: torch.Tensor | None = None,
                        vividness: float | None = None, output_gain: float = 1.0,
-                       head_start: int | None = None) -> torch.Tensor:
+                       head_start: int | None = None, head_gray: torch.Tensor | None = None) -> torch.Tensor:
         """gray: Bx1xhxw in [0, 1] at the working size; noise: B x C x h/d x w/d. Returns scaled latents.
 
         The VAC's condition is `tokens` (and a hybrid VAC's `spatial` map) when given, else computed from `vac_gray`
@@ -141,7 +152,8 @@ class Colorizer:
         `generator` draws the noise that stochastic samplers (DDPM, Euler ancestral-style steps) add at each step, so
         a seed reproduces their output; without it they draw from torch's global generator. `hints` (Bx3xhxw, see
         guidance.py) guide a model that takes them; None means no hint. With a colour head and a `vividness`, the
-        head's chroma at that vividness is the hint wherever no other hint is given (computed from `vac_gray`): the
+        head's chroma at that vividness is the hint wherever no other hint is given (computed from `head_gray`, the
+        frames at head_size where the head reads another size than the VAC, else from `vac_gray`): the
         output's colour, so it reaches the UNet divided by `output_gain`, the gain the caller applies to the decoded
         chroma (--saturation). With `head_start` (DDIM only), sampling starts from the head's colour, encoded by the
         VAE and noised to that denoising step (SDEdit, Meng et al. 2022), instead of from `noise` alone, and takes
@@ -163,7 +175,8 @@ class Colorizer:
             scale = vac_input_scale(self.vac)
             if vac_gray is None and scale > 1:
                 vac_gray = F.interpolate(gray, scale_factor=scale, mode="bilinear", align_corners=False)
-            vac_tokens, vac_spatial, head_chroma = self.condition(gray if vac_gray is None else vac_gray, vividness)
+            vac_tokens, vac_spatial, head_chroma = self.condition(gray if vac_gray is None else vac_gray, vividness,
+                                                                  head_gray)
             tokens, spatial = (vac_tokens, vac_spatial) if tokens is None else (tokens, spatial)
             if head_chroma is not None:
                 head_chroma = F.interpolate(head_chroma, size=gray.shape[-2:], mode="bilinear", align_corners=False)
@@ -200,16 +213,25 @@ class Colorizer:
         return scheduler.add_noise(clean, noise, scheduler.timesteps[:1])
 
     @torch.inference_mode()
-    def condition(self, vac_gray: torch.Tensor, vividness: float | None = None
+    def condition(self, vac_gray: torch.Tensor, vividness: float | None = None, head_gray: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Bx1xHxW gray at vac_size -> the VAC's tokens, its spatial map (a hybrid VAC's, else None) and, for a model
-        with a colour head given a `vividness`, the head's chroma (Bx2xH/4xW/4, 8-bit scale; else None): one pass of
-        the backbone serves both."""
+        with a colour head given a `vividness`, the head's chroma (Bx2xh/4xw/4 of the head's input, 8-bit scale; else
+        None). The head reads `head_gray` (the frames at head_size) where its input size is not the VAC's, else
+        `vac_gray` resized to its size; where the sizes agree one pass of the backbone serves both."""
         vac_gray = vac_gray.to(self.device)
         if self.color_head is None or vividness is None:
             return (*vac_condition(self.vac, vac_gray), None)
         features = self.vac.features(vac_gray)
-        logits = self.color_head(features, vac_gray)
+        size = self.head_size(*vac_gray.shape[-2:]) if head_gray is None else None
+        if size is not None:
+            head_gray = F.interpolate(vac_gray, size=size, mode="bilinear", align_corners=False)
+        if head_gray is None:
+            head_gray, head_features = vac_gray, features
+        else:
+            head_gray = head_gray.to(self.device)
+            head_features = self.vac.features(head_gray)
+        logits = self.color_head(head_features, head_gray)
         return (*self.vac.head(features), self.color_head.chroma(logits, vividness))
 
     @torch.inference_mode()

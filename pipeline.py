@@ -341,6 +341,8 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
                                                                             generator=state.noise_generator))
         vac_size = colorizer.vac_size(height, width)
         vac_gray = prepare_gray(gray, vac_size) if vac_size != size else None
+        head_size = colorizer.head_size(height, width) if head_vividness is not None else None
+        head_gray = prepare_gray(gray, head_size) if head_size is not None else None
         model_gray, batch_noise = prepare_gray(gray, size), torch.stack(noise)
         step_state = state.step_generator.get_state()
 
@@ -348,7 +350,7 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
             latents = colorizer.sample_latents(model_gray, batch_noise, args.sampler, args.steps, args.guidance,
                                                generator=generator, hints=hint_input, vac_gray=vac_gray,
                                                vividness=head_vividness, output_gain=saturation,
-                                               head_start=head_start)
+                                               head_start=head_start, head_gray=head_gray)
             return colorizer.decode_chroma(latents) * saturation
 
         predicted = sample_chroma(hints, state.step_generator)

@@ -132,7 +132,9 @@ def corpus_counts(items: np.ndarray, step: float, crop: int) -> torch.Tensor:
     """Soft counts of the training chroma over every bin of the grid (from up to 2,000 items)."""
     sample = items[np.random.default_rng(0).permutation(len(items))[:2000], :crop, :crop]
     chroma = torch.from_numpy(chroma_at(sample, OUTPUT_STRIDE)).float().reshape(-1, 2)
-    return soft_targets(chroma, bin_centres(step)).sum(dim=0)
+    centres = bin_centres(step)
+    # in chunks: every cell's dense soft target at once takes N x Q floats (25 GB for 224 px crops)
+    return sum(soft_targets(part, centres).sum(dim=0) for part in chroma.split(200_000))
 
 
 def validate(head: ColorHead, backbone, held: np.ndarray, crop: int) -> dict:

@@ -204,6 +204,11 @@ def load_suggesting_head(args: argparse.Namespace, vac, dataset: LatentDataset, 
     if not dataset.backbone or dataset.vac_gray is None:
         raise UserError(f"{data_path}: holds no {backbone} maps and grayscale input for --color-head; re-run "
                         f"feature_extraction.py --overwrite with --vac timm:{backbone}")
+    cached_side = dataset.vac_gray.shape[-1]
+    if head.input_side not in (None, cached_side):
+        raise UserError(f"--color-head {args.color_head}: reads {head.input_side} px inputs, {data_path} caches the "
+                        f"backbone's maps of {cached_side} px ones; use a head trained with train_color_head.py "
+                        f"--crop {cached_side}")
     return head.to(device).eval().requires_grad_(False)
 
 

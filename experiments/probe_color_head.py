@@ -72,7 +72,9 @@ def head_alone(colorizer: Colorizer, frames: list[np.ndarray], vividness: float)
     outputs = []
     for start in range(0, len(frames), 8):
         gray = np.stack([rgb_to_gray(f) for f in frames[start : start + 8]])
-        _, _, chroma = colorizer.condition(prepare_gray(gray, colorizer.vac_size(height, width)), vividness)
+        head_size = colorizer.head_size(height, width)
+        _, _, chroma = colorizer.condition(prepare_gray(gray, colorizer.vac_size(height, width)), vividness,
+                                           prepare_gray(gray, head_size) if head_size is not None else None)
         outputs += [combine(g, c) for g, c in zip(gray, chroma.permute(0, 2, 3, 1).cpu().numpy())]
     return outputs
 

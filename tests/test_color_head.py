@@ -198,6 +198,50 @@ def test_a_start_from_the_head_colour_leaves_the_noise_little_to_choose(red_head
         ColorizationOptions(sampler="ddpm", head_start=500).check()
 
 
+def test_a_head_trained_on_larger_inputs_reads_the_frame_at_its_own_size(tmp_path, monkeypatch):
+    """A head trained on 224 px crops (train_color_head.py --crop 224) beside the VAC's 128 px input: the pipeline
+    gives it the frames resized from full size to 224 px on the short side, not the VAC's input upsampled; a head
+    trained at the VAC's size shares the VAC's backbone pass."""
+    from color_head import bin_centres, build_color_head, save_color_head
+    from colorizer import Colorizer, load_colorizer, prepare_gray
+    from pipeline import ColorizationOptions, colorize_frames
+    from utils import rgb_to_gray
+
+    torch.manual_seed(0)
+    head = build_color_head([40, 112, 320], 16.0, torch.ones(len(bin_centres(16.0))), width=16)
+    models = {}
+    for side in (128, 224):
+        folder = tmp_path / f"head{side}"
+        for part in ("unet", "vae", "vac"):
+            (folder / part).parent.mkdir(parents=True, exist_ok=True)
+            (folder / part).symlink_to(DEFAULT / part)
+        save_color_head(head, folder / "color", {"backbone": "efficientnet_lite0", "crop": side})
+        config = json.loads((DEFAULT / "colorizer.json").read_text())
+        (folder / "colorizer.json").write_text(json.dumps({**config, "color_head": "color"}))
+        models[side] = load_colorizer(folder, torch.device("cpu"))
+    height, width = 96, 128
+    assert models[128].head_size(height, width) is None
+    assert models[224].head_size(height, width) == (224, 288)  # 298.7 px wide, to a multiple of the stride 32
+
+    read = []
+    condition = Colorizer.condition
+
+    def recording(self, vac_gray, vividness=None, head_gray=None):
+        tokens, spatial, chroma = condition(self, vac_gray, vividness, head_gray)
+        read.append((head_gray, chroma.shape[-2:]))
+        return tokens, spatial, chroma
+
+    monkeypatch.setattr(Colorizer, "condition", recording)
+    frames = gray_frames(2)
+    outputs = {side: list(colorize_frames(models[side], iter(frames), ColorizationOptions(), (height, width)))
+               for side in (128, 224)}
+    (shared, shared_grid), (own, own_grid) = read
+    assert shared is None and tuple(shared_grid) == (32, 40)  # the VAC's 128 x 160 input, stride 4
+    expected = prepare_gray(np.stack([rgb_to_gray(f) for f in frames]), (224, 288))
+    assert torch.equal(own, expected) and tuple(own_grid) == (56, 72)
+    assert not np.array_equal(outputs[128][0], outputs[224][0])  # the same weights read another picture
+
+
 def test_a_head_on_a_model_without_a_hybrid_vac_is_a_one_line_error(tiny_model, tmp_path):
     import shutil
 
