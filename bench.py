@@ -153,8 +153,9 @@ def bench_setting(name: str, settings: ColorizationOptions, colorizer, color_fra
 
     runs = []
     modules = {"denoise (UNet)": colorizer.unet, "VAC tokens": colorizer.vac, "VAE decode": colorizer.vae.decoder}
-    if colorizer.color_head is not None:  # one backbone pass feeds the VAC's head and the colour head, not vac()
-        modules |= {"VAC backbone": colorizer.vac.backbone, "colour head": colorizer.color_head}
+    if colorizer.color_heads:  # the backbone's passes feed the VAC's head and the colour heads, not vac()
+        modules |= {"VAC backbone": colorizer.vac.backbone,
+                    **{f"colour head {i + 1}": head for i, head in enumerate(colorizer.color_heads)}}
     if args.exemplar:
         modules["correspondence features"] = shared_matcher(settings.learned_metric).network
     for _ in range(args.repeats):

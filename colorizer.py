@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from color_head import ColorHead, load_color_head
 from guidance import no_hints
-from modules import (BACKBONE_STRIDES, CHROMA_RANGE, HybridVAC, load_vac, load_vae, model_multiple, round_to_multiple,
-                     unet_in_channels, unet_input, vac_condition, vac_fingerprint, vac_input_scale,
+from modules import (BACKBONE_SCALE, BACKBONE_STRIDES, CHROMA_RANGE, HybridVAC, load_vac, load_vae, model_multiple,
+                     round_to_multiple, unet_in_channels, unet_input, vac_condition, vac_fingerprint, vac_input_scale,
                      vac_spatial_channels, vae_downscale, vae_fingerprint, vae_output_to_chroma)
 from utils import UserError, first_line, luma_chroma_to_rgb
 
@@ -75,7 +75,7 @@ class Colorizer:
     vac: torch.nn.Module
     config: dict
     device: torch.device
-    color_head: ColorHead | None = None
+    color_heads: tuple[ColorHead, ...] = ()
 
     @property
     def image_size(self) -> int:
@@ -104,7 +104,7 @@ class Colorizer:
 
     def vividness(self, chosen: float | None) -> float | None:
         """The colour head's vividness (sampling_default), or None for a model without a head."""
-        return None if self.color_head is None else self.sampling_default("vividness", chosen)
+        return None if not self.color_heads else self.sampling_default("vividness", chosen)
 
     def head_start(self, chosen: int | None) -> int | None:
         """The denoising step sampling starts at from the colour head's colour (sample_latents): `chosen`, else the
@@ -123,12 +123,13 @@ class Colorizer:
         return tuple(side * scale for side in self.working_size(height, width))
 
     def head_size(self, height: int, width: int) -> tuple[int, int] | None:
-        """The colour head's input size for a frame, where it is not the VAC's: its training crop's side on the short
-        side (sides multiples of 32, as the backbone takes them). None without a head, or where the VAC's input is
-        the head's and one pass of the backbone serves both."""
-        side = self.color_head.input_side if self.color_head is not None else None
-        if side is None or side == min(self.vac_size(height, width)):
+        """The colour heads' input size for a frame, where it is not the VAC's: a head's training crop's side on the
+        short side (sides multiples of 32, as the backbone takes them). None without such a head: where the VAC's
+        input is the heads', one pass of the backbone serves all (load_colorizer allows one other size at most)."""
+        sides = {head.input_side for head in self.color_heads} - {None, min(self.vac_size(height, width))}
+        if not sides:
             return None
+        side = sides.pop()
         scale = side / min(height, width)
         return round_to_multiple(height * scale, BACKBONE_STRIDES[-1]), round_to_multiple(width * scale,
                                                                                          BACKBONE_STRIDES[-1])
@@ -171,7 +172,7 @@ class Colorizer:
             raise UserError("this model has no colour-hint input (trained without --hints); colorize without "
                             "--reference / --hints, or use a model trained with them")
         head_chroma = None
-        if tokens is None or (vividness is not None and self.color_head is not None):
+        if tokens is None or (vividness is not None and self.color_heads):
             scale = vac_input_scale(self.vac)
             if vac_gray is None and scale > 1:
                 vac_gray = F.interpolate(gray, scale_factor=scale, mode="bilinear", align_corners=False)
@@ -216,23 +217,29 @@ class Colorizer:
     def condition(self, vac_gray: torch.Tensor, vividness: float | None = None, head_gray: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Bx1xHxW gray at vac_size -> the VAC's tokens, its spatial map (a hybrid VAC's, else None) and, for a model
-        with a colour head given a `vividness`, the head's chroma (Bx2xh/4xw/4 of the head's input, 8-bit scale; else
-        None). The head reads `head_gray` (the frames at head_size) where its input size is not the VAC's, else
-        `vac_gray` resized to its size; where the sizes agree one pass of the backbone serves both."""
+        with colour heads given a `vividness`, their chroma (Bx2xh/4xw/4 of the largest head input, 8-bit scale; else
+        None): the mean of the heads' chroma, an ensemble of heads trained on the same colours at different input
+        sizes, each reading the frame at its own. A head reads `head_gray` (the frames at head_size) where its input
+        size is not the VAC's, else `vac_gray` (resized to its size where no `head_gray` is given); where the sizes
+        agree one pass of the backbone serves the VAC and the head."""
         vac_gray = vac_gray.to(self.device)
-        if self.color_head is None or vividness is None:
+        if not self.color_heads or vividness is None:
             return (*vac_condition(self.vac, vac_gray), None)
         features = self.vac.features(vac_gray)
         size = self.head_size(*vac_gray.shape[-2:]) if head_gray is None else None
         if size is not None:
             head_gray = F.interpolate(vac_gray, size=size, mode="bilinear", align_corners=False)
-        if head_gray is None:
-            head_gray, head_features = vac_gray, features
-        else:
+        inputs = {min(vac_gray.shape[-2:]): (features, vac_gray)}
+        if head_gray is not None:
             head_gray = head_gray.to(self.device)
-            head_features = self.vac.features(head_gray)
-        logits = self.color_head(head_features, head_gray)
-        return (*self.vac.head(features), self.color_head.chroma(logits, vividness))
+            inputs[min(head_gray.shape[-2:])] = (self.vac.features(head_gray), head_gray)
+        chromas = []
+        for head in self.color_heads:
+            head_features, gray = inputs.get(head.input_side, inputs[min(vac_gray.shape[-2:])])
+            chromas.append(head.chroma(head(head_features, gray), vividness))
+        grid = max((c.shape[-2:] for c in chromas), key=lambda shape: shape.numel())
+        chroma = torch.stack([F.interpolate(c, size=grid, mode="bilinear", align_corners=False) for c in chromas])
+        return (*self.vac.head(features), chroma.mean(dim=0))
 
     @torch.inference_mode()
     def decode_chroma(self, latents: torch.Tensor) -> np.ndarray:
@@ -279,22 +286,27 @@ def load_colorizer(path: Path, device: torch.device, vae_spec: str | None = None
     vac = load_vac(vac_spec or resolve_component(config["vac"], folder))
     check_compatible(unet, vae, vac, folder, int(config.get("hint_channels", 0)))
     check_trained_components(config, folder, vae, vac, vae_spec, vac_spec)
-    color_head = load_matching_head(config, folder, vac) if config.get("color_head") else None
-    for module in (unet, vae, vac, color_head):
-        if module is not None:
-            module.to(device).eval().requires_grad_(False)
-    return Colorizer(unet, vae, vac, config, device, color_head)
+    color_heads = load_matching_heads(config, folder, vac)
+    for module in (unet, vae, vac, *color_heads):
+        module.to(device).eval().requires_grad_(False)
+    return Colorizer(unet, vae, vac, config, device, color_heads)
 
 
-def load_matching_head(config: dict, folder: Path, vac) -> ColorHead:
-    """The model's colour head, which reads its hybrid VAC's backbone maps and speaks through the UNet's hint input:
-    the VAC must have the head's backbone, the UNet a hint input."""
-    head = load_color_head(Path(resolve_component(config["color_head"], folder)))
+def load_matching_heads(config: dict, folder: Path, vac) -> tuple[ColorHead, ...]:
+    """The model's colour heads (colorizer.json's `color_head`: a folder, or a list of them, whose chroma the model
+    averages), which read its hybrid VAC's backbone maps and speak through the UNet's hint input: the VAC must have
+    their backbone, the UNet a hint input, and the heads read the VAC's input size and one other at most."""
+    names = config.get("color_head") or []
+    heads = tuple(load_color_head(Path(resolve_component(name, folder)))
+                  for name in ([names] if isinstance(names, str) else names))
     backbone = vac.config.get("backbone") if isinstance(vac, HybridVAC) else None
-    if head.config.get("backbone") != backbone or not config.get("hint_channels"):
-        raise UserError(f"{folder}: its colour head needs a hybrid VAC on {head.config.get('backbone')} and a UNet "
-                        f"with a hint input; remove 'color_head' from {CONFIG_NAME} or use a matching model")
-    return head
+    for head in heads:
+        if head.config.get("backbone") != backbone or not config.get("hint_channels"):
+            raise UserError(f"{folder}: its colour head needs a hybrid VAC on {head.config.get('backbone')} and a "
+                            f"UNet with a hint input; remove 'color_head' from {CONFIG_NAME} or use a matching model")
+    if len({head.input_side for head in heads} - {BACKBONE_SCALE * int(config["image_size"])}) > 1:
+        raise UserError(f"{folder}: its colour heads read more than one input size besides the VAC's; keep one")
+    return heads
 
 
 def check_compatible(unet, vae, vac, folder: Path, hint_input: int = 0) -> None:

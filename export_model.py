@@ -24,8 +24,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint-<step>/ or a run folder (newest)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--color-head", type=Path, help="a colour head (train_color_head.py's runs/<run>/color) to "
-                        "ship with the model: automatic colorization then takes its colours")
+    parser.add_argument("--color-head", type=Path, nargs="+", help="a colour head (train_color_head.py's "
+                        "runs/<run>/color) to ship with the model: automatic colorization then takes its colours; "
+                        "several: the model takes the mean of their colours")
     parser.add_argument("--vividness", type=float, help="the model's default --vividness")
     parser.add_argument("--saturation", type=float, help="the model's default --saturation")
     parser.add_argument("--head-start", type=int, help="the model's default --head-start")
@@ -42,11 +43,17 @@ def export(checkpoint: Path, out: Path, overwrite: bool, settings: dict | None =
     with atomic_path(out, overwrite=overwrite, is_dir=True) as temp:
         # fp16 storage halves the shipped size; load_colorizer computes in float32 whatever the stored precision.
         UNet2DConditionModel.from_pretrained(folder / "unet").half().save_pretrained(temp / "unet")
-        for name, key in (("vae", "vae"), ("vac", "vac"), ("color", "color_head")):
+        for name, key in (("vae", "vae"), ("vac", "vac")):
             source = Path(resolve_component(config[key], folder)) if key in config else None
             if source is not None and source.is_dir():
                 shutil.copytree(source, temp / name)
                 config[key] = name
+        heads = config.get("color_head")
+        if heads:
+            copied = [f"color{i + 1 if i else ''}" for i in range(1 if isinstance(heads, str) else len(heads))]
+            for head, name in zip([heads] if isinstance(heads, str) else heads, copied):
+                shutil.copytree(resolve_component(head, folder), temp / name)
+            config["color_head"] = copied[0] if isinstance(heads, str) else copied
         logs = logs_of(folder)
         if logs == folder:  # a checkpoint: its logs are its run folder's
             logs = folder.parent
@@ -58,7 +65,8 @@ def export(checkpoint: Path, out: Path, overwrite: bool, settings: dict | None =
 
 def main() -> None:
     args = parse_args()
-    settings = {key: value for key, value in (("color_head", args.color_head and str(args.color_head.resolve())),
+    heads = [str(head.resolve()) for head in args.color_head or []]
+    settings = {key: value for key, value in (("color_head", (heads[0] if len(heads) == 1 else heads) or None),
                                               ("vividness", args.vividness), ("saturation", args.saturation),
                                               ("head_start", args.head_start))
                 if value is not None}

@@ -514,8 +514,8 @@ def run_identity(clip: Path, options: ColorizationOptions, colorizer: Colorizer,
     settings = {name: value for name, value in asdict(options).items() if name != "overwrite"}
     guide_images = [parse_guide_spec(spec)[1] for spec in options.reference + options.hints] + options.exemplar
     model = hashlib.sha256(json.dumps(colorizer.config, sort_keys=True, default=str).encode())
-    for module in (colorizer.unet, colorizer.vae, colorizer.vac, colorizer.color_head):
-        for tensor in (module.state_dict().values() if module is not None else ()):
+    for module in (colorizer.unet, colorizer.vae, colorizer.vac, *colorizer.color_heads):
+        for tensor in module.state_dict().values():
             model.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return {"input": digest(str(clip.resolve()), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]),
             "settings": digest(settings, segment, [Path(image).read_bytes() if Path(image).is_file() else None

@@ -365,7 +365,7 @@ def save_sample_grid(colorizer: Colorizer, dataset, indices, path: Path) -> None
     if isinstance(colorizer.vac, HybridVAC):
         with torch.no_grad():
             tokens, spatial = hybrid_condition(colorizer.vac, batch)
-    head_input = {"vac_gray": batch["vac_gray"], "vividness": 0.0} if colorizer.color_head is not None else {}
+    head_input = {"vac_gray": batch["vac_gray"], "vividness": 0.0} if colorizer.color_heads else {}
     latents = colorizer.sample_latents(batch["gray"], noise, "ddim", 20, tokens=tokens, spatial=spatial, **head_input)
     predicted, truth = colorizer.decode_chroma(latents), colorizer.decode_chroma(batch["latents"])
     gray = (batch["gray"][:, 0].cpu().numpy() * 255).round().astype(np.uint8)
@@ -667,7 +667,8 @@ def validate(models: Models, accelerator, run_dir: Path, config: dict, step: int
     downscale, vac = vae_downscale(vae), models.averaged_vac()
     loss = validation_loss(model, vac, dataset, val_ids, scheduler, downscale, accelerator.device, args.batch_size,
                            args.hints, head)
-    colorizer = Colorizer(model, vae.to(accelerator.device), vac, config, accelerator.device, head)
+    heads = (head,) if head is not None else ()
+    colorizer = Colorizer(model, vae.to(accelerator.device), vac, config, accelerator.device, heads)
     save_sample_grid(colorizer, dataset, val_ids, run_dir / f"samples-{step:07d}.png")
     model.train()
     models.ema.restore(model.parameters())

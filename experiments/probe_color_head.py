@@ -46,12 +46,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vividness", nargs="+", type=float, default=[0.0, 0.5, 1.0])
     parser.add_argument("--frames", type=int, default=40, help="first N frames of each clip")
     parser.add_argument("--settings", default="", help="the pipeline's other sampling flags, quoted")
+    parser.add_argument("--head-only", action="store_true", help="score the head alone, without the pipeline rows")
     parser.add_argument("--json", type=Path, help="write the table here")
     parser.add_argument("--figure", type=Path, help="write one frame per clip here (gray | head | pipeline | truth)")
     parser.add_argument("--figure-vividness", type=float, help="the vividness the figure shows (default: the last)")
     parser.add_argument("--curve", type=Path, help="write the PSNR-colourfulness curve over the knob here")
     parser.add_argument("--compare", nargs="*", default=[], metavar="NAME=JSON",
-                        help="other models' --json tables, drawn on the curve as points (NAME=A,B,...: their mean)")
+                        help="other models' --json tables, their pipeline rows as points on a dashed line "
+                        "(NAME=A,B,...: their mean)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     if (args.clips is None) == (args.tables is None) or (args.tables and args.curve is None):
@@ -91,10 +93,12 @@ def run_rows(colorizer: Colorizer, clips: dict[str, list[np.ndarray]], args: arg
     """The table's rows, and the middle frame of each clip in each row."""
     base = parse_options(args.settings.split())
     outputs = {"gray": {name: list(gray_baseline(iter(frames))) for name, frames in clips.items()}}
-    for vividness in args.vividness if colorizer.color_head is not None else [None]:
+    for vividness in args.vividness if colorizer.color_heads else [None]:
         if vividness is not None:
             outputs[f"head {vividness}"] = {name: head_alone(colorizer, frames, vividness)
                                             for name, frames in clips.items()}
+        if args.head_only:
+            continue
         options = dataclasses.replace(base, vividness=vividness)
         outputs[f"pipeline {vividness}"] = {
             name: list(colorize_frames(colorizer, iter(frames), options, frames[0].shape[:2]))
@@ -153,9 +157,9 @@ def save_curve(path: Path, rows: dict[str, dict], compare: list[str]) -> None:
                               textcoords="offset points", xytext=(3, 3))
     for spec in compare:
         name, files = spec.split("=", 1)
-        for label, row in mean_table([Path(f) for f in files.split(",")]).items():
-            if label.startswith("pipeline"):
-                axis.plot(row["colorfulness"], row["psnr"], "D", label=name)
+        points = [row for label, row in mean_table([Path(f) for f in files.split(",")]).items()
+                  if label.startswith("pipeline")]
+        axis.plot([r["colorfulness"] for r in points], [r["psnr"] for r in points], "D--", label=name)
     gray = rows["gray"]
     axis.axhline(gray["psnr"], color="gray", linestyle=":", label="gray input")
     axis.axvline(gray["gt_colorfulness"], color="gray", linestyle="--", label="ground truth's colourfulness")
@@ -183,7 +187,7 @@ def main() -> None:
                                          "rows": rows}, indent=2))
     if args.figure:
         shown = args.figure_vividness if args.figure_vividness is not None else args.vividness[-1]
-        save_figure(args.figure, middles, clips, shown if colorizer.color_head is not None else None)
+        save_figure(args.figure, middles, clips, shown if colorizer.color_heads else None)
     if args.curve:
         save_curve(args.curve, rows, args.compare)
 

@@ -120,17 +120,18 @@ def test_training_learns_held_out_colour_and_resumes(tmp_path):
     assert config["trained_steps"] == 30 and config["backbone"] == "efficientnet_lite0"
 
 
-def save_red_head(folder) -> None:
-    """A colour head on Lite0's maps that says 'red' (Cb -20, Cr 60, within a bin) everywhere, whatever the frame."""
+def save_red_head(folder, chroma: tuple[float, float] = (-20.0, 60.0), extra: dict | None = None) -> None:
+    """A colour head on Lite0's maps that says 'red' (Cb -20, Cr 60, within a bin; or another `chroma`)
+    everywhere, whatever the frame."""
     from color_head import bin_centres, build_color_head, save_color_head
 
     head = build_color_head([40, 112, 320], 16.0, torch.ones(len(bin_centres(16.0))), width=16)
-    red = (head.centres - torch.tensor([-20.0, 60.0])).norm(dim=1).argmin()  # Cb below 0, Cr well above: red
+    red = (head.centres - torch.tensor(chroma)).norm(dim=1).argmin()  # Cb below 0, Cr well above: red
     with torch.no_grad():
         head.fine[-1].weight.zero_()
         head.fine[-1].bias.fill_(-20.0)
         head.fine[-1].bias[red] = 20.0
-    save_color_head(head, folder, {"backbone": "efficientnet_lite0"})
+    save_color_head(head, folder, {"backbone": "efficientnet_lite0", **(extra or {})})
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,7 @@ def test_the_head_colours_automatic_output_and_leaves_a_keyframe_alone(red_head_
     from video_io import write_image_rgb
 
     with_head = load_colorizer(red_head_model, torch.device("cpu"))
-    without = dataclasses.replace(with_head, color_head=None)
+    without = dataclasses.replace(with_head, color_heads=())
     frames = gray_frames()
 
     def mean_cr(colorizer, **options) -> float:
@@ -242,6 +243,38 @@ def test_a_head_trained_on_larger_inputs_reads_the_frame_at_its_own_size(tmp_pat
     assert not np.array_equal(outputs[128][0], outputs[224][0])  # the same weights read another picture
 
 
+def test_a_model_with_two_heads_takes_the_mean_of_their_colours(tmp_path):
+    """export_model.py --color-head A B ships both heads; the model's colour is the mean of theirs, each read at its
+    own input size (a red head at the VAC's 128 px, a blue one at 224 px); three input sizes are refused."""
+    from colorizer import load_colorizer, prepare_gray
+    from export_model import export
+    from utils import UserError, rgb_to_gray
+
+    save_red_head(tmp_path / "red", extra={"crop": 128})
+    save_red_head(tmp_path / "blue", (40.0, -20.0), {"crop": 224})
+    save_red_head(tmp_path / "green", (-30.0, -30.0), {"crop": 160})
+    gray = np.stack([rgb_to_gray(f) for f in gray_frames(1)])
+
+    def head_chroma(*heads: str) -> torch.Tensor:
+        folder = tmp_path / ("model_" + "_".join(heads))
+        settings = {"color_head": [str(tmp_path / h) for h in heads] if len(heads) > 1 else str(tmp_path / heads[0])}
+        export(DEFAULT, folder, overwrite=False, settings=settings)
+        model = load_colorizer(folder, torch.device("cpu"))
+        head_size = model.head_size(96, 128)
+        _, _, chroma = model.condition(prepare_gray(gray, model.vac_size(96, 128)), 0.0,
+                                       prepare_gray(gray, head_size) if head_size else None)
+        return chroma.mean(dim=(0, 2, 3))
+
+    red, blue, both = head_chroma("red"), head_chroma("blue"), head_chroma("red", "blue")
+    assert sorted(p.name for p in (tmp_path / "model_red_blue").iterdir() if p.name.startswith("color")) == \
+        ["color", "color2", "colorizer.json"]
+    assert (red - blue).abs().min() > 40  # two far-apart colours
+    assert torch.allclose(both, (red + blue) / 2, atol=0.5)
+    with pytest.raises(UserError, match="more than one input size") as error:
+        head_chroma("red", "blue", "green")
+    assert "\n" not in str(error.value)
+
+
 def test_a_head_on_a_model_without_a_hybrid_vac_is_a_one_line_error(tiny_model, tmp_path):
     import shutil
 
@@ -291,7 +324,7 @@ def test_a_unet_trained_with_the_head_sees_its_colour_marked_as_a_guess(tmp_path
     assert ((rows[guessed, 2] == HEAD_HINT_MASK) | (rows[guessed, 2] == 1.0)).all()  # its guess, or a painted point
 
     model = load_colorizer(tmp_path / "runs" / "run", torch.device("cpu"))
-    assert model.color_head is not None and model.head_hint_mask == HEAD_HINT_MASK
+    assert model.color_heads and model.head_hint_mask == HEAD_HINT_MASK
     seen.clear()
     monkeypatch.setattr(colorizer, "unet_input", modules.unet_input)
     model.sample_latents(torch.rand(1, 1, 32, 32), torch.randn(1, 4, 8, 8), steps=1, vividness=0.0)
