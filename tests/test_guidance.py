@@ -352,3 +352,26 @@ def test_the_models_colour_from_painted_hints_is_kept_where_they_reach():
     kept = keep_painted_local(hinted, plain, reach)
     assert np.allclose(kept[16, 8], 50.0) and np.abs(kept[:, 26:]).max() < 0.5  # at the dot, and beyond the edge
     assert np.allclose(kept[..., 0], 50.0 * reach)
+
+
+def test_motion_ranking_puts_lost_content_first_and_a_still_clip_last(tmp_path):
+    """experiments/rank_motion.py: a clip that jumps between two photos loses most pixels to the flow's check, a slow
+    pan few (those entering at the edge), a still clip none."""
+    import json
+
+    from conftest import run_script
+    from video_io import write_image_rgb
+
+    pan = panning_clip(6, (64, 64))
+    clips = {"still": [pan[0]] * 6, "pan": pan,
+             "jumps": [pan[0] if i % 2 else np.ascontiguousarray(pan[5][::-1]) for i in range(6)]}
+    for name, frames in clips.items():
+        (tmp_path / "clips" / name).mkdir(parents=True)
+        for i, frame in enumerate(frames):
+            write_image_rgb(tmp_path / "clips" / name / f"{i:05d}.png", frame)
+    run_script("experiments/rank_motion.py", "--clips", str(tmp_path / "clips"), "--size", "64", "--json",
+               str(tmp_path / "motion.json"), cwd=tmp_path)
+    ranking = json.loads((tmp_path / "motion.json").read_text())["ranking"]
+    assert list(ranking) == ["jumps", "pan", "still"]
+    assert ranking["still"]["unreliable"] == 0.0 and ranking["jumps"]["unreliable"] > 0.3
+    assert ranking["pan"]["median_flow"] > ranking["still"]["median_flow"]
