@@ -162,8 +162,7 @@ class Colorizer:
         after the sampler's first step (999) is the plain start from noise."""
         scheduler = make_scheduler(sampler, self.config["scheduler"])
         scheduler.set_timesteps(steps, device=self.device)
-        if head_start is not None and (head_start < 0 or sampler != "ddim"):
-            raise UserError(f"--head-start {head_start}: a denoising step (0-999), with --sampler ddim")
+        check_head_start(head_start, sampler)
         step_options = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         gray = gray.to(self.device)
         if self.takes_hints:
@@ -226,17 +225,16 @@ class Colorizer:
         if not self.color_heads or vividness is None:
             return (*vac_condition(self.vac, vac_gray), None)
         features = self.vac.features(vac_gray)
-        size = self.head_size(*vac_gray.shape[-2:]) if head_gray is None else None
-        if size is not None:
-            head_gray = F.interpolate(vac_gray, size=size, mode="bilinear", align_corners=False)
-        inputs = {min(vac_gray.shape[-2:]): (features, vac_gray)}
-        if head_gray is not None:
+        shared = (features, vac_gray)
+        reads_vac = [head.input_side in (None, min(vac_gray.shape[-2:])) for head in self.color_heads]
+        if not all(reads_vac):
+            if head_gray is None:
+                head_gray = F.interpolate(vac_gray, size=self.head_size(*vac_gray.shape[-2:]), mode="bilinear",
+                                          align_corners=False)
             head_gray = head_gray.to(self.device)
-            inputs[min(head_gray.shape[-2:])] = (self.vac.features(head_gray), head_gray)
-        chromas = []
-        for head in self.color_heads:
-            head_features, gray = inputs.get(head.input_side, inputs[min(vac_gray.shape[-2:])])
-            chromas.append(head.chroma(head(head_features, gray), vividness))
+            own = (self.vac.features(head_gray), head_gray)
+        chromas = [head.chroma(head(*(shared if on_vac else own)), vividness)
+                   for head, on_vac in zip(self.color_heads, reads_vac)]
         grid = max((c.shape[-2:] for c in chromas), key=lambda shape: shape.numel())
         chroma = torch.stack([F.interpolate(c, size=grid, mode="bilinear", align_corners=False) for c in chromas])
         return (*self.vac.head(features), chroma.mean(dim=0))
@@ -253,6 +251,12 @@ class Colorizer:
         decoded = self.vae.decode(padded / self.vae.config.scaling_factor).sample
         margin = DECODE_MARGIN * self.downscale
         return vae_output_to_chroma(decoded[..., margin:-margin, margin:-margin], self.vae)
+
+
+def check_head_start(head_start: int | None, sampler: str) -> None:
+    """--head-start: a denoising step to start from the colour head's colour, which DDIM alone can take."""
+    if head_start is not None and (head_start < 0 or sampler != "ddim"):
+        raise UserError(f"--head-start {head_start}: a denoising step (0-999), with --sampler ddim")
 
 
 def fill_hints(hints: torch.Tensor, chroma: torch.Tensor, mask: float = 1.0) -> torch.Tensor:

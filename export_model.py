@@ -50,8 +50,9 @@ def export(checkpoint: Path, out: Path, overwrite: bool, settings: dict | None =
                 config[key] = name
         heads = config.get("color_head")
         if heads:
-            copied = [f"color{i + 1 if i else ''}" for i in range(1 if isinstance(heads, str) else len(heads))]
-            for head, name in zip([heads] if isinstance(heads, str) else heads, copied):
+            sources = [heads] if isinstance(heads, str) else heads
+            copied = ["color", *(f"color{i}" for i in range(2, len(sources) + 1))]
+            for head, name in zip(sources, copied):
                 shutil.copytree(resolve_component(head, folder), temp / name)
             config["color_head"] = copied[0] if isinstance(heads, str) else copied
         logs = logs_of(folder)

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from colorizer import SAMPLERS, Colorizer, combine, prepare_gray
+from colorizer import SAMPLERS, Colorizer, check_head_start, combine, prepare_gray
 from correspondence import REGISTRATION_FRAMES, Exemplars, load_exemplars
 from guidance import (GuidePropagator, load_hint_image, load_reference, parse_guide_spec, propagation_size,
                       registered_guide)
@@ -95,8 +95,7 @@ class ColorizationOptions:
         if not 0 <= self.propagation < 1 or min(self.saturation or 0, self.vividness or 0) < 0:
             raise UserError(f"--propagation {self.propagation} / --saturation {self.saturation} / --vividness "
                             f"{self.vividness}: propagation must be in [0, 1), saturation and vividness at least 0")
-        if self.head_start is not None and (self.head_start < 0 or self.sampler != "ddim"):
-            raise UserError(f"--head-start {self.head_start}: a denoising step (0-999), with --sampler ddim")
+        check_head_start(self.head_start, self.sampler)
         if not 0 <= self.crf <= 51:
             raise UserError(f"--crf {self.crf}: H.264 takes 0 (lossless) to 51; 18 is the default")
         for name in ("steps", "batch_size"):
