@@ -11,12 +11,16 @@
   the frame's size by the guided filter on the frame's luma.
 - Registration: an exemplar that shows what one of the frames shows (reframed, cropped, mirrored) is warped onto that
   frame (best_registration), where guidance.registered_guide makes it a keyframe for the pixels it covers.
+- Keyframes matched (--reference, unless --no-match-keyframes): a keyframe is a source too, so colour the optical
+  flow lost on the way (fast motion, occlusion, content seen from another side) is found again in it by features,
+  as ColorMNet's long-term memory does (Yang et al. 2024); guidance.fuse_sources weighs it against the flow's.
 
 The settings below were chosen on clips held out of training (docs/exemplar.md has the measurements).
 """
 
 from __future__ import annotations
 
+from copy import copy
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -85,9 +89,13 @@ class Matcher:
 
     def source(self, rgb: np.ndarray) -> ColourSource:
         """A colour image (HxWx3 uint8, any size) -> its features and chroma at the stride-8 grid."""
-        features = self.features(rgb_to_gray(rgb)[None])[0]
-        chroma = grid_chroma(rgb, features.shape[-2:])
-        return ColourSource(features.flatten(1).T.contiguous(), torch.from_numpy(chroma.reshape(-1, 2)))
+        return self.coloured_source(rgb_to_gray(rgb), rgb_to_chroma(rgb))
+
+    def coloured_source(self, gray: np.ndarray, chroma: np.ndarray) -> ColourSource:
+        """A frame's uint8 luma and its chroma (HxWx2, any size) -> a source (a keyframe as the guides hold it)."""
+        features = self.features(gray[None])[0]
+        pooled = pooled_chroma(chroma, features.shape[-2:])
+        return ColourSource(features.flatten(1).T.contiguous(), torch.from_numpy(pooled.reshape(-1, 2)))
 
     @torch.inference_mode()
     def match(self, gray: np.ndarray, sources: list[ColourSource]) -> tuple[np.ndarray, np.ndarray]:
@@ -115,9 +123,14 @@ def soft_match(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 def grid_chroma(rgb: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """A colour image's chroma (HxWx3 uint8 -> h x w x 2) averaged onto the feature grid."""
+    return pooled_chroma(rgb_to_chroma(rgb), grid)
+
+
+def pooled_chroma(chroma: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Chroma (HxWx2, any size) averaged onto the feature grid (h x w x 2)."""
     import cv2
 
-    return cv2.resize(rgb_to_chroma(rgb), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+    return cv2.resize(chroma.astype(np.float32), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
 
 
 def project(features: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
@@ -137,12 +150,18 @@ def load_projection(path: Path) -> tuple[torch.Tensor, float]:
 
 
 class Exemplars:
-    """Colour images that are not frames of the clip (`--exemplar`), prepared once; `colour(gray, size)` finds each
-    frame's colour in them."""
+    """Colour images that are not frames of the clip (`--exemplar`), and the keyframes (with_keyframes), prepared
+    once; `colour(gray, size)` finds each frame's colour in them."""
 
     def __init__(self, images: list[np.ndarray], matcher: Matcher | None = None):
         self.matcher = matcher or Matcher()
         self.sources = [self.matcher.source(rgb) for rgb in images]
+
+    def with_keyframes(self, keyframes: list[tuple[np.ndarray, np.ndarray]]) -> Exemplars:
+        """These exemplars and the keyframes (uint8 luma and chroma, as guidance.Guide holds them) as sources."""
+        joined = copy(self)
+        joined.sources = self.sources + [self.matcher.coloured_source(gray, chroma) for gray, chroma in keyframes]
+        return joined
 
     def colour(self, gray: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """BxHxW uint8 luma -> the chroma found (B x size x 2) and its confidence (B x size), resized to `size`."""

@@ -26,6 +26,7 @@ import torch
 from correspondence import best_registration, paste_found, upsample_chroma
 from flow import reliable_flow, warp, warp_matching_luma
 from modules import CHROMA_RANGE
+from utils import UserError
 
 HINT_CHANNELS = 3  # Cb and Cr (divided by CHROMA_RANGE, zero where no hint) and the mask
 # The mask's value where the colour head's suggestion fills in (a model trained with it, train_diffusion.py
@@ -43,6 +44,11 @@ PROPAGATION_SHORT_SIDE = 480  # keyframe colour travels at most at this size (co
 # 36.01 dB with the model alone, 36.28 with the palette alone, 36.32 half each; middle frame 36.47 -> 36.56.
 PALETTE_SHARE = 0.5
 PALETTE_LEVELS = 32  # luma levels of a keyframe's palette (8 grey levels each)
+# Where a keyframe's colour travels and the frame was matched to the keyframe (ColorizationOptions.match_keyframes),
+# the output is a softmax-weighted mean of these colours, the logits linear in fusion_features (the weights learned
+# by experiments/train_fusion.py; see fuse_sources).
+FUSED_SOURCES = ("carried", "palette", "found", "previous", "model")
+FUSION_FILE = Path(__file__).resolve().parent / "unet_model" / "matcher" / "fusion.safetensors"
 
 
 def hint_tensor(chroma: np.ndarray, mask: np.ndarray) -> torch.Tensor:
@@ -371,20 +377,52 @@ class GuidePropagator:
             return hints, None
         return hints, hint_tensor(*map(np.stack, zip(*(model_hints(d, None, size) for d, _ in frame_guides))))
 
+    def fused_chroma(self, chroma: np.ndarray, luma: np.ndarray, guide_luma: np.ndarray, dense: Guide, cut: bool,
+                     found: tuple[np.ndarray, np.ndarray], fusion: np.ndarray) -> np.ndarray:
+        """The output colour at the propagation size where a keyframe's colour travels and the frame was matched to
+        the keyframes: where the carried colour is not vouched for, fuse_sources of the keyframe's carried and palette
+        colour, the found colour, the previous output carried along the flow and the model's sample (working-size
+        ones resized), weighted by their confidences."""
+        # where the keyframe's colour is vouched for it stays as it is: fused there, the frames' own outputs (the
+        # previous one) would feed back into it and drift
+        output = dense.chroma.copy()
+        fused = np.nonzero(dense.confidence < 1.0)
+        if not len(fused[0]):
+            return output
+        size = guide_luma.shape
+        previous, reliable = chroma, np.zeros(chroma.shape[:2], np.float32)
+        if self.previous_output is not None and not cut:
+            previous, reliable = carry(self.previous_output[0], luma, self.previous_output[1])
+        palette = dense.palette[palette_levels(guide_luma)] if dense.palette is not None else dense.chroma
+        sources = {"carried": dense.chroma, "palette": palette, "found": resize_to(found[0], size),
+                   "previous": resize_to(previous, size), "model": resize_to(chroma, size)}
+        features = fusion_features(dense.confidence[fused], resize_to(found[1], size)[fused],
+                                   resize_to(reliable, size)[fused])
+        output[fused] = fuse_sources({name: value[fused] for name, value in sources.items()}, features, fusion)
+        return output
+
     def output_chroma(self, chroma: np.ndarray, plain: np.ndarray | None, luma: np.ndarray,
                       guide_luma: np.ndarray | None, frame_guides: tuple[Guide | None, Guide | None], cut: bool,
                       propagation: float, found: tuple[np.ndarray, np.ndarray] | None = None,
-                      guided_output: bool = True) -> np.ndarray:
+                      guided_output: bool = True, fusion: np.ndarray | None = None) -> np.ndarray:
         """One frame's sampled chroma (HxWx2 at the working size, `luma` its uint8 luma there; `plain`: the same
         draws without painted hints, or None) -> its output chroma, frames in order: painted hints kept local, the
         previous output's colour carried along the flow (weight `propagation`; not across a cut), the exemplars'
         found colour (chroma and confidence, or None) and the painted colour pasted, then, where colour was found,
         upsampled to the propagation size by the guided filter (`guided_output`, else left to the keyframe paste's
-        resize), and the keyframe's colour pasted there (`guide_luma`: the frame's uint8 luma at that size)."""
+        resize), and the keyframe's colour pasted there (`guide_luma`: the frame's uint8 luma at that size). With
+        `fusion` weights, a keyframe's colour and a found colour (the keyframe matched), the sources are fused
+        instead (fused_chroma)."""
         dense, sparse = frame_guides
         painted = spread_painted(sparse, luma / np.float32(255)) if sparse is not None else None
         if plain is not None and painted is not None:
             chroma = keep_painted_local(chroma, plain, painted[1])
+        if fusion is not None and dense is not None and found is not None:
+            chroma = self.fused_chroma(chroma, luma, guide_luma, dense, cut, found, fusion)
+            if painted is not None:
+                chroma = paste_painted(chroma, tuple(resize_to(p, guide_luma.shape) for p in painted))
+            self.previous_output = luma, resize_to(chroma, luma.shape)
+            return chroma
         if self.previous_output is not None and not cut and propagation > 0:
             previous_luma, previous_chroma = self.previous_output
             chroma = propagate_chroma(previous_luma, luma, previous_chroma, chroma, propagation)
@@ -397,6 +435,35 @@ class GuidePropagator:
             chroma = paste_dense(resize_to(chroma, guide_luma.shape), dense, guide_luma)
         self.previous_output = luma, resize_to(chroma, luma.shape)
         return chroma
+
+
+def fusion_features(carried_confidence: np.ndarray, found_confidence: np.ndarray,
+                    previous_reliable: np.ndarray) -> np.ndarray:
+    """Per-pixel confidences (any shape S) -> S x 8 features the fusion's logits are linear in: the keyframe colour's
+    confidence (and its square), the keyframe match's, whether the previous output's flow passed its check, and
+    their products."""
+    c, f, m = (np.asarray(a, np.float32) for a in (carried_confidence, found_confidence, previous_reliable))
+    return np.stack([np.ones_like(c), c, c * c, f, m, c * f, c * m, f * m], axis=-1)
+
+
+def load_fusion(path: Path | None = None) -> np.ndarray:
+    """The fusion's learned weights (K x F; FUSION_FILE unless `path`)."""
+    from safetensors.numpy import load_file
+
+    path = path or FUSION_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: the keyframe fusion's weights are missing; restore them from git "
+                        "(git checkout -- unet_model/matcher)")
+    return load_file(str(path))["weights"]
+
+
+def fuse_sources(sources: dict[str, np.ndarray], features: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """FUSED_SOURCES' chroma (each ... x 2) and the pixels' fusion_features (... x F) -> each pixel's
+    softmax-weighted mean of the sources (the weights K x F: experiments/train_fusion.py)."""
+    logits = features @ weights.T
+    share = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    share /= share.sum(axis=-1, keepdims=True)
+    return sum(share[..., k, None] * sources[name] for k, name in enumerate(FUSED_SOURCES)).astype(np.float32)
 
 
 def compact(guide: Guide, dtype) -> Guide:

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from colorizer import SAMPLERS, Colorizer, check_head_start, combine, prepare_gray
-from correspondence import REGISTRATION_FRAMES, Exemplars, load_exemplars
-from guidance import (GuidePropagator, load_hint_image, load_reference, parse_guide_spec, propagation_size,
-                      registered_guide)
+from correspondence import REGISTRATION_FRAMES, Exemplars, load_exemplars, shared_matcher
+from guidance import (GuidePropagator, load_fusion, load_hint_image, load_reference, parse_guide_spec,
+                      propagation_size, registered_guide)
 from utils import UserError, atomic_path, discard, first_line, remove_stale_temporaries, rgb_to_gray
 from video_io import (ClipFrame, VideoInfo, VideoWriter, has_audio, iter_clip_frames, iter_timed_frames, join_video,
                       list_frames, probe_clip, read_image_rgb, write_image_rgb)
@@ -85,6 +85,7 @@ class ColorizationOptions:
     register_exemplars: bool = True
     guided_output: bool = True
     learned_metric: bool = True
+    match_keyframes: bool = True  # look each frame's colour up in the keyframes too (fused with the flow's carry)
     batch_size: int = 8
     crf: int = 18
     bit_depth: str = "auto"
@@ -170,6 +171,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-learned-metric", dest="learned_metric", action="store_false",
                         help="match exemplars by the plain cosine similarity of the backbone's features instead of "
                         "the metric learned on training clips (unet_model/matcher)")
+    parser.add_argument("--no-match-keyframes", dest="match_keyframes", action="store_false",
+                        help="with --reference: carry the keyframes' colour along the optical flow only, instead of "
+                        "also looking each frame's colour up in the keyframes by its features (correspondence.py) "
+                        "and fusing the two by learned weights (guidance.fuse_sources), which finds colour the flow "
+                        "lost to fast motion or occlusion again")
     parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="frames denoised together")
 
 
@@ -304,6 +310,11 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
     state = start_state(args, guides) if state is None else state
     propagator = state.propagator
     guides = propagator if propagator.guides else None
+    keyframes = [g.keyframe for g in propagator.guides if g.keyframe is not None] if args.match_keyframes else []
+    exemplars_given = exemplars is not None
+    if keyframes:
+        exemplars = (exemplars or Exemplars([], shared_matcher(args.learned_metric))).with_keyframes(keyframes)
+    fusion = load_fusion() if keyframes else None
     # A keyframe's or an exemplar's colours are the clip's own; the colour head's guess would only compete with them.
     saturation = colorizer.sampling_default("saturation", args.saturation)
     head_vividness = None if args.reference or exemplars is not None or saturation == 0 else colorizer.vividness(
@@ -359,8 +370,10 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
         found_colour = zip(*found) if found is not None else itertools.repeat(None)
         for g, g_small, g_guide, chroma, plain_chroma, cut, frame_guide, colour in zip(
                 gray, small, guide_gray, predicted, plain, cuts, frame_guides, found_colour):
+            if frame_guide[0] is None and not exemplars_given:  # a keyframe's colour only where it travels: not
+                colour = None  # across a scene cut
             yield combine(g, propagator.output_chroma(chroma, plain_chroma, g_small, g_guide, frame_guide, cut,
-                                                      args.propagation, colour, args.guided_output))
+                                                      args.propagation, colour, args.guided_output, fusion))
 
 
 def resize_if_needed(frame: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -9,9 +9,9 @@ A variant sets correspondence.py's PASTE_FLOOR (`paste`: the least share of the 
 CORRESPONDENCE_SHORT_SIDE (`side`: the matching size), guidance.py's PALETTE_SHARE (`palette`), and the options
 ColorizationOptions.register_exemplars (`register`: whether an exemplar that is a reframed frame becomes a keyframe
 there), guided_output (`guided`: the output's chroma upsampled by the guided filter where colour was found) and
-learned_metric (`metric`: the learned matching metric or plain cosine similarity), 1 or 0; `automatic` matches
-nothing. Prints each variant's mean PSNR, colourfulness, CDC over the truth's and warp error (metrics.py's),
-and the PSNR per clip.
+learned_metric (`metric`: the learned matching metric or plain cosine similarity) and match_keyframes (`match`: with
+--keyframe, each frame's colour looked up in the keyframe too), 1 or 0; `automatic` matches nothing. Prints each
+variant's mean PSNR, colourfulness, CDC over the truth's and warp error (metrics.py's), and the PSNR per clip.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from video_io import iter_clip_frames, write_image_rgb
 
 CONSTANTS = {"paste": (correspondence, "PASTE_FLOOR"), "palette": (guidance, "PALETTE_SHARE"),
              "side": (correspondence, "CORRESPONDENCE_SHORT_SIDE")}
-OPTIONS = {"guided": "guided_output", "register": "register_exemplars", "metric": "learned_metric"}
+OPTIONS = {"guided": ("guided_output", bool), "register": ("register_exemplars", bool),
+           "metric": ("learned_metric", bool), "match": ("match_keyframes", bool)}
 COLUMNS = ("psnr", "colourfulness", "cdc_ratio", "warp_error")
 
 
@@ -51,6 +52,9 @@ def parse_args() -> argparse.Namespace:
                         "the exemplar (for the `palette` variants)")
     parser.add_argument("--also-exemplar", action="store_true", help="with --keyframe: frame 0 is also given as an "
                         "exemplar, so the correspondence colours beside the flow what the keyframe's carry loses")
+    parser.add_argument("--metric-file", type=Path, default=correspondence.METRIC_FILE,
+                        help="the learned matching metric (experiments/train_matcher.py's output; default: the "
+                        "shipped one): one trained with the scored clips held out")
     parser.add_argument("--propagation", type=float, default=ColorizationOptions.propagation)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write the table here")
@@ -65,7 +69,8 @@ def apply_variant(variant: str) -> tuple[bool, dict]:
         if item != "automatic":
             name, value = item.split("=")
             if name in OPTIONS:
-                options[OPTIONS[name]] = bool(float(value))
+                field, kind = OPTIONS[name]
+                options[field] = kind(float(value))
                 continue
             module, constant = CONSTANTS[name]
             setattr(module, constant, type(getattr(module, constant))(float(value)))  # an int stays an int
@@ -86,6 +91,7 @@ def main() -> None:
 
     args = parse_args()
     torch.set_num_threads(args.threads)
+    correspondence.METRIC_FILE = args.metric_file
     colorizer = load_colorizer(args.model, torch.device("cpu"))
     table = {}
     with tempfile.TemporaryDirectory() as temp:
