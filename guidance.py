@@ -419,8 +419,9 @@ class GuidePropagator:
             chroma = keep_painted_local(chroma, plain, painted[1])
         if fusion is not None and dense is not None and found is not None:
             chroma = self.fused_chroma(chroma, luma, guide_luma, dense, cut, found, fusion)
-            if painted is not None:
-                chroma = paste_painted(chroma, tuple(resize_to(p, guide_luma.shape) for p in painted))
+            if painted is not None:  # over the fused colour, not where the keyframe's colour is vouched for
+                pasted = paste_painted(chroma, tuple(resize_to(p, guide_luma.shape) for p in painted))
+                chroma = np.where((dense.confidence >= 1.0)[..., None], chroma, pasted).astype(np.float32)
             self.previous_output = luma, resize_to(chroma, luma.shape)
             return chroma
         if self.previous_output is not None and not cut and propagation > 0:

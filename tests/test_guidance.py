@@ -419,3 +419,23 @@ def test_matching_the_keyframe_finds_colour_the_flow_lost_and_stays_in_its_shot(
         error[matched] = np.abs(chroma_of(outputs[matched][1:len(shot)])[:, rows, columns] - truth).mean()
     assert error[True] < 0.5 * error[False], error
     assert np.array_equal(np.stack(outputs[True][len(shot):]), np.stack(outputs[False][len(shot):]))
+
+
+def test_a_painted_hint_does_not_cover_a_keyframes_vouched_colour():
+    """A keyframe and a red stroke painted on the same frame, the keyframe matched: where the keyframe's colour is
+    vouched for (all of its own frame) it stays as given; the stroke shows only where the fused colour rules."""
+    from guidance import Guide, GuidePropagator, load_fusion, reference_guide
+    from utils import rgb_to_gray
+
+    frame = panning_clip(1)[0]
+    gray, shape = rgb_to_gray(frame), frame.shape[:2]
+    stroke = np.zeros(shape, np.float32)
+    stroke[20:30, 20:60] = 1.0
+    red = np.stack([stroke * -40.0, stroke * 100.0], axis=-1).astype(np.float32)
+    key = reference_guide(frame, 0, shape)
+    propagator = GuidePropagator([key, Guide(0, red, stroke, stroke.copy(), dense=False)])
+    frame_guides = propagator.step(0, gray)
+    model = np.zeros((*shape, 2), np.float32)
+    found = (model.copy(), np.zeros(shape, np.float32))
+    output = propagator.output_chroma(model, None, gray, gray, frame_guides, False, 0.99, found, True, load_fusion())
+    assert np.abs(output - key.chroma)[stroke > 0].max() < 1e-3
