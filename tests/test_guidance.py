@@ -439,3 +439,13 @@ def test_a_painted_hint_does_not_cover_a_keyframes_vouched_colour():
     found = (model.copy(), np.zeros(shape, np.float32))
     output = propagator.output_chroma(model, None, gray, gray, frame_guides, False, 0.99, found, True, load_fusion())
     assert np.abs(output - key.chroma)[stroke > 0].max() < 1e-3
+
+
+def test_missing_fusion_weights_are_a_one_line_error_that_names_the_fix(tmp_path):
+    from guidance import load_fusion
+    from utils import UserError
+
+    with pytest.raises(UserError) as error:
+        load_fusion(tmp_path / "fusion.safetensors")
+    message = str(error.value)
+    assert "\n" not in message and "fusion.safetensors" in message and "git checkout -- unet_model/matcher" in message
