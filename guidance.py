@@ -377,18 +377,12 @@ class GuidePropagator:
             return hints, None
         return hints, hint_tensor(*map(np.stack, zip(*(model_hints(d, None, size) for d, _ in frame_guides))))
 
-    def fused_chroma(self, chroma: np.ndarray, luma: np.ndarray, guide_luma: np.ndarray, dense: Guide, cut: bool,
-                     found: tuple[np.ndarray, np.ndarray], fusion: np.ndarray) -> np.ndarray:
-        """The output colour at the propagation size where a keyframe's colour travels and the frame was matched to
-        the keyframes: where the carried colour is not vouched for, fuse_sources of the keyframe's carried and palette
-        colour, the found colour, the previous output carried along the flow and the model's sample (working-size
-        ones resized), weighted by their confidences."""
-        # where the keyframe's colour is vouched for it stays as it is: fused there, the frames' own outputs (the
-        # previous one) would feed back into it and drift
-        output = dense.chroma.copy()
-        fused = np.nonzero(dense.confidence < 1.0)
-        if not len(fused[0]):
-            return output
+    def fusion_inputs(self, chroma: np.ndarray, luma: np.ndarray, guide_luma: np.ndarray, dense: Guide, cut: bool,
+                      found: tuple[np.ndarray, np.ndarray]) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, ...]]:
+        """What fuse_sources weighs, at the propagation size: FUSED_SOURCES' colours (the keyframe's carried and
+        palette colour, the found colour, the previous output carried along the flow, the model's sample; the
+        working-size ones resized) and the pixels' confidences (the carried colour's, the match's, whether the
+        previous output's flow passed its check), fusion_features' arguments."""
         size = guide_luma.shape
         previous, reliable = chroma, np.zeros(chroma.shape[:2], np.float32)
         if self.previous_output is not None and not cut:
@@ -396,8 +390,20 @@ class GuidePropagator:
         palette = dense.palette[palette_levels(guide_luma)] if dense.palette is not None else dense.chroma
         sources = {"carried": dense.chroma, "palette": palette, "found": resize_to(found[0], size),
                    "previous": resize_to(previous, size), "model": resize_to(chroma, size)}
-        features = fusion_features(dense.confidence[fused], resize_to(found[1], size)[fused],
-                                   resize_to(reliable, size)[fused])
+        return sources, (dense.confidence, resize_to(found[1], size), resize_to(reliable, size))
+
+    def fused_chroma(self, chroma: np.ndarray, luma: np.ndarray, guide_luma: np.ndarray, dense: Guide, cut: bool,
+                     found: tuple[np.ndarray, np.ndarray], fusion: np.ndarray) -> np.ndarray:
+        """The output colour at the propagation size where a keyframe's colour travels and the frame was matched to
+        the keyframes: the carried colour where it is vouched for, elsewhere fuse_sources of fusion_inputs."""
+        # where the keyframe's colour is vouched for it stays as it is: fused there, the frames' own outputs (the
+        # previous one) would feed back into it and drift
+        output = dense.chroma.copy()
+        fused = np.nonzero(dense.confidence < 1.0)
+        if not len(fused[0]):
+            return output
+        sources, confidences = self.fusion_inputs(chroma, luma, guide_luma, dense, cut, found)
+        features = fusion_features(*(confidence[fused] for confidence in confidences))
         output[fused] = fuse_sources({name: value[fused] for name, value in sources.items()}, features, fusion)
         return output
 

@@ -31,7 +31,7 @@ import torch
 
 from colorizer import SAMPLERS, Colorizer, check_head_start, combine, prepare_gray
 from correspondence import REGISTRATION_FRAMES, Exemplars, load_exemplars, shared_matcher
-from guidance import (GuidePropagator, load_fusion, load_hint_image, load_reference, parse_guide_spec,
+from guidance import (Guide, GuidePropagator, load_fusion, load_hint_image, load_reference, parse_guide_spec,
                       propagation_size, registered_guide)
 from utils import UserError, atomic_path, discard, first_line, remove_stale_temporaries, rgb_to_gray
 from video_io import (ClipFrame, VideoInfo, VideoWriter, has_audio, iter_clip_frames, iter_timed_frames, join_video,
@@ -336,7 +336,7 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
                         for i, (g, cut) in enumerate(zip(guide_gray, cuts))]
         state.frames_done += len(batch)
         found = None
-        if exemplars is not None:
+        if exemplars is not None and (exemplars_given or any(uses_keyframe_match(d) for d, _ in frame_guides)):
             match_size = exemplars.matcher.input_size(height, width)
             found = exemplars.colour(np.stack([working_gray(g, match_size) for g in gray]), size)
         hints = plain_hints = None
@@ -374,6 +374,13 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
                 colour = None  # across a scene cut
             yield combine(g, propagator.output_chroma(chroma, plain_chroma, g_small, g_guide, frame_guide, cut,
                                                       args.propagation, colour, args.guided_output, fusion))
+
+
+def uses_keyframe_match(dense: Guide | None) -> bool:
+    """Whether a frame's output uses the colour found in the keyframes: only where the keyframe's colour travels to
+    it and is not vouched for everywhere (GuidePropagator.fused_chroma), so a batch of the shots after the keyframe's
+    runs no matcher."""
+    return dense is not None and bool((dense.confidence < 1.0).any())
 
 
 def resize_if_needed(frame: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -60,17 +60,13 @@ def recorded_frames(colorizer, clip: Path, folder: Path) -> list[dict]:
 
     def recording(self, chroma, plain, luma, guide_luma, frame_guides, cut, propagation, found=None,
                   guided_output=True, fusion=None):
-        size = guide_luma.shape
-        previous = (np.zeros_like(chroma), np.zeros(chroma.shape[:2], np.float32))
-        if self.previous_output is not None and not cut:
-            previous_luma, previous_chroma = self.previous_output
-            previous = guidance.carry(previous_luma, luma, previous_chroma)
+        dense = frame_guides[0]
+        inputs = (self.fusion_inputs(chroma, luma, guide_luma, dense, cut, found)
+                  if dense is not None and found is not None else None)
         output = original(self, chroma, plain, luma, guide_luma, frame_guides, cut, propagation, found,
                           guided_output, fusion)
-        records.append({"dense": frame_guides[0], "guide_luma": guide_luma, "output": guidance.resize_to(output, size),
-                        "model": guidance.resize_to(chroma, size),
-                        "previous": [guidance.resize_to(np.asarray(p, np.float32), size) for p in previous],
-                        "found": None if found is None else [guidance.resize_to(f, size) for f in found]})
+        records.append({"inputs": inputs, "guide_luma": guide_luma,
+                        "output": guidance.resize_to(output, guide_luma.shape)})
         return output
 
     frames = list(iter_clip_frames(clip))
@@ -85,15 +81,12 @@ def recorded_frames(colorizer, clip: Path, folder: Path) -> list[dict]:
     for record, frame in zip(records, frames):
         record["truth"] = rgb_to_chroma(guidance.resize_to(frame, record["guide_luma"].shape))
     # a frame no keyframe colour reaches any more (every step since failed) has nothing to split by
-    return [record for record in records[1:] if record["dense"] is not None]
+    return [record for record in records[1:] if record["inputs"] is not None]
 
 
 def candidates(record: dict) -> dict[str, np.ndarray]:
-    dense = record["dense"]
-    found = record["found"][0] if record["found"] is not None else record["model"]
-    return {"carried": dense.chroma, "model": record["model"],
-            "palette": dense.palette[guidance.palette_levels(record["guide_luma"])], "found": found,
-            "previous": record["previous"][0], "output": record["output"]}
+    """The fused sources (guidance.GuidePropagator.fusion_inputs) and the output."""
+    return {**record["inputs"][0], "output": record["output"]}
 
 
 def sampled_pixels(records: list[dict], count: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -102,10 +95,9 @@ def sampled_pixels(records: list[dict], count: int, rng: np.random.Generator) ->
     rows: dict[str, list] = {}
     for record in records:
         chosen = rng.choice(record["guide_luma"].size, min(count, record["guide_luma"].size), replace=False)
-        found_confidence = (record["found"][1] if record["found"] is not None
-                            else np.zeros(record["guide_luma"].shape, np.float32))
-        values = {**candidates(record), "truth": record["truth"], "carried_confidence": record["dense"].confidence,
-                  "found_confidence": found_confidence, "previous_reliable": record["previous"][1]}
+        carried_confidence, found_confidence, previous_reliable = record["inputs"][1]
+        values = {**candidates(record), "truth": record["truth"], "carried_confidence": carried_confidence,
+                  "found_confidence": found_confidence, "previous_reliable": previous_reliable}
         for name, value in values.items():
             rows.setdefault(name, []).append(value.reshape(record["guide_luma"].size, -1)[chosen])
     return {name: np.concatenate(value).astype(np.float32) for name, value in rows.items()}
@@ -115,7 +107,7 @@ def band_errors(records: list[dict]) -> dict:
     """Summed squared chroma error per band and source, and each band's pixel count, over the records."""
     table = {band: {"pixels": 0, **{source: 0.0 for source in SOURCES}} for band in BANDS}
     for record in records:
-        confidence = record["dense"].confidence
+        confidence = record["inputs"][1][0]
         errors = {name: ((value - record["truth"]) ** 2).sum(axis=-1) for name, value in candidates(record).items()}
         for band, (low, high) in BANDS.items():
             inside = (confidence >= low) & (confidence < high)
