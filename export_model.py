@@ -30,6 +30,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vividness", type=float, help="the model's default --vividness")
     parser.add_argument("--saturation", type=float, help="the model's default --saturation")
     parser.add_argument("--head-start", type=int, help="the model's default --head-start")
+    parser.add_argument("--heads-lead", action=argparse.BooleanOptionalAction,
+                        help="the model's default --heads-lead")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser.parse_args()
 
@@ -69,7 +71,7 @@ def main() -> None:
     heads = [str(head.resolve()) for head in args.color_head or []]
     settings = {key: value for key, value in (("color_head", (heads[0] if len(heads) == 1 else heads) or None),
                                               ("vividness", args.vividness), ("saturation", args.saturation),
-                                              ("head_start", args.head_start))
+                                              ("head_start", args.head_start), ("heads_lead", args.heads_lead))
                 if value is not None}
     source = export(args.checkpoint, args.out, args.overwrite, settings)
     print(f"exported {source} -> {args.out}")

@@ -71,6 +71,7 @@ class ColorizationOptions:
     saturation: float | None = None  # None: the model's own default (Colorizer.sampling_default)
     vividness: float | None = None  # a colour head's strength; None: the model's own default
     head_start: int | None = None  # the step sampling starts at from the head's colour; None: the model's own
+    heads_lead: bool | None = None  # the heads' colour, the diffusion setting its tint; None: the model's own
     seed: int = 0
     shared_noise: bool = True
     propagation: float = 0.99
@@ -145,6 +146,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with a colour head and --sampler ddim: start sampling from the head's colour noised to "
                         "this denoising step (lower stays closer to the head's colour; 999: from pure noise, as "
                         "without a head) instead of from pure noise (default: the model's own)")
+    parser.add_argument("--heads-lead", action=argparse.BooleanOptionalAction, default=DEFAULTS.heads_lead,
+                        help="with a colour head: the output is the heads' colour, the diffusion sample setting its "
+                        "large-scale tint (--no-heads-lead: the decoded sample, the heads' colour its hint; default: "
+                        "the model's own)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--no-shared-noise", dest="shared_noise", action="store_false",
                         help="draw fresh noise for every frame (the paper's behaviour) instead of one per shot")
@@ -321,6 +326,7 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
         args.vividness)
     # the head's colour as the start is DDIM's (Colorizer.sample_latents); other samplers start from noise
     head_start = None if head_vividness is None or args.sampler != "ddim" else colorizer.head_start(args.head_start)
+    heads_lead = colorizer.heads_lead(args.heads_lead)
     latent_shape = colorizer.latent_shape(height, width)
     shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed + state.shot))
     for batch in batched(frames, args.batch_size):
@@ -357,11 +363,11 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
         step_state = state.step_generator.get_state()
 
         def sample_chroma(hint_input: torch.Tensor | None, generator: torch.Generator) -> np.ndarray:
-            latents = colorizer.sample_latents(model_gray, batch_noise, args.sampler, args.steps, args.guidance,
-                                               generator=generator, hints=hint_input, vac_gray=vac_gray,
-                                               vividness=head_vividness, output_gain=saturation,
-                                               head_start=head_start, head_gray=head_gray)
-            return colorizer.decode_chroma(latents) * saturation
+            chroma = colorizer.sample_chroma(model_gray, batch_noise, args.sampler, args.steps, args.guidance,
+                                             generator=generator, hints=hint_input, vac_gray=vac_gray,
+                                             vividness=head_vividness, output_gain=saturation,
+                                             head_start=head_start, head_gray=head_gray, heads_lead=heads_lead)
+            return chroma * saturation
 
         predicted = sample_chroma(hints, state.step_generator)
         plain = itertools.repeat(None)

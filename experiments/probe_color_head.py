@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
 from colorizer import DEFAULT_MODEL, Colorizer, combine, load_colorizer, prepare_gray
-from metrics import evaluate_clip, gray_baseline
+from metrics import FrechetFeatures, evaluate_clip, frechet_distance, gray_baseline
 from pipeline import colorize_frames, parse_options
 from utils import choose_device, rgb_to_gray, run_cli
 from video_io import iter_clip_frames, list_clips
@@ -47,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=40, help="first N frames of each clip")
     parser.add_argument("--settings", default="", help="the pipeline's other sampling flags, quoted")
     parser.add_argument("--head-only", action="store_true", help="score the head alone, without the pipeline rows")
+    parser.add_argument("--frechet", action="store_true",
+                        help="score each row's FD(Lite2) too: its frames over all clips against the ground truth's")
     parser.add_argument("--json", type=Path, help="write the table here")
     parser.add_argument("--figure", type=Path, help="write one frame per clip here (gray | head | pipeline | truth)")
     parser.add_argument("--figure-vividness", type=float, help="the vividness the figure shows (default: the last)")
@@ -81,11 +83,18 @@ def head_alone(colorizer: Colorizer, frames: list[np.ndarray], vividness: float)
     return outputs
 
 
-def scored(outputs: dict[str, list[np.ndarray]], clips: dict[str, list[np.ndarray]]) -> dict:
+def scored(outputs: dict[str, list[np.ndarray]], clips: dict[str, list[np.ndarray]],
+           frechet: tuple[FrechetFeatures, np.ndarray] | None = None) -> dict:
+    """A row's means over the clips; with `frechet` (the network and the ground truth's features), its FD(Lite2)."""
     per_clip = {name: evaluate_clip(iter(outputs[name]), iter(frames), name=name) for name, frames in clips.items()}
     keys = ("psnr", "ssim", "colorfulness", "cdc", "gt_colorfulness", "gt_cdc")
-    return {**{key: float(np.mean([r[key] for r in per_clip.values()])) for key in keys},
-            "per_clip_psnr": {name: r["psnr"] for name, r in per_clip.items()}}
+    row = {**{key: float(np.mean([r[key] for r in per_clip.values()])) for key in keys},
+           "per_clip_psnr": {name: r["psnr"] for name, r in per_clip.items()}}
+    if frechet is not None:
+        network, truth = frechet
+        row["frechet_lite2"] = frechet_distance(np.stack([network(f) for f in itertools.chain(*outputs.values())]),
+                                                truth)
+    return row
 
 
 def run_rows(colorizer: Colorizer, clips: dict[str, list[np.ndarray]], args: argparse.Namespace
@@ -103,15 +112,19 @@ def run_rows(colorizer: Colorizer, clips: dict[str, list[np.ndarray]], args: arg
         outputs[f"pipeline {vividness}"] = {
             name: list(colorize_frames(colorizer, iter(frames), options, frames[0].shape[:2]))
             for name, frames in clips.items()}
+    frechet = None
+    if args.frechet:
+        network = FrechetFeatures()
+        frechet = network, np.stack([network(f) for f in itertools.chain(*clips.values())])
     rows = {}
     for label, row_outputs in outputs.items():
-        rows[label] = scored(row_outputs, clips)
+        rows[label] = scored(row_outputs, clips, frechet)
         below = sum(rows[label]["per_clip_psnr"][n] < rows["gray"]["per_clip_psnr"][n] for n in clips)
         rows[label]["clips_below_gray"] = int(below)
         print(f"{label:16s} PSNR {rows[label]['psnr']:6.2f}  SSIM {rows[label]['ssim']:.4f}  "
               f"CF {rows[label]['colorfulness']:5.1f} / {rows[label]['gt_colorfulness']:5.1f}  "
-              f"CDC {rows[label]['cdc']:.5f} / {rows[label]['gt_cdc']:.5f}  below gray {below}/{len(clips)}",
-              flush=True)
+              f"CDC {rows[label]['cdc']:.5f} / {rows[label]['gt_cdc']:.5f}  below gray {below}/{len(clips)}"
+              f"  FD(Lite2) {rows[label].get('frechet_lite2', float('nan')):.1f}", flush=True)
     middles = {label: {name: frames[len(frames) // 2] for name, frames in row.items()}
                for label, row in outputs.items()}
     return rows, middles

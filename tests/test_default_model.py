@@ -93,3 +93,37 @@ def test_default_hints_pull_their_region_and_leave_far_regions_alone(tmp_path):
     before, after = (np.linalg.norm(c[left] - target, axis=-1).mean() for c in (plain, hinted))
     assert after < 0.5 * before
     assert np.abs(hinted[right] - plain[right]).mean() < 2.0
+
+
+def test_where_the_heads_lead_the_output_keeps_their_detail_and_takes_the_samples_tint():
+    """With --heads-lead the output is the colour heads' chroma plus a correction smooth at the frame's scale, which
+    follows the diffusion's sample (two noises, two tints); without it the decoded sample departs from the heads'
+    colour at fine scales too (the latent path's blotches)."""
+    import cv2
+    from skimage import data
+
+    from colorizer import load_colorizer, prepare_gray
+    from utils import rgb_to_gray
+
+    colorizer = load_colorizer(DEFAULT, torch.device("cpu"))
+    gray = rgb_to_gray(data.chelsea())[None]
+    height, width = gray.shape[1:]
+    inputs = {"gray": prepare_gray(gray, colorizer.working_size(height, width)),
+              "vac_gray": prepare_gray(gray, colorizer.vac_size(height, width)),
+              "head_gray": prepare_gray(gray, colorizer.head_size(height, width))}
+    _, _, head = colorizer.conditioning(inputs["gray"], inputs["vac_gray"], 0.25, inputs["head_gray"])
+    head = head.permute(0, 2, 3, 1).numpy()[0]
+
+    def departure(seed: int, lead: bool) -> np.ndarray:
+        noise = torch.randn((1, *colorizer.latent_shape(height, width)), generator=torch.Generator().manual_seed(seed))
+        chroma = colorizer.sample_chroma(inputs["gray"], noise, steps=1,
+                                         vac_gray=inputs["vac_gray"], head_gray=inputs["head_gray"], vividness=0.25,
+                                         heads_lead=lead)
+        return chroma[0] - head
+
+    def fine(difference: np.ndarray) -> float:
+        return float(np.abs(difference - cv2.GaussianBlur(difference, (0, 0), 2.0)).mean())
+
+    led, other_noise, plain = departure(0, True), departure(1, True), departure(0, False)
+    assert fine(led) < 0.05 * fine(plain) and fine(plain) > 0.3
+    assert np.abs(led - other_noise).mean() > 0.2  # the tint is the sample's, not a constant
