@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from color_head import ColorHead, load_color_head
-from guidance import no_hints
+from guidance import no_hints, resize_to
 from modules import (BACKBONE_SCALE, BACKBONE_STRIDES, CHROMA_RANGE, HybridVAC, load_vac, load_vae, model_multiple,
                      round_to_multiple, unet_in_channels, unet_input, vac_condition, vac_fingerprint, vac_input_scale,
                      vac_spatial_channels, vae_downscale, vae_fingerprint, vae_output_to_chroma)
@@ -325,11 +325,9 @@ def smoothed(chroma: np.ndarray, sigma: float, size: tuple[int, int] | None = No
 
     height, width = chroma.shape[1:3]
     shrink = max(1.0, sigma / 16)
-    small = (max(1, round(width / shrink)), max(1, round(height / shrink)))
-    out_height, out_width = size or (height, width)
-    blurred = (cv2.GaussianBlur(cv2.resize(frame, small, interpolation=cv2.INTER_AREA), (0, 0), sigma / shrink)
-               for frame in chroma)
-    return np.stack([cv2.resize(frame, (out_width, out_height), interpolation=cv2.INTER_LINEAR) for frame in blurred])
+    small = (max(1, round(height / shrink)), max(1, round(width / shrink)))
+    blurred = (cv2.GaussianBlur(resize_to(frame, small), (0, 0), sigma / shrink) for frame in chroma)
+    return np.stack([resize_to(frame, size or (height, width)) for frame in blurred])
 
 
 def check_head_start(head_start: int | None, sampler: str) -> None:
