@@ -24,12 +24,21 @@ def dense_flow(source: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
     """image sampled at x + flow(x) (bilinear)."""
+    return sample_at(image, *flow_targets(flow))
+
+
+def flow_targets(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The points x + flow(x): their HxW float32 x and y coordinates."""
+    height, width = flow.shape[:2]
+    return (np.arange(width, dtype=np.float32) + flow[..., 0],
+            np.arange(height, dtype=np.float32)[:, None] + flow[..., 1])
+
+
+def sample_at(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """image sampled at the points (x, y) (bilinear; beyond its edges, its edge pixels)."""
     import cv2
 
-    height, width = flow.shape[:2]
-    grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
-    map_x, map_y = grid_x + flow[..., 0], grid_y + flow[..., 1]
-    return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return cv2.remap(image, x, y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def squared_norm(vectors: np.ndarray) -> np.ndarray:
@@ -46,12 +55,11 @@ def reliable_flow(prev_gray: np.ndarray, gray: np.ndarray) -> tuple[np.ndarray, 
     # OpenCV releases the GIL: the two directions run side by side (108 -> 59 ms at 854x480 on 2 cores).
     with ThreadPoolExecutor(2) as pool:
         backward, forward = pool.map(dense_flow, (gray, prev_gray), (prev_gray, gray))
-    forward_there = warp(forward, backward)
+    target_x, target_y = flow_targets(backward)
+    forward_there = sample_at(forward, target_x, target_y)
     round_trip = squared_norm(backward + forward_there)
     tolerance = 0.01 * (squared_norm(backward) + squared_norm(forward_there)) + 0.5
     height, width = gray.shape
-    target_x = np.arange(width, dtype=np.float32) + backward[..., 0]
-    target_y = np.arange(height, dtype=np.float32)[:, None] + backward[..., 1]
     inside = (target_x >= 0) & (target_x <= width - 1) & (target_y >= 0) & (target_y <= height - 1)
     return backward, (round_trip <= tolerance) & inside
 

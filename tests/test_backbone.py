@@ -46,6 +46,21 @@ def test_a_missing_weights_package_is_a_one_line_error(monkeypatch):
         imagenet_efficientnet("efficientnet_b7")
 
 
+def test_fewer_stages_and_folded_batch_norms_keep_the_maps():
+    from modules import BACKBONE_STAGES, fold_batch_norms, imagenet_efficientnet
+
+    full = imagenet_efficientnet("efficientnet_lite0")
+    fast = fold_batch_norms(imagenet_efficientnet("efficientnet_lite0", stages=BACKBONE_STAGES[:2]))
+    assert len(fast.blocks) < len(full.blocks)  # the blocks after the last map asked for are gone
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    image = torch.randn(2, 3, 96, 128)
+    with torch.inference_mode():
+        maps, fast_maps = full(image), fast(image.contiguous(memory_format=torch.channels_last))
+    assert len(fast_maps) == 2
+    for plain, folded in zip(maps, fast_maps):
+        assert torch.allclose(plain, folded, rtol=1e-4, atol=1e-4 * float(plain.abs().max()))
+
+
 def test_hybrid_vac_saves_loads_and_keeps_the_latent_grid(tmp_path):
     from modules import build_hybrid_vac, load_vac, save_vac, vac_fingerprint
 
