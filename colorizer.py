@@ -370,6 +370,8 @@ def load_colorizer(path: Path, device: torch.device, vae_spec: str | None = None
     color_heads = load_matching_heads(config, folder, vac)
     for module in (unet, vae, vac, *color_heads):
         module.to(device).eval().requires_grad_(False)
+    if isinstance(vac, HybridVAC):
+        vac.fold_for_inference()
     return Colorizer(unet, vae, vac, config, device, color_heads)
 
 

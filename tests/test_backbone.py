@@ -82,6 +82,27 @@ def test_hybrid_vac_saves_loads_and_keeps_the_latent_grid(tmp_path):
     assert vac_fingerprint(again) != vac_fingerprint(vac)
 
 
+def test_a_vac_folded_for_inference_gives_the_same_condition_on_a_photo():
+    """load_colorizer folds the VAC's backbone (fold_for_inference): the tokens and spatial map of a real photo stay
+    those of the plain network, the backbone runs channels-last and no batch norm is left."""
+    import cv2
+    from skimage import data
+
+    from modules import build_hybrid_vac
+
+    torch.manual_seed(0)
+    vac = build_hybrid_vac(token_dim=32, layers=1, heads=2, spatial_channels=8).eval()
+    gray = torch.from_numpy(cv2.resize(data.camera(), (128, 96), interpolation=cv2.INTER_AREA)).float()[None, None]
+    with torch.inference_mode():
+        tokens, spatial = vac(gray / 255.0)
+        vac.fold_for_inference()
+        folded_tokens, folded_spatial = vac(gray / 255.0)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in vac.backbone.modules())
+    assert vac.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    for plain, folded in ((tokens, folded_tokens), (spatial, folded_spatial)):
+        assert torch.allclose(plain, folded, atol=1e-4 * float(plain.abs().max()))
+
+
 def test_the_backbone_sees_what_is_in_the_frame():
     """Its features of two different photos differ far more than those of one photo and a slightly shifted crop."""
     import cv2
