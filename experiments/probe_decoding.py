@@ -19,12 +19,13 @@ The heads' logits are computed once per frame; every rule then decodes the same 
 - gated v: rebalancing at v scaled down by the mass the calibrated distribution puts within GRAY_RADIUS of gray.
 
 Each rule's chroma can then be refined (--refine, rows `rule+refinement`): `RADIUS,EPS` a guided filter on the
-frame's luma (colour edges on luma edges); `grayworldA` the frame's mean chroma times A taken away; and two oracles
-that read the truth, bounds rather than methods: `oraclecast` the frame's mean chroma replaced by the truth's (what
-a right cast alone is worth), `oraclegain` the chroma scaled to the truth's mean magnitude. With --cast-items, the
-cast predicted instead: a ridge regression of the frame's mean chroma on the backbone's pooled maps, the heads'
-frame-averaged distributions and the rule's own mean and magnitude, fitted on training items (rows `rule+cast`),
-and likewise the frame's chroma gain (`rule+gainfit`: the log ratio of the truth's mean magnitude to the rule's).
+frame's luma (correspondence.guided_upsample: colour edges on luma edges); `grayworldA` the frame's mean chroma
+times A taken away; and two oracles that read the truth, bounds rather than methods: `oraclecast` the frame's mean
+chroma replaced by the truth's (what a right cast alone is worth), `oraclegain` the chroma scaled to the truth's
+mean magnitude. With --cast-items, the cast predicted instead: a ridge regression of the frame's mean chroma on the
+backbone's pooled maps, the heads' frame-averaged distributions and the rule's own mean and magnitude, fitted on
+training items (rows `rule+cast`), and likewise the frame's chroma gain (`rule+gainfit`: the log ratio of the
+truth's mean magnitude to the rule's).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
 from colorizer import DEFAULT_MODEL, Colorizer, combine, load_colorizer, prepare_gray
+from correspondence import guided_upsample
 from metrics import FrechetFeatures, colorfulness, frechet_distance, psnr
 from utils import choose_device, rgb_to_chroma, rgb_to_gray, run_cli
 from video_io import iter_clip_frames, list_clips
@@ -118,25 +120,6 @@ def decode(colorizer: Colorizer, logits: list[torch.Tensor], rule: str, strength
     return chroma
 
 
-def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int, eps: float) -> np.ndarray:
-    """He et al.'s guided filter: `source` (HxWxC float) made locally affine in `guide` (HxW in [0, 1]), so its
-    edges follow the guide's."""
-    import cv2
-
-    def box(x: np.ndarray) -> np.ndarray:
-        return cv2.boxFilter(x, -1, (2 * radius + 1, 2 * radius + 1), borderType=cv2.BORDER_REFLECT)
-
-    mean_i = box(guide)
-    var_i = box(guide * guide) - mean_i**2
-    out = np.empty_like(source)
-    for c in range(source.shape[2]):
-        mean_p = box(source[..., c])
-        a = (box(guide * source[..., c]) - mean_i * mean_p) / (var_i + eps)
-        b = mean_p - a * mean_i
-        out[..., c] = box(a) * guide + box(b)
-    return out
-
-
 def refined(gray: np.ndarray, chroma: np.ndarray, refine: str | None, truth: np.ndarray) -> np.ndarray:
     """The chroma at the frame's size, refined as `refine` names (the module doc); `truth` only for the oracles."""
     import cv2
@@ -153,7 +136,7 @@ def refined(gray: np.ndarray, chroma: np.ndarray, refine: str | None, truth: np.
     if refine.startswith("grayworld"):
         return chroma - float(refine[len("grayworld"):]) * chroma.mean(axis=(0, 1))
     share, eps = map(float, refine.split(","))
-    return guided_filter(gray.astype(np.float32) / 255, chroma, max(1, round(share * min(height, width))), eps)
+    return guided_upsample(chroma, gray, max(1, round(share * min(height, width))), eps)
 
 
 class Ridge:
