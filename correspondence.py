@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modules import BACKBONE_STAGES, fold_batch_norms, imagenet_efficientnet, imagenet_input
+from modules import BACKBONE_STAGES, for_cpu_inference, imagenet_efficientnet, imagenet_input
 from utils import UserError, rgb_to_chroma, rgb_to_gray
 
 CORRESPONDENCE_BACKBONE = "efficientnet_lite0"
@@ -62,9 +62,7 @@ class Matcher:
 
     def __init__(self, backbone: str = CORRESPONDENCE_BACKBONE, short_side: int = CORRESPONDENCE_SHORT_SIDE,
                  temperature: float = TEMPERATURE, top_k: int = TOP_K, projection: torch.Tensor | None = None):
-        # batch norms folded, channels last: 40% less time on the CPU, the features within 3e-6 of the plain network's
-        self.network = fold_batch_norms(imagenet_efficientnet(backbone, stages=MATCHED_STAGES).requires_grad_(False)
-                                        ).to(memory_format=torch.channels_last)
+        self.network = for_cpu_inference(imagenet_efficientnet(backbone, stages=MATCHED_STAGES).requires_grad_(False))
         self.short_side, self.temperature, self.top_k = short_side, temperature, top_k
         self.projection = projection
 

@@ -298,6 +298,12 @@ def fold_batch_norms(network: nn.Module) -> nn.Module:
     return network
 
 
+def for_cpu_inference(network: nn.Module) -> nn.Module:
+    """A frozen backbone as the CPU runs it fastest: its batch norms folded (fold_batch_norms) and its weights
+    channels-last (feed it channels-last input); the same maps up to float rounding in about 60% of the time."""
+    return fold_batch_norms(network).to(memory_format=torch.channels_last)
+
+
 def imagenet_input(gray: torch.Tensor) -> torch.Tensor:
     """Bx1xHxW luma in [0, 1] -> the three ImageNet-normalised channels the backbone was trained on."""
     mean = torch.tensor(IMAGENET_MEAN, device=gray.device).view(1, 3, 1, 1)
@@ -356,10 +362,9 @@ class HybridVAC(nn.Module):
             return self.backbone.eval()(image)
 
     def fold_for_inference(self) -> None:
-        """The backbone's batch norms folded into its convolutions, channels-last (fold_batch_norms): the same maps
-        up to float rounding in about two thirds of the time on the CPU. For inference only: a VAC folded so no
-        longer has the layout a VAC folder stores, so it is never saved."""
-        fold_batch_norms(self.backbone).to(memory_format=torch.channels_last)
+        """The backbone made for_cpu_inference. For inference only: a VAC folded so no longer has the layout a VAC
+        folder stores, so it is never saved."""
+        for_cpu_inference(self.backbone)
         self.folded = True
 
     def head(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
