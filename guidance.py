@@ -40,6 +40,10 @@ UNRELIABLE_KEEP = 0.5  # confidence kept through a step where the flow fails its
 LUMA_MATCH = 16
 SPREAD_STEPS, SPREAD_EDGE = 300, 0.2  # painted colour's diffusion at the working size (see spread_painted)
 PROPAGATION_SHORT_SIDE = 480  # keyframe colour travels at most at this size (cost of the flow grows with area)
+# A keyframe's colour travels along DIS flows without their variational refinement (flow.dense_flow), which is half
+# a flow's cost. Chosen on the four clips training held out, first frame given: 37.22 dB refined (5 iterations, the
+# medium preset's), 37.33 with 2, 37.44 with none; then the fast-motion dev set: 34.49 -> 34.81.
+REFINED_GUIDE_FLOW = False
 # Where a keyframe's colour did not arrive, the output is the model's colour and the keyframe's palette colour for the
 # pixel's luma, half each (see paste_dense). Chosen on the four clips training held out (128 px): first frame given
 # 36.01 dB with the model alone, 36.28 with the palette alone, 36.32 half each; middle frame 36.47 -> 36.56.
@@ -271,7 +275,7 @@ def carry_guide(guide: Guide, from_gray: np.ndarray, to_gray: np.ndarray) -> Gui
     """A guide moved from the frame of `from_gray` onto the frame of `to_gray` along the flow, sampled from source
     pixels of the target pixel's luma (no colour trails); its confidence is kept where the flow passes the
     forward-backward check or brings the right luma."""
-    flow, reliable = reliable_flow(from_gray, to_gray)
+    flow, reliable = reliable_flow(from_gray, to_gray, REFINED_GUIDE_FLOW)
     luma_matches = brings_matching_luma(from_gray, flow, to_gray)
     moved = warp_matching_luma(np.dstack([guide.weighted, guide.support, guide.confidence]), flow, from_gray, to_gray)
     kept = np.where(reliable | luma_matches, 1.0, UNRELIABLE_KEEP).astype(np.float32)
@@ -294,7 +298,7 @@ def reanchor(guide: Guide, gray: np.ndarray) -> Guide:
     if guide.keyframe is None:
         return guide
     key_gray, key_chroma = guide.keyframe
-    flow, reliable = reliable_flow(key_gray, gray)
+    flow, reliable = reliable_flow(key_gray, gray, REFINED_GUIDE_FLOW)
     found = reliable & brings_matching_luma(key_gray, flow, gray)
     if not found.any():
         return guide

@@ -164,14 +164,16 @@ def test_cdc_matches_tcvc_reference_code():
 # --- Warp error ----------------------------------------------------------------------------------------------------
 
 
-def test_reliable_flow_tracks_a_moving_object_and_masks_what_it_uncovers():
+@pytest.mark.parametrize("refine", [True, False])  # False: as a keyframe's colour travels (guidance.py)
+def test_reliable_flow_tracks_a_moving_object_and_masks_what_it_uncovers(refine: bool):
     import cv2
 
     background, square = smooth_texture(96, 128), smooth_texture(40, 40, seed=7)
     prev, current = background.copy(), background.copy()
     prev[28:68, 30:70] = square
     current[28:68, 38:78] = square  # the square moves 8 px right, uncovering background at columns 30-37
-    flow, mask = motion.reliable_flow(cv2.cvtColor(prev, cv2.COLOR_RGB2GRAY), cv2.cvtColor(current, cv2.COLOR_RGB2GRAY))
+    flow, mask = motion.reliable_flow(cv2.cvtColor(prev, cv2.COLOR_RGB2GRAY), cv2.cvtColor(current, cv2.COLOR_RGB2GRAY),
+                                      refine)
     inside_square = (slice(32, 64), slice(48, 68))
     assert np.median(flow[inside_square][..., 0]) == pytest.approx(-8, abs=0.3)
     assert mask[inside_square].mean() > 0.9
