@@ -48,9 +48,9 @@ sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
 from color_head import ColorHead, load_color_head
 from colorizer import DEFAULT_MODEL, Colorizer, combine, load_colorizer, prepare_gray
-from modules import BACKBONE_STRIDES, for_cpu_inference, imagenet_efficientnet, imagenet_input, round_to_multiple
 from correspondence import guided_upsample
 from metrics import FrechetFeatures, colorfulness, frechet_distance, psnr
+from modules import BACKBONE_STRIDES, for_cpu_inference, imagenet_efficientnet, imagenet_input, round_to_multiple
 from utils import choose_device, rgb_to_chroma, rgb_to_gray, run_cli
 from video_io import iter_clip_frames, list_clips
 
@@ -216,7 +216,10 @@ def item_readings(heads: HeadSet, items_file: Path, count: int, keys: list[tuple
     names = {key: f"{key[0]} {key[1]:g}" for key in keys}
     if cache.exists():
         with np.load(cache) as stored:
-            if all(name in stored for name in names.values()) and len(stored["truth"]) == count:
+            # a cache from before --extra-heads holds the model's heads' readings only
+            heads_read = int(stored["heads"]) if "heads" in stored else len(heads.colorizer.color_heads)
+            if (all(name in stored for name in names.values()) and len(stored["truth"]) == count
+                    and heads_read == len(heads.all)):
                 return dict(stored)
     with np.load(items_file) as stored:
         items = stored["items"]
@@ -230,7 +233,7 @@ def item_readings(heads: HeadSet, items_file: Path, count: int, keys: list[tuple
             read[name].append(rule_summary(heads, logits, *key))
         if n % 500 == 0:
             print(f"cast items {n}/{len(items)}", flush=True)
-    read = {name: np.array(values) for name, values in read.items()}
+    read = {name: np.array(values) for name, values in read.items()} | {"heads": np.array(len(heads.all))}
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **read)
     return read
