@@ -155,6 +155,7 @@ def bench_setting(name: str, settings: ColorizationOptions, colorizer, color_fra
     modules = {"denoise (UNet)": colorizer.unet, "VAC tokens": colorizer.vac, "VAE decode": colorizer.vae.decoder}
     if colorizer.color_heads:  # the backbone's passes feed the VAC's head and the colour heads, not vac()
         modules |= {"VAC backbone": colorizer.vac.backbone,
+                    **{f"{name} backbone": backbone for name, backbone in colorizer.head_backbones.items()},
                     **{f"colour head {i + 1}": head for i, head in enumerate(colorizer.color_heads)}}
     if args.exemplar:
         modules["correspondence features"] = shared_matcher(settings.learned_metric).network

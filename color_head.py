@@ -72,6 +72,11 @@ class ColorHead(nn.Module):
         """The short side of the backbone's input the head was trained on (train_color_head.py --crop)."""
         return self.config.get("crop")
 
+    @property
+    def backbone(self) -> str | None:
+        """The ImageNet backbone whose maps the head reads (train_color_head.py --backbone)."""
+        return self.config.get("backbone")
+
     def forward(self, features: list[torch.Tensor], gray: torch.Tensor) -> torch.Tensor:
         """features: the backbone's maps on `gray` (Bx1xHxW in [0, 1], the backbone's input) -> B x Q x H/4 x W/4."""
         pyramid = None
@@ -84,15 +89,23 @@ class ColorHead(nn.Module):
         pyramid = F.interpolate(pyramid, size=fine_gray.shape[-2:], mode="bilinear", align_corners=False)
         return self.fine(torch.cat([pyramid, fine_gray], dim=1))
 
+    def rebalanced(self, logits: torch.Tensor, vividness: float) -> torch.Tensor:
+        """Logits -> the logits of the distribution rebalanced by the prior to the power `vividness` (module doc), up
+        to a constant per position."""
+        prior = (1 - PRIOR_MIX) * self.prior + PRIOR_MIX / len(self.prior)
+        return logits - vividness * prior.log().view(1, -1, 1, 1)
+
     def distribution(self, logits: torch.Tensor, vividness: float) -> torch.Tensor:
         """Logits -> the distribution over bins, rebalanced by the prior to the power `vividness` (module doc)."""
-        prior = (1 - PRIOR_MIX) * self.prior + PRIOR_MIX / len(self.prior)
-        log_prior = prior.log().view(1, -1, 1, 1)
-        return torch.softmax(F.log_softmax(logits, dim=1) - vividness * log_prior, dim=1)
+        return torch.softmax(self.rebalanced(logits, vividness), dim=1)
 
     def chroma(self, logits: torch.Tensor, vividness: float) -> torch.Tensor:
-        """Logits -> B x 2 x h x w chroma (Cb, Cr, on the 8-bit scale): the mean of the rebalanced distribution."""
-        return torch.einsum("bqhw,qc->bchw", self.distribution(logits, vividness), self.centres)
+        """Logits -> B x 2 x h x w chroma (Cb, Cr, on the 8-bit scale): the mean of the rebalanced distribution,
+        summed with its unnormalised weights and divided by their total: one pass over the bins fewer than
+        normalising them first."""
+        rebalanced = self.rebalanced(logits, vividness)
+        weights = (rebalanced - rebalanced.amax(dim=1, keepdim=True)).exp()
+        return F.conv2d(weights, self.centres.t()[:, :, None, None]) / weights.sum(dim=1, keepdim=True)
 
 
 def build_color_head(backbone_channels: list[int], step: float, prior_counts: torch.Tensor, width: int = 96,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from color_head import ColorHead, load_color_head
 from guidance import no_hints, resize_to
-from modules import (BACKBONE_SCALE, BACKBONE_STRIDES, CHROMA_RANGE, HybridVAC, load_vac, load_vae, model_multiple,
+from modules import (BACKBONE_SCALE, BACKBONE_STRIDES, BACKBONES, CHROMA_RANGE, FrozenBackbone, HybridVAC, load_vac,
+                     load_vae, model_multiple,
                      round_to_multiple, unet_in_channels, unet_input, vac_condition, vac_fingerprint, vac_input_scale,
                      vac_spatial_channels, vae_downscale, vae_fingerprint, vae_output_to_chroma)
 from utils import UserError, first_line, luma_chroma_to_rgb
@@ -80,6 +81,8 @@ class Colorizer:
     config: dict
     device: torch.device
     color_heads: tuple[ColorHead, ...] = ()
+    # the frozen ImageNet backbones of the colour heads that do not read the VAC's, by name
+    head_backbones: dict[str, torch.nn.Module] = field(default_factory=dict)
 
     @property
     def image_size(self) -> int:
@@ -282,26 +285,40 @@ class Colorizer:
         """Bx1xHxW gray at vac_size -> the VAC's tokens, its spatial map (a hybrid VAC's, else None) and, for a model
         with colour heads given a `vividness`, their chroma (Bx2xh/4xw/4 of the largest head input, 8-bit scale; else
         None): the mean of the heads' chroma, an ensemble of heads trained on the same colours at different input
-        sizes, each reading the frame at its own. A head reads `head_gray` (the frames at head_size) where its input
-        size is not the VAC's, else `vac_gray` (resized to its size where no `head_gray` is given); where the sizes
-        agree one pass of the backbone serves the VAC and the head."""
+        sizes or on different backbones, each reading the frame at its own size with its own backbone
+        (head_inputs)."""
         vac_gray = vac_gray.to(self.device)
         if not self.color_heads or vividness is None:
             return (*vac_condition(self.vac, vac_gray), None)
-        features = self.vac.features(vac_gray)
-        shared = (features, vac_gray)
-        reads_vac = [head.input_side in (None, min(vac_gray.shape[-2:])) for head in self.color_heads]
-        if not all(reads_vac):
-            if head_gray is None:
-                head_gray = F.interpolate(vac_gray, size=self.head_size(*vac_gray.shape[-2:]), mode="bilinear",
-                                          align_corners=False)
-            head_gray = head_gray.to(self.device)
-            own = (self.vac.features(head_gray), head_gray)
-        chromas = [head.chroma(head(*(shared if on_vac else own)), vividness)
-                   for head, on_vac in zip(self.color_heads, reads_vac)]
+        vac_maps, inputs = self.head_inputs(vac_gray, head_gray)
+        chromas = [head.chroma(head(*read), vividness) for head, read in zip(self.color_heads, inputs)]
         grid = max((c.shape[-2:] for c in chromas), key=lambda shape: shape.numel())
         chroma = torch.stack([F.interpolate(c, size=grid, mode="bilinear", align_corners=False) for c in chromas])
-        return (*self.vac.head(features), chroma.mean(dim=0))
+        return (*self.vac.head(vac_maps), chroma.mean(dim=0))
+
+    def head_inputs(self, vac_gray: torch.Tensor, head_gray: torch.Tensor | None = None
+                    ) -> tuple[list[torch.Tensor], list[tuple[list[torch.Tensor], torch.Tensor]]]:
+        """The hybrid VAC backbone's maps of `vac_gray` (Bx1xHxW at vac_size), and what each colour head reads: its
+        backbone's maps and the frames they are of. A head reads `head_gray` (the frames at head_size) where its input
+        size is not the VAC's, else `vac_gray` (resized to its size where no `head_gray` is given). Each backbone
+        runs once an input size: where a head's backbone and size are the VAC's, the VAC's pass serves it."""
+        vac_gray = vac_gray.to(self.device)
+        vac_side, vac_backbone = min(vac_gray.shape[-2:]), self.vac.config["backbone"]
+        reads_vac_size = [head.input_side in (None, vac_side) for head in self.color_heads]
+        if head_gray is None and not all(reads_vac_size):
+            head_gray = F.interpolate(vac_gray, size=self.head_size(*vac_gray.shape[-2:]), mode="bilinear",
+                                      align_corners=False)
+        head_gray = head_gray.to(self.device) if head_gray is not None else None
+        maps = {(vac_backbone, True): self.vac.features(vac_gray)}
+        inputs = []
+        for head, on_vac_size in zip(self.color_heads, reads_vac_size):
+            gray = vac_gray if on_vac_size else head_gray
+            key = (head.backbone, on_vac_size)
+            if key not in maps:
+                backbone = self.vac.features if head.backbone == vac_backbone else self.head_backbones[head.backbone]
+                maps[key] = backbone(gray)
+            inputs.append((maps[key], gray))
+        return maps[vac_backbone, True], inputs
 
     @torch.inference_mode()
     def decode_chroma(self, latents: torch.Tensor) -> np.ndarray:
@@ -368,25 +385,30 @@ def load_colorizer(path: Path, device: torch.device, vae_spec: str | None = None
     check_compatible(unet, vae, vac, folder, int(config.get("hint_channels", 0)))
     check_trained_components(config, folder, vae, vac, vae_spec, vac_spec)
     color_heads = load_matching_heads(config, folder, vac)
-    for module in (unet, vae, vac, *color_heads):
+    head_backbones = {name: FrozenBackbone(name) for name in {head.backbone for head in color_heads}
+                      - {vac.config.get("backbone")}}
+    for module in (unet, vae, vac, *color_heads, *head_backbones.values()):
         module.to(device).eval().requires_grad_(False)
+    for head in color_heads:  # channels-last, as the folded backbones' maps they read: faster on the CPU
+        head.to(memory_format=torch.channels_last)
     if isinstance(vac, HybridVAC):
         vac.fold_for_inference()
-    return Colorizer(unet, vae, vac, config, device, color_heads)
+    return Colorizer(unet, vae, vac, config, device, color_heads, head_backbones)
 
 
 def load_matching_heads(config: dict, folder: Path, vac) -> tuple[ColorHead, ...]:
     """The model's colour heads (colorizer.json's `color_head`: a folder, or a list of them, whose chroma the model
-    averages), which read its hybrid VAC's backbone maps and speak through the UNet's hint input: the VAC must have
-    their backbone, the UNet a hint input, and the heads read the VAC's input size and one other at most."""
+    averages), which read a frozen ImageNet backbone's maps (the hybrid VAC's, or one of their own) and speak through
+    the UNet's hint input: the VAC must be a hybrid one, the UNet have a hint input, and the heads read the VAC's
+    input size and one other at most."""
     names = config.get("color_head") or []
     heads = tuple(load_color_head(Path(resolve_component(name, folder)))
                   for name in ([names] if isinstance(names, str) else names))
-    backbone = vac.config.get("backbone") if isinstance(vac, HybridVAC) else None
     for head in heads:
-        if head.config.get("backbone") != backbone or not config.get("hint_channels"):
-            raise UserError(f"{folder}: its colour head needs a hybrid VAC on {head.config.get('backbone')} and a "
-                            f"UNet with a hint input; remove 'color_head' from {CONFIG_NAME} or use a matching model")
+        if not isinstance(vac, HybridVAC) or head.backbone not in BACKBONES or not config.get("hint_channels"):
+            raise UserError(f"{folder}: its colour head needs a hybrid VAC, a backbone among {', '.join(BACKBONES)} "
+                            f"(it names {head.backbone}) and a UNet with a hint input; remove 'color_head' from "
+                            f"{CONFIG_NAME} or use a matching model")
     if len({head.input_side for head in heads} - {BACKBONE_SCALE * int(config["image_size"])}) > 1:
         raise UserError(f"{folder}: its colour heads read more than one input size besides the VAC's; keep one")
     return heads

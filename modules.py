@@ -304,6 +304,19 @@ def for_cpu_inference(network: nn.Module) -> nn.Module:
     return fold_batch_norms(network).to(memory_format=torch.channels_last)
 
 
+class FrozenBackbone(nn.Module):
+    """A frozen ImageNet EfficientNet-Lite for inference on its own (not a VAC's): Bx1xHxW luma in [0, 1] (sides
+    multiples of 32) -> its maps at BACKBONE_STRIDES, made for_cpu_inference."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        self.network = for_cpu_inference(imagenet_efficientnet(name).requires_grad_(False))
+
+    def forward(self, gray: torch.Tensor) -> list[torch.Tensor]:
+        return self.network(imagenet_input(gray).contiguous(memory_format=torch.channels_last))
+
+
 def imagenet_input(gray: torch.Tensor) -> torch.Tensor:
     """Bx1xHxW luma in [0, 1] -> the three ImageNet-normalised channels the backbone was trained on."""
     mean = torch.tensor(IMAGENET_MEAN, device=gray.device).view(1, 3, 1, 1)

@@ -26,7 +26,7 @@ from color_head import (OUTPUT_STRIDE, ColorHead, bin_centres, build_color_head,
                         save_color_head, soft_targets)
 from dataset import gray_batch
 from metrics import colorfulness, psnr
-from modules import BACKBONES, imagenet_efficientnet, imagenet_input
+from modules import BACKBONES, FrozenBackbone
 from training_log import LOG_NAMES, append_log, truncate_log
 from utils import UserError, atomic_path, luma_chroma_to_rgb, rgb_to_gray, run_cli
 from video_io import list_frames, read_image_rgb
@@ -114,10 +114,10 @@ def crops(items: np.ndarray, rng: np.random.Generator, count: int, side: int) ->
     return np.ascontiguousarray(batch[:, :, ::-1]) if rng.random() < 0.5 else batch
 
 
-def head_logits(head: ColorHead, backbone, rgb: np.ndarray) -> torch.Tensor:
+def head_logits(head: ColorHead, backbone: FrozenBackbone, rgb: np.ndarray) -> torch.Tensor:
     gray = gray_batch(rgb)
     with torch.no_grad():
-        features = backbone(imagenet_input(gray))
+        features = backbone(gray)
     return head(features, gray)
 
 
@@ -194,8 +194,8 @@ def main() -> None:
     held = cached_items(held_files, args.item_size, cache / f"held_{args.item_size}.npz") if held_files else None
     print(f"{len(items)} training items, {0 if held is None else len(held)} held out")
 
-    backbone = imagenet_efficientnet(args.backbone)
-    channels = backbone.feature_info.channels()
+    backbone = FrozenBackbone(args.backbone)
+    channels = backbone.network.feature_info.channels()
     step = 0
     if args.resume and (run_dir / "checkpoint.pt").exists():
         state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)

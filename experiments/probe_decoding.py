@@ -50,7 +50,7 @@ from color_head import ColorHead, load_color_head
 from colorizer import DEFAULT_MODEL, Colorizer, combine, load_colorizer, prepare_gray
 from correspondence import guided_upsample
 from metrics import FrechetFeatures, colorfulness, frechet_distance, psnr
-from modules import BACKBONE_STRIDES, for_cpu_inference, imagenet_efficientnet, imagenet_input, round_to_multiple
+from modules import BACKBONE_STRIDES, FrozenBackbone, round_to_multiple
 from utils import choose_device, rgb_to_chroma, rgb_to_gray, run_cli
 from video_io import iter_clip_frames, list_clips
 
@@ -89,7 +89,7 @@ def parse_args() -> argparse.Namespace:
 
 @dataclass
 class HeadSet:
-    """The model's colour heads, on its VAC's backbone, and the --extra-heads, each on its own backbone."""
+    """The model's colour heads and the --extra-heads, each extra one on its own backbone."""
 
     colorizer: Colorizer
     extra: list[tuple[ColorHead, torch.nn.Module]]
@@ -103,7 +103,7 @@ def load_heads(colorizer: Colorizer, extra_folders: list[Path]) -> HeadSet:
     extra = []
     for folder in extra_folders:
         head = load_color_head(folder)
-        extra.append((head, for_cpu_inference(imagenet_efficientnet(head.config["backbone"])).eval()))
+        extra.append((head, FrozenBackbone(head.backbone)))
     return HeadSet(colorizer, extra)
 
 
@@ -114,17 +114,15 @@ def frame_reading(heads: HeadSet, gray: np.ndarray) -> tuple[list[torch.Tensor],
     height, width = gray.shape
     vac_gray = prepare_gray(gray[None], colorizer.vac_size(height, width))
     head_size = colorizer.head_size(height, width)
-    own_gray = prepare_gray(gray[None], head_size) if head_size is not None else vac_gray
-    readers = [(head, colorizer.vac.features, vac_gray if head.input_side in (None, min(vac_gray.shape[-2:]))
-                else own_gray) for head in colorizer.color_heads]
+    _, inputs = colorizer.head_inputs(vac_gray, prepare_gray(gray[None], head_size) if head_size is not None else None)
+    readers = [(head, *read) for head, read in zip(colorizer.color_heads, inputs)]
     for head, backbone in heads.extra:
         scale = head.input_side / min(height, width)
         side = [round_to_multiple(n * scale, BACKBONE_STRIDES[-1]) for n in (height, width)]
-        readers.append((head, lambda g, net=backbone: net(imagenet_input(g).contiguous(
-            memory_format=torch.channels_last)), prepare_gray(gray[None], tuple(side))))
+        own_gray = prepare_gray(gray[None], tuple(side))
+        readers.append((head, backbone(own_gray), own_gray))
     logits, described = [], []
-    for head, features_of, reads in readers:
-        features = features_of(reads)
+    for head, features, reads in readers:
         logits.append(head(features, reads))
         described += [features[-1].float().mean(dim=(0, 2, 3)), head.distribution(logits[-1], 0.0).mean(dim=(0, 2, 3))]
     return logits, torch.cat(described).numpy()
