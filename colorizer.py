@@ -26,8 +26,9 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "unet_model" / "default"  # th
 DECODE_MARGIN = 2  # latent pixels, see Colorizer.decode_chroma
 SAMPLERS = ("ddim", "ddpm", "dpm++", "unipc", "euler")
 # Defaults for models whose colorizer.json names none: the chroma gain chosen for v3 by the sampler sweep on the
-# clips training held out (its model card), and the colour head's calibrated mean.
-SAMPLING_DEFAULTS = {"saturation": 1.5, "vividness": 0.0}
+# clips training held out (its model card), the colour head's calibrated mean, and the weight of the previous
+# output carried along the flow (chosen for v1, docs/history.md).
+SAMPLING_DEFAULTS = {"saturation": 1.5, "vividness": 0.0, "propagation": 0.99}
 # Where the colour heads lead (Colorizer.sample_chroma), the diffusion's correction to their colour is smoothed by a
 # Gaussian of sigma (the frame's short side / TINT_SCALE): the frame's large-scale tint, without the blotches the
 # small latent adds at finer scales. Chosen on the held-out photos between /4 and /16.
@@ -122,6 +123,16 @@ class Colorizer:
         """Whether the colour heads lead the colouring (sample_chroma): `chosen`, else the model's own
         (colorizer.json), else not."""
         return bool(self.config.get("heads_lead", False)) if chosen is None else chosen
+
+    def propagation(self, chosen: float | None, heads_lead: bool) -> float:
+        """The weight of the previous output carried along the flow (--propagation): `chosen`, else, where the
+        colour heads lead, the model's own (colorizer.json's `heads_propagation`), else SAMPLING_DEFAULTS's. A
+        sample's colour is drawn anew every frame and needs the heavier carry to stay steady; the heads' colour is
+        a function of the frame, and a lighter carry keeps more of it (unet_model/default/README.md)."""
+        if chosen is not None:
+            return float(chosen)
+        default = SAMPLING_DEFAULTS["propagation"]
+        return float(self.config.get("heads_propagation", default)) if heads_lead else default
 
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         """The model's input size for a frame: short side near image_size, aspect ratio kept."""

@@ -32,6 +32,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--head-start", type=int, help="the model's default --head-start")
     parser.add_argument("--heads-lead", action=argparse.BooleanOptionalAction,
                         help="the model's default --heads-lead")
+    parser.add_argument("--heads-propagation", type=float,
+                        help="the model's default --propagation where its colour heads lead")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser.parse_args()
 
@@ -71,7 +73,8 @@ def main() -> None:
     heads = [str(head.resolve()) for head in args.color_head or []]
     settings = {key: value for key, value in (("color_head", (heads[0] if len(heads) == 1 else heads) or None),
                                               ("vividness", args.vividness), ("saturation", args.saturation),
-                                              ("head_start", args.head_start), ("heads_lead", args.heads_lead))
+                                              ("head_start", args.head_start), ("heads_lead", args.heads_lead),
+                                              ("heads_propagation", args.heads_propagation))
                 if value is not None}
     source = export(args.checkpoint, args.out, args.overwrite, settings)
     print(f"exported {source} -> {args.out}")

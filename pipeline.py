@@ -74,7 +74,7 @@ class ColorizationOptions:
     heads_lead: bool | None = None  # the heads' colour, the diffusion setting its tint; None: the model's own
     seed: int = 0
     shared_noise: bool = True
-    propagation: float = 0.99
+    propagation: float | None = None  # None: SAMPLING_DEFAULTS's, or the model's own where its colour heads lead
     scene_cuts: bool = True
     cut_threshold: float = 0.35
     reference: list[str] = field(default_factory=list)  # "[N=]IMAGE", as --reference takes them
@@ -94,7 +94,7 @@ class ColorizationOptions:
 
     def check(self) -> None:
         """The checks argparse does not make, as one-line errors."""
-        if not 0 <= self.propagation < 1 or min(self.saturation or 0, self.vividness or 0) < 0:
+        if not 0 <= (self.propagation or 0) < 1 or min(self.saturation or 0, self.vividness or 0) < 0:
             raise UserError(f"--propagation {self.propagation} / --saturation {self.saturation} / --vividness "
                             f"{self.vividness}: propagation must be in [0, 1), saturation and vividness at least 0")
         check_head_start(self.head_start, self.sampler)
@@ -154,7 +154,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-shared-noise", dest="shared_noise", action="store_false",
                         help="draw fresh noise for every frame (the paper's behaviour) instead of one per shot")
     parser.add_argument("--propagation", type=float, default=DEFAULTS.propagation,
-                        help="weight of the previous output's flow-warped chroma where the flow is reliable; 0: off")
+                        help="weight of the previous output's flow-warped chroma where the flow is reliable; 0: off "
+                        "(default: 0.99, or the model's own where its colour heads lead)")
     parser.add_argument("--no-scene-cuts", dest="scene_cuts", action="store_false",
                         help="never start a new shot (new noise, no propagation) at a detected cut")
     parser.add_argument("--cut-threshold", type=float, default=DEFAULTS.cut_threshold,
@@ -327,6 +328,7 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
     # the head's colour as the start is DDIM's (Colorizer.sample_latents); other samplers start from noise
     head_start = None if head_vividness is None or args.sampler != "ddim" else colorizer.head_start(args.head_start)
     heads_lead = colorizer.heads_lead(args.heads_lead)
+    propagation = colorizer.propagation(args.propagation, head_vividness is not None and heads_lead)
     latent_shape = colorizer.latent_shape(height, width)
     shot_noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(args.seed + state.shot))
     for batch in batched(frames, args.batch_size):
@@ -379,7 +381,7 @@ def colorize_frames(colorizer: Colorizer, frames: Iterator[np.ndarray], args: Co
             if frame_guide[0] is None and not exemplars_given:  # a keyframe's colour only where it travels: not
                 colour = None  # across a scene cut
             yield combine(g, propagator.output_chroma(chroma, plain_chroma, g_small, g_guide, frame_guide, cut,
-                                                      args.propagation, colour, args.guided_output, fusion))
+                                                      propagation, colour, args.guided_output, fusion))
 
 
 def uses_keyframe_match(dense: Guide | None) -> bool:

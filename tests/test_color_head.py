@@ -176,6 +176,37 @@ def test_the_head_colours_automatic_output_and_leaves_a_keyframe_alone(red_head_
     assert keyed[0] == pytest.approx(keyed[1], abs=1e-6)  # a keyframe's colours are not the head's to change
 
 
+def test_the_models_own_carry_weight_applies_where_its_heads_lead(red_head_model, tmp_path, monkeypatch):
+    """colorizer.json's heads_propagation is the weight of the previous output's carry where the colour heads lead;
+    a keyframe's frames (colour not the heads') keep 0.99, and --propagation overrides both."""
+    import guidance
+    from colorizer import load_colorizer
+    from pipeline import ColorizationOptions, colorize_frames
+    from video_io import write_image_rgb
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for part in ("unet", "vae", "vac", "color"):
+        (folder / part).symlink_to(red_head_model / part)
+    config = json.loads((red_head_model / "colorizer.json").read_text())
+    (folder / "colorizer.json").write_text(json.dumps({**config, "heads_lead": True, "heads_propagation": 0.7}))
+    model = load_colorizer(folder, torch.device("cpu"))
+    weights = []
+    carry = guidance.propagate_chroma
+    monkeypatch.setattr(guidance, "propagate_chroma", lambda *args: weights.append(args[-1]) or carry(*args))
+    write_image_rgb(tmp_path / "key.png", panning_clip(1, (96, 128))[0])
+
+    def carry_weights(**options) -> set[float]:
+        weights.clear()
+        list(colorize_frames(model, iter(gray_frames()), ColorizationOptions(**options), (96, 128)))
+        return set(weights)
+
+    assert carry_weights() == {0.7}
+    assert carry_weights(propagation=0.5) == {0.5}
+    assert carry_weights(heads_lead=False) == {0.99}
+    assert carry_weights(reference=[f"0={tmp_path / 'key.png'}"], match_keyframes=False) == {0.99}
+
+
 def test_a_start_from_the_head_colour_leaves_the_noise_little_to_choose(red_head_model):
     """--head-start: sampling starts from the head's colour noised to that step, so the shot's noise (the seed) moves
     the output less the earlier the start; other samplers are refused in one line."""
