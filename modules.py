@@ -310,7 +310,6 @@ class FrozenBackbone(nn.Module):
 
     def __init__(self, name: str):
         super().__init__()
-        self.name = name
         self.network = for_cpu_inference(imagenet_efficientnet(name).requires_grad_(False))
 
     def forward(self, gray: torch.Tensor) -> list[torch.Tensor]:
