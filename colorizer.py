@@ -396,8 +396,7 @@ def load_colorizer(path: Path, device: torch.device, vae_spec: str | None = None
     check_compatible(unet, vae, vac, folder, int(config.get("hint_channels", 0)))
     check_trained_components(config, folder, vae, vac, vae_spec, vac_spec)
     color_heads = load_matching_heads(config, folder, vac)
-    head_backbones = {name: FrozenBackbone(name) for name in {head.backbone for head in color_heads}
-                      - {vac.config.get("backbone")}}
+    head_backbones = own_backbones(color_heads, vac)
     for module in (unet, vae, vac, *color_heads, *head_backbones.values()):
         module.to(device).eval().requires_grad_(False)
     for head in color_heads:  # channels-last, as the folded backbones' maps they read: faster on the CPU
@@ -405,6 +404,12 @@ def load_colorizer(path: Path, device: torch.device, vae_spec: str | None = None
     if isinstance(vac, HybridVAC):
         vac.fold_for_inference()
     return Colorizer(unet, vae, vac, config, device, color_heads, head_backbones)
+
+
+def own_backbones(heads: tuple[ColorHead, ...], vac) -> dict[str, torch.nn.Module]:
+    """The frozen ImageNet backbones of the `heads` that do not read the VAC's, by name (Colorizer.head_backbones)."""
+    names = {head.backbone for head in heads} - {vac.config.get("backbone")}
+    return {name: FrozenBackbone(name).eval() for name in names}
 
 
 def load_matching_heads(config: dict, folder: Path, vac) -> tuple[ColorHead, ...]:

@@ -36,7 +36,7 @@ import argparse
 import itertools
 import json
 import sys
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +46,10 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
-from color_head import ColorHead, load_color_head
-from colorizer import DEFAULT_MODEL, Colorizer, combine, load_colorizer, prepare_gray
+from color_head import load_color_head
+from colorizer import DEFAULT_MODEL, Colorizer, combine, load_colorizer, own_backbones, prepare_gray
 from correspondence import guided_upsample
 from metrics import FrechetFeatures, colorfulness, frechet_distance, psnr
-from modules import BACKBONE_STRIDES, FrozenBackbone, round_to_multiple
 from utils import choose_device, rgb_to_chroma, rgb_to_gray, run_cli
 from video_io import iter_clip_frames, list_clips
 
@@ -87,51 +86,32 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-@dataclass
-class HeadSet:
-    """The model's colour heads and the --extra-heads, each extra one on its own backbone."""
-
-    colorizer: Colorizer
-    extra: list[tuple[ColorHead, torch.nn.Module]]
-
-    @property
-    def all(self) -> list[ColorHead]:
-        return [*self.colorizer.color_heads, *(head for head, _ in self.extra)]
+def with_extra_heads(colorizer: Colorizer, folders: list[Path]) -> Colorizer:
+    """The model with the --extra-heads added to its own, each on the backbone it was trained on: every rule then
+    decodes the mean of all of them."""
+    extra = tuple(load_color_head(folder).to(colorizer.device).eval().requires_grad_(False) for folder in folders)
+    heads = (*colorizer.color_heads, *extra)
+    return dataclasses.replace(colorizer, color_heads=heads, head_backbones=own_backbones(heads, colorizer.vac))
 
 
-def load_heads(colorizer: Colorizer, extra_folders: list[Path]) -> HeadSet:
-    extra = []
-    for folder in extra_folders:
-        head = load_color_head(folder)
-        extra.append((head, FrozenBackbone(head.backbone)))
-    return HeadSet(colorizer, extra)
-
-
-def frame_reading(heads: HeadSet, gray: np.ndarray) -> tuple[list[torch.Tensor], np.ndarray]:
+def frame_reading(colorizer: Colorizer, gray: np.ndarray) -> tuple[list[torch.Tensor], np.ndarray]:
     """One frame's logits from every head and a global description of the frame for the cast regressor: each
     backbone pass's deepest map pooled, and each head's calibrated distribution averaged over the frame."""
-    colorizer = heads.colorizer
     height, width = gray.shape
     vac_gray = prepare_gray(gray[None], colorizer.vac_size(height, width))
     head_size = colorizer.head_size(height, width)
     _, inputs = colorizer.head_inputs(vac_gray, prepare_gray(gray[None], head_size) if head_size is not None else None)
-    readers = [(head, *read) for head, read in zip(colorizer.color_heads, inputs)]
-    for head, backbone in heads.extra:
-        scale = head.input_side / min(height, width)
-        side = [round_to_multiple(n * scale, BACKBONE_STRIDES[-1]) for n in (height, width)]
-        own_gray = prepare_gray(gray[None], tuple(side))
-        readers.append((head, backbone(own_gray), own_gray))
     logits, described = [], []
-    for head, features, reads in readers:
+    for head, (features, reads) in zip(colorizer.color_heads, inputs):
         logits.append(head(features, reads))
         described += [features[-1].float().mean(dim=(0, 2, 3)), head.distribution(logits[-1], 0.0).mean(dim=(0, 2, 3))]
     return logits, torch.cat(described).numpy()
 
 
-def decode(heads: HeadSet, logits: list[torch.Tensor], rule: str, strength: float) -> torch.Tensor:
+def decode(colorizer: Colorizer, logits: list[torch.Tensor], rule: str, strength: float) -> torch.Tensor:
     """The heads' mean chroma (1x2xhxw on the largest head grid) under a decoding rule."""
     chromas = []
-    for head, head_logits_ in zip(heads.all, logits):
+    for head, head_logits_ in zip(colorizer.color_heads, logits):
         if rule == "rebalance":
             chroma = head.chroma(head_logits_, strength)
         elif rule == "gated":
@@ -203,11 +183,11 @@ def chroma_summary(chroma: np.ndarray) -> np.ndarray:
     return np.array([*chroma.mean(axis=(0, 1)), np.linalg.norm(chroma, axis=2).mean()])
 
 
-def rule_summary(heads: HeadSet, logits: list[torch.Tensor], rule: str, strength: float) -> np.ndarray:
-    return chroma_summary(decode(heads, logits, rule, strength)[0].permute(1, 2, 0).numpy())
+def rule_summary(colorizer: Colorizer, logits: list[torch.Tensor], rule: str, strength: float) -> np.ndarray:
+    return chroma_summary(decode(colorizer, logits, rule, strength)[0].permute(1, 2, 0).numpy())
 
 
-def item_readings(heads: HeadSet, items_file: Path, count: int, keys: list[tuple[str, float]],
+def item_readings(colorizer: Colorizer, items_file: Path, count: int, keys: list[tuple[str, float]],
                   cache: Path) -> dict[str, np.ndarray]:
     """`count` random training items read once (kept in `cache`): each one's description (frame_reading), each rule's
     chroma_summary and the truth's."""
@@ -215,35 +195,35 @@ def item_readings(heads: HeadSet, items_file: Path, count: int, keys: list[tuple
     if cache.exists():
         with np.load(cache) as stored:
             # a cache from before --extra-heads holds the model's heads' readings only
-            heads_read = int(stored["heads"]) if "heads" in stored else len(heads.colorizer.color_heads)
+            heads_read = int(stored["heads"]) if "heads" in stored else len(colorizer.color_heads)
             if (all(name in stored for name in names.values()) and len(stored["truth"]) == count
-                    and heads_read == len(heads.all)):
+                    and heads_read == len(colorizer.color_heads)):
                 return dict(stored)
     with np.load(items_file) as stored:
         items = stored["items"]
         items = items[np.random.default_rng(0).choice(len(items), size=min(count, len(items)), replace=False)]
     read = {name: [] for name in ["described", "truth", *names.values()]}
     for n, item in enumerate(items):
-        logits, described = frame_reading(heads, rgb_to_gray(item))
+        logits, described = frame_reading(colorizer, rgb_to_gray(item))
         read["described"].append(described)
         read["truth"].append(chroma_summary(rgb_to_chroma(item)))
         for key, name in names.items():
-            read[name].append(rule_summary(heads, logits, *key))
+            read[name].append(rule_summary(colorizer, logits, *key))
         if n % 500 == 0:
             print(f"cast items {n}/{len(items)}", flush=True)
-    read = {name: np.array(values) for name, values in read.items()} | {"heads": np.array(len(heads.all))}
+    read = {name: np.array(values) for name, values in read.items()} | {"heads": np.array(len(colorizer.color_heads))}
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **read)
     return read
 
 
-def fit_casts(heads: HeadSet, items_file: Path, count: int, specs: list[str], cache: Path) -> dict:
+def fit_casts(colorizer: Colorizer, items_file: Path, count: int, specs: list[str], cache: Path) -> dict:
     """For each rule and strength, two ridge regressions on the frame's description and the rule's summary, fitted
     on training items: the frame's mean chroma (the cast) and the log ratio of the truth's mean chroma magnitude to
     the rule's (its gain)."""
     keys = [(rule, float(strength)) for rule, listed in (spec.split(":") for spec in specs)
             for strength in listed.split(",")]
-    read = item_readings(heads, items_file, count, keys, cache)
+    read = item_readings(colorizer, items_file, count, keys, cache)
     truth = read["truth"]
     casts = {}
     for key in keys:
@@ -262,13 +242,13 @@ def fit_casts(heads: HeadSet, items_file: Path, count: int, specs: list[str], ca
 def main() -> None:
     args = parse_args()
     torch.set_grad_enabled(False)
-    heads = load_heads(load_colorizer(args.model, choose_device("cpu")), args.extra_heads)
+    colorizer = with_extra_heads(load_colorizer(args.model, choose_device("cpu")), args.extra_heads)
     sets = {"clips": {clip.name: list(itertools.islice(iter_clip_frames(clip), 0, None, args.stride))
                       for clip in list_clips(args.clips)},
             "photos": {clip.name: list(iter_clip_frames(clip))[:1] for clip in list_clips(args.photos)}}
-    cache = {kind: {name: [(rgb_to_gray(f), *frame_reading(heads, rgb_to_gray(f))) for f in frames]
+    cache = {kind: {name: [(rgb_to_gray(f), *frame_reading(colorizer, rgb_to_gray(f))) for f in frames]
                     for name, frames in clips.items()} for kind, clips in sets.items()}
-    casts = fit_casts(heads, args.cast_items, args.cast_count, args.rules, args.cast_cache
+    casts = fit_casts(colorizer, args.cast_items, args.cast_count, args.rules, args.cast_cache
                       ) if args.cast_items else {}
     refines = [None, *args.refine, *(["cast", "gainfit"] if casts else [])]
     print("logits cached", flush=True)
@@ -286,7 +266,7 @@ def main() -> None:
                 for name, frames in clips.items():
                     scores = []
                     for index, (truth, reading) in enumerate(zip(frames, cache[kind][name])):
-                        output = rule_output(heads, reading, truth, rule, strength, refine, casts)
+                        output = rule_output(colorizer, reading, truth, rule, strength, refine, casts)
                         outputs.append(output)
                         scores.append((psnr(output, truth), colorfulness(output), colorfulness(truth)))
                         if label in args.figure_rows and index == len(frames) // 2 and (
@@ -318,13 +298,13 @@ def main() -> None:
         save_figure(args.figure, shown, truth_frames)
 
 
-def rule_output(heads: HeadSet, reading: tuple, truth: np.ndarray, rule: str, strength: float,
+def rule_output(colorizer: Colorizer, reading: tuple, truth: np.ndarray, rule: str, strength: float,
                 refine: str | None, casts: dict) -> np.ndarray:
     """One frame coloured by a rule (and refinement) from its cached reading (gray, logits, description)."""
     gray, logits, described = reading
     if rule == "gray":
         return combine(gray, np.zeros((*gray.shape, 2), np.float32))
-    chroma = decode(heads, logits, rule, strength)[0].permute(1, 2, 0).numpy()
+    chroma = decode(colorizer, logits, rule, strength)[0].permute(1, 2, 0).numpy()
     if refine not in ("cast", "gainfit"):
         return combine(gray, refined(gray, chroma, refine, truth))
     summary = chroma_summary(chroma)
