@@ -141,9 +141,10 @@ def test_a_killed_command_continues_where_it_stopped(tmp_path, shots, model):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
-    def command(output: Path) -> list[str]:
+    def command(output: Path) -> list[str]:  # 60 steps: a segment takes about 0.9 s on 2 idle cores (20: 0.3 s,
+        # when a kill 0.3 s after a commit could land after the last segment), so the waits below fall inside one
         return [sys.executable, str(REPO / "video_colorization.py"), "--input", str(shots), "--output", str(output),
-                "--model", str(model), "--steps", "20", *SEGMENT]
+                "--model", str(model), "--steps", "60", *SEGMENT]
 
     subprocess.run(command(tmp_path / "whole.mp4"), cwd=tmp_path, env=env, check=True, capture_output=True)
     output = tmp_path / "out" / "out.mp4"
