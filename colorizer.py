@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from color_head import ColorHead, load_color_head
-from guidance import no_hints, resize_to
+from guidance import CarryWeight, no_hints, resize_to
 from modules import (BACKBONE_SCALE, BACKBONE_STRIDES, BACKBONES, CHROMA_RANGE, FrozenBackbone, HybridVAC, load_vac,
                      load_vae, model_multiple,
                      round_to_multiple, unet_in_channels, unet_input, vac_condition, vac_fingerprint, vac_input_scale,
@@ -124,15 +124,16 @@ class Colorizer:
         (colorizer.json), else not."""
         return bool(self.config.get("heads_lead", False)) if chosen is None else chosen
 
-    def propagation(self, chosen: float | None, heads_lead: bool) -> float:
-        """The weight of the previous output carried along the flow (--propagation): `chosen`, else, where the
-        colour heads lead, the model's own (colorizer.json's `heads_propagation`), else SAMPLING_DEFAULTS's. A
-        sample's colour is drawn anew every frame and needs the heavier carry to stay steady; the heads' colour is
-        a function of the frame, and a lighter carry keeps more of it (unet_model/default/README.md)."""
+    def propagation(self, chosen: float | None, heads_lead: bool) -> CarryWeight:
+        """The weight of the previous output carried along the flow (--propagation): `chosen` everywhere, else,
+        where the colour heads lead, the model's own (colorizer.json's `heads_propagation`) where things move and
+        SAMPLING_DEFAULTS's where nothing moves, else SAMPLING_DEFAULTS's everywhere. A sample's colour is drawn
+        anew every frame and needs the heavier carry to stay steady; the heads' colour is a function of the frame,
+        and where things move a lighter carry keeps more of it (unet_model/default/README.md)."""
         if chosen is not None:
-            return float(chosen)
+            return CarryWeight.constant(float(chosen))
         default = SAMPLING_DEFAULTS["propagation"]
-        return float(self.config.get("heads_propagation", default)) if heads_lead else default
+        return CarryWeight(float(self.config.get("heads_propagation", default)) if heads_lead else default, default)
 
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         """The model's input size for a frame: short side near image_size, aspect ratio kept."""

@@ -33,7 +33,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--heads-lead", action=argparse.BooleanOptionalAction,
                         help="the model's default --heads-lead")
     parser.add_argument("--heads-propagation", type=float,
-                        help="the model's default --propagation where its colour heads lead")
+                        help="the model's default --propagation where its colour heads lead and things move "
+                        "(0.99 where nothing moves)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser.parse_args()
 

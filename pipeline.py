@@ -155,7 +155,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="draw fresh noise for every frame (the paper's behaviour) instead of one per shot")
     parser.add_argument("--propagation", type=float, default=DEFAULTS.propagation,
                         help="weight of the previous output's flow-warped chroma where the flow is reliable; 0: off "
-                        "(default: 0.99, or the model's own where its colour heads lead)")
+                        "(default: 0.99, or where the model's colour heads lead, its own where things move and 0.99 "
+                        "where nothing moves)")
     parser.add_argument("--no-scene-cuts", dest="scene_cuts", action="store_false",
                         help="never start a new shot (new noise, no propagation) at a detected cut")
     parser.add_argument("--cut-threshold", type=float, default=DEFAULTS.cut_threshold,

@@ -189,17 +189,10 @@ def luma_chroma_to_rgb(luma: np.ndarray, chroma: np.ndarray) -> np.ndarray:
 
     Where the colour would leave the RGB cube, its chroma is scaled down rather than the channels clipped:
     clipping would change the brightness, and the input's brightness is the one thing we know is right."""
-    peak = float(np.iinfo(luma.dtype).max)
-    y = luma.astype(np.float32)[..., None]
-    chroma = chroma * np.float32(peak / 255.0)
-    offsets = np.stack([chroma[..., 1] / CR_SCALE,
-                        -(LUMA[0] * chroma[..., 1] / CR_SCALE + LUMA[2] * chroma[..., 0] / CB_SCALE) / LUMA[1],
-                        chroma[..., 0] / CB_SCALE], axis=2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        room = np.where(offsets > 0, (peak - y) / offsets, np.where(offsets < 0, -y / offsets, np.inf))
-    # three-way minimum written out: numpy reduces a last axis of three many times slower
-    scale = np.clip(np.minimum(np.minimum(room[..., 0], room[..., 1]), room[..., 2]), 0.0, 1.0)[..., None]
-    return np.clip(y + scale * offsets + 0.5, 0, peak).astype(luma.dtype)
+    from rgb_kernel import luma_chroma_rgb
+
+    return luma_chroma_rgb(np.ascontiguousarray(luma), np.ascontiguousarray(chroma, dtype=np.float32),
+                           float(np.iinfo(luma.dtype).max))
 
 
 def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:

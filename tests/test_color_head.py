@@ -177,9 +177,11 @@ def test_the_head_colours_automatic_output_and_leaves_a_keyframe_alone(red_head_
 
 
 def test_the_models_own_carry_weight_applies_where_its_heads_lead(red_head_model, tmp_path, monkeypatch):
-    """colorizer.json's heads_propagation is the weight of the previous output's carry where the colour heads lead;
-    a keyframe's frames (colour not the heads') keep 0.99, and --propagation overrides both."""
+    """colorizer.json's heads_propagation is the weight of the previous output's carry where the colour heads lead
+    and things move (0.99 where nothing moves); a keyframe's frames (colour not the heads') keep 0.99 everywhere, and
+    --propagation sets one weight everywhere."""
     import guidance
+    from guidance import CarryWeight
     from colorizer import load_colorizer
     from pipeline import ColorizationOptions, colorize_frames
     from video_io import write_image_rgb
@@ -201,10 +203,10 @@ def test_the_models_own_carry_weight_applies_where_its_heads_lead(red_head_model
         list(colorize_frames(model, iter(gray_frames()), ColorizationOptions(**options), (96, 128)))
         return set(weights)
 
-    assert carry_weights() == {0.7}
-    assert carry_weights(propagation=0.5) == {0.5}
-    assert carry_weights(heads_lead=False) == {0.99}
-    assert carry_weights(reference=[f"0={tmp_path / 'key.png'}"], match_keyframes=False) == {0.99}
+    assert carry_weights() == {CarryWeight(moving=0.7, still=0.99)}
+    assert carry_weights(propagation=0.5) == {CarryWeight.constant(0.5)}
+    assert carry_weights(heads_lead=False) == {CarryWeight.constant(0.99)}
+    assert carry_weights(reference=[f"0={tmp_path / 'key.png'}"], match_keyframes=False) == {CarryWeight.constant(0.99)}
 
 
 def test_a_start_from_the_head_colour_leaves_the_noise_little_to_choose(red_head_model):

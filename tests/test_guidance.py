@@ -176,6 +176,26 @@ def test_propagation_probe_tells_drift_from_a_change_of_the_true_colour():
     assert changed["oracle"] > 0.8 * changed["carried"]
 
 
+def test_the_carry_is_heavier_where_nothing_moves_than_where_things_move():
+    """CarryWeight: the previous output's weight is `still` where the flow stands still and `moving` where the
+    frame moves by a few pixels; a constant weight is the same in both."""
+    from guidance import CarryWeight, propagate_chroma
+    from utils import rgb_to_gray
+
+    frames = [rgb_to_gray(f) for f in panning_clip(3, (96, 128))]
+    previous_colour = np.full((96, 128, 2), 30.0, np.float32)
+    prediction = np.zeros_like(previous_colour)
+
+    def carried_share(previous: np.ndarray, current: np.ndarray, weight: CarryWeight) -> float:
+        output = propagate_chroma(previous, current, previous_colour, prediction, weight)
+        return float(np.median(output[16:-16, 16:-16, 0]) / 30.0)
+
+    adaptive = CarryWeight(moving=0.8, still=0.99)
+    assert carried_share(frames[0], frames[0], adaptive) == pytest.approx(0.99, abs=0.005)
+    assert carried_share(frames[0], frames[2], adaptive) == pytest.approx(0.8, abs=0.01)  # about 4.5 pixels a step
+    assert carried_share(frames[0], frames[0], CarryWeight.constant(0.8)) == pytest.approx(0.8, abs=0.005)
+
+
 def test_colour_warped_by_luma_does_not_cross_a_luma_edge_and_is_bilinear_where_luma_is_flat():
     from flow import warp, warp_matching_luma
 
@@ -424,7 +444,7 @@ def test_matching_the_keyframe_finds_colour_the_flow_lost_and_stays_in_its_shot(
 def test_a_painted_hint_does_not_cover_a_keyframes_vouched_colour():
     """A keyframe and a red stroke painted on the same frame, the keyframe matched: where the keyframe's colour is
     vouched for (all of its own frame) it stays as given; the stroke shows only where the fused colour rules."""
-    from guidance import Guide, GuidePropagator, load_fusion, reference_guide
+    from guidance import CarryWeight, Guide, GuidePropagator, load_fusion, reference_guide
     from utils import rgb_to_gray
 
     frame = panning_clip(1)[0]
@@ -437,7 +457,8 @@ def test_a_painted_hint_does_not_cover_a_keyframes_vouched_colour():
     frame_guides = propagator.step(0, gray)
     model = np.zeros((*shape, 2), np.float32)
     found = (model.copy(), np.zeros(shape, np.float32))
-    output = propagator.output_chroma(model, None, gray, gray, frame_guides, False, 0.99, found, True, load_fusion())
+    output = propagator.output_chroma(model, None, gray, gray, frame_guides, False, CarryWeight.constant(0.99), found,
+                                      True, load_fusion())
     assert np.abs(output - key.chroma)[stroke > 0].max() < 1e-3
 
 
