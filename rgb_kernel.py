@@ -1,8 +1,10 @@
 """The compiled kernel of utils.luma_chroma_to_rgb (numba: compiled on first use, cached on disk): one pass over the
-pixels instead of numpy's dozen full-frame temporaries (at 854x480, 18 ms a frame became about 5)."""
+pixels instead of numpy's dozen full-frame temporaries (at 854x480, 18 ms a frame became about 5). On one thread:
+with numba's parallel loop, two processes sharing a folder of clips wrote outputs a level apart from one process's
+(tests/test_multiprocess.py), as its thread pool changed how the rest of the process ran."""
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from utils import CB_SCALE, CR_SCALE, LUMA
 
@@ -23,14 +25,14 @@ def _room(level, offset, top):
     return np.float32(1.0)
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def luma_chroma_rgb(luma: np.ndarray, chroma: np.ndarray, peak: float) -> np.ndarray:
     """HxW luma (uint8, or uint16 up to `peak`) + HxWx2 float32 (Cb, Cr) on the 8-bit scale -> HxWx3 RGB of the luma's
     type, the chroma scaled down where it would leave the RGB cube (see utils.luma_chroma_to_rgb)."""
     height, width = luma.shape
     out = np.empty((height, width, 3), luma.dtype)
     top, gain, zero, half = np.float32(peak), np.float32(peak / 255.0), np.float32(0.0), np.float32(0.5)
-    for y in prange(height):
+    for y in range(height):
         for x in range(width):
             level = np.float32(luma[y, x])
             cb, cr = chroma[y, x, 0] * gain, chroma[y, x, 1] * gain
