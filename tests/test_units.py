@@ -220,6 +220,15 @@ def test_chroma_round_trip_restores_the_frame():
     assert np.abs(luma_chroma_to_rgb(rgb_to_gray(frame), rgb_to_chroma(frame)).astype(int) - frame).max() <= 2
 
 
+def test_a_sixteen_bit_luma_keeps_its_depth_and_takes_the_colour_at_its_scale():
+    from utils import luma_chroma_to_rgb, rgb_to_chroma, rgb_to_gray
+
+    frame = panning_clip(1)[0]
+    out = luma_chroma_to_rgb(rgb_to_gray(frame).astype(np.uint16) * 257, rgb_to_chroma(frame))
+    assert out.dtype == np.uint16
+    assert np.abs(out.astype(int) - frame.astype(int) * 257).max() <= 2 * 257
+
+
 def test_atomic_outputs_get_ordinary_permissions(tmp_path):
     import os
 
