@@ -462,6 +462,33 @@ def test_a_painted_hint_does_not_cover_a_keyframes_vouched_colour():
     assert np.abs(output - key.chroma)[stroke > 0].max() < 1e-3
 
 
+def test_fused_colour_takes_the_frames_edges_where_the_keyframes_colour_is_not_trusted():
+    """Every source brings a colour step blurred over about 8 px across a sharp luma edge (as colour from the working
+    size or the matcher's grid does); the fused output's step is sharper there, where the carried colour is not
+    trusted, and the carried colour stays exactly as it is where it is vouched for."""
+    import cv2
+
+    from guidance import Guide, GuidePropagator, load_fusion
+
+    height, width = 240, 320
+    luma = np.full((height, width), 60, np.uint8)
+    luma[:, width // 2:] = 190
+    step = np.zeros((height, width, 2), np.float32)
+    step[:, width // 2:] = (-30.0, 50.0)
+    blurred = cv2.GaussianBlur(step, (0, 0), 4.0)
+    confidence = np.zeros((height, width), np.float32)
+    confidence[:8] = 1.0  # the top rows vouched for
+    dense = Guide(0, blurred.copy(), np.ones((height, width), np.float32), confidence, dense=True)
+    output = GuidePropagator([]).fused_chroma(blurred, luma, luma, dense, False,
+                                              (blurred, np.ones((height, width), np.float32)), load_fusion())
+
+    def jump(chroma: np.ndarray) -> float:  # the colour change across the edge, two pixels either side
+        return float(np.abs(chroma[8:, width // 2 + 2] - chroma[8:, width // 2 - 3]).sum(axis=-1).mean())
+
+    assert jump(output) > 1.25 * jump(blurred), (jump(output), jump(blurred))
+    assert np.array_equal(output[:8], blurred[:8])
+
+
 def test_missing_fusion_weights_are_a_one_line_error_that_names_the_fix(tmp_path):
     from guidance import load_fusion
     from utils import UserError
