@@ -467,7 +467,7 @@ class GuidePropagator:
         # The fused sources come from coarser grids than the frame's (the model's sample and the previous output at
         # the working size, the found colour at the matcher's); the guided filter puts their edges on the frame's own.
         # Chosen on the four clips training held out, first frame given: 37.44 -> 37.52 dB; the same clips upscaled to
-        # 480 px 37.80 -> 37.89; the fast-motion dev set 34.81 -> 34.86 (no clip down); bench.py --reference's
+        # 480 px 37.80 -> 37.90; the fast-motion dev set 34.81 -> 34.86 (no clip down); bench.py --reference's
         # 854x480 clip 34.17 -> 34.23.
         subsample = max(1, min(guide_luma.shape) // FUSED_GUIDED_SIDE)
         return blend(output, dense.confidence, upsample_chroma(output, guide_luma, subsample), 1.0)
