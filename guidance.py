@@ -50,6 +50,11 @@ PROPAGATION_SHORT_SIDE = 480  # keyframe colour travels at most at this size (co
 # a flow's cost. Chosen on the four clips training held out, first frame given: 37.22 dB refined (5 iterations, the
 # medium preset's), 37.33 with 2, 37.44 with none; then the fast-motion dev set: 34.49 -> 34.81.
 REFINED_GUIDE_FLOW = False
+# ... and with their patches searched down to the frame's own resolution (the preset stops at half of it). Chosen on
+# the four clips training held out, first frame given: 37.52 -> 37.94 dB, every clip up (with the shipped matcher
+# 37.51 -> 37.91; patches every 3 or 4 px instead of 6: 37.91 and 37.86, at up to 2.8x the cost); then the
+# fast-motion dev set 34.85 -> 35.15 and bench.py --reference's 854x480 clip 34.23 -> 35.09.
+FULL_RESOLUTION_GUIDE_FLOW = True
 # Where a keyframe's colour did not arrive, the output is the model's colour and the keyframe's palette colour for the
 # pixel's luma, half each (see paste_dense). Chosen on the four clips training held out (128 px): first frame given
 # 36.01 dB with the model alone, 36.28 with the palette alone, 36.32 half each; middle frame 36.47 -> 36.56.
@@ -313,7 +318,7 @@ def carry_guide(guide: Guide, from_gray: np.ndarray, to_gray: np.ndarray) -> Gui
     """A guide moved from the frame of `from_gray` onto the frame of `to_gray` along the flow, sampled from source
     pixels of the target pixel's luma (no colour trails); its confidence is kept where the flow passes the
     forward-backward check or brings the right luma."""
-    flow, reliable = reliable_flow(from_gray, to_gray, REFINED_GUIDE_FLOW)
+    flow, reliable = reliable_flow(from_gray, to_gray, REFINED_GUIDE_FLOW, FULL_RESOLUTION_GUIDE_FLOW)
     luma_matches = brings_matching_luma(from_gray, flow, to_gray)
     moved = warp_matching_luma(np.dstack([guide.weighted, guide.support, guide.confidence]), flow, from_gray, to_gray)
     kept = np.where(reliable | luma_matches, 1.0, UNRELIABLE_KEEP).astype(np.float32)
@@ -336,7 +341,7 @@ def reanchor(guide: Guide, gray: np.ndarray) -> Guide:
     if guide.keyframe is None:
         return guide
     key_gray, key_chroma = guide.keyframe
-    flow, reliable = reliable_flow(key_gray, gray, REFINED_GUIDE_FLOW)
+    flow, reliable = reliable_flow(key_gray, gray, REFINED_GUIDE_FLOW, FULL_RESOLUTION_GUIDE_FLOW)
     found = reliable & brings_matching_luma(key_gray, flow, gray)
     if not found.any():
         return guide

@@ -181,6 +181,21 @@ def test_reliable_flow_tracks_a_moving_object_and_masks_what_it_uncovers(refine:
     assert mask[32:64, 30:38].mean() < 0.4  # not visible in the previous frame: occluded, so left out
 
 
+def test_full_resolution_flow_follows_a_small_thing_the_presets_half_resolution_search_misses():
+    import cv2
+
+    background, patch = smooth_texture(96, 128), smooth_texture(40, 40, seed=7)[:12, :12]
+    prev, current = background.copy(), background.copy()
+    prev[40:52, 40:52] = patch
+    current[40:52, 42:54] = patch  # a 12 px square moves 2 px right on a still background
+    grays = [cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in (prev, current)]
+    inside_square = (slice(42, 50), slice(44, 52))
+    errors = {full: np.abs(motion.reliable_flow(*grays, refine=False, full_resolution=full)[0][inside_square][..., 0]
+                           + 2).mean() for full in (False, True)}
+    assert errors[True] < 0.3
+    assert errors[True] < 0.5 * errors[False]
+
+
 def test_reliable_flow_masks_pixels_that_come_from_outside_the_frame():
     import cv2
 
