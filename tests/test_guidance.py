@@ -489,6 +489,39 @@ def test_fused_colour_takes_the_frames_edges_where_the_keyframes_colour_is_not_t
     assert np.array_equal(output[:8], blurred[:8])
 
 
+def test_a_keyframes_colour_follows_a_small_thing_that_moves_on_its_own(monkeypatch):
+    """A 12 px reddish square moves 1 px a frame over a still background: the keyframe's flows, searched down to
+    the frame's own resolution, carry its colour with it; searched down to half of it (DIS's medium preset), they
+    carry the square as if it moved with the background."""
+    import cv2
+
+    import guidance
+    from utils import rgb_to_chroma, rgb_to_gray
+
+    def texture(height: int, width: int, seed: int) -> np.ndarray:
+        noise = np.random.default_rng(seed).uniform(0, 255, (height, width, 3)).astype(np.float32)
+        return np.clip(cv2.GaussianBlur(noise, (0, 0), 2.0) * 3 - 255, 0, 255)
+
+    background = texture(96, 128, seed=0).astype(np.uint8)
+    square = np.clip(texture(40, 40, seed=7)[:12, :12] + (60, -40, -40), 0, 255).astype(np.uint8)
+    frames = []
+    for t in range(5):
+        frame = background.copy()
+        frame[40:52, 40 + t:52 + t] = square
+        frames.append(frame)
+    inside = (slice(42, 50), slice(46, 54))  # the square's middle in the last frame
+    truth = rgb_to_chroma(frames[-1])[inside]
+    error = {}
+    for full_resolution in (False, True):
+        monkeypatch.setattr(guidance, "FULL_RESOLUTION_GUIDE_FLOW", full_resolution)
+        propagator = guidance.GuidePropagator([guidance.reference_guide(frames[0], 0, frames[0].shape[:2])])
+        for t, frame in enumerate(frames):
+            dense = propagator.step(t, rgb_to_gray(frame))[0]
+        error[full_resolution] = float(np.abs(dense.chroma[inside] - truth).mean())
+    assert error[True] < 0.05 * np.abs(truth).mean()
+    assert error[True] < 0.2 * error[False], error
+
+
 def test_missing_fusion_weights_are_a_one_line_error_that_names_the_fix(tmp_path):
     from guidance import load_fusion
     from utils import UserError
