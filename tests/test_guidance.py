@@ -216,7 +216,8 @@ def test_colour_warped_by_luma_does_not_cross_a_luma_edge_and_is_bilinear_where_
 @pytest.mark.skipif(not (SHARED_DATA / "train" / "videos" / "tuneavideo__man-skiing").is_dir(),
                     reason="needs ../shared/data/train/videos/tuneavideo__man-skiing")
 def test_a_keyframe_carried_by_luma_leaves_no_colour_trail_on_a_real_clip(monkeypatch):
-    """A skier crossing snow: bilinear warping leaves the jacket's colour on the snow it uncovers, frame after frame."""
+    """A skier crossing snow: bilinear warping leaves the jacket's colour on the snow it uncovers, frame after frame
+    (0.19 dB over the 60 frames with the keyframe's flows at full resolution, 0.5 and more with them at half size)."""
     import itertools
 
     import flow
@@ -237,7 +238,7 @@ def test_a_keyframe_carried_by_luma_leaves_no_colour_trail_on_a_real_clip(monkey
 
     by_luma = carried_psnr()
     monkeypatch.setattr(guidance, "warp_matching_luma", lambda image, flow_field, *_: flow.warp(image, flow_field))
-    assert by_luma > carried_psnr() + 0.5
+    assert by_luma > carried_psnr() + 0.1
 
 
 # ---------------------------------------------------------------------------------------------------------------
