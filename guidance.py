@@ -314,11 +314,16 @@ def registered_guide(exemplar: np.ndarray, grays: dict[int, np.ndarray]) -> Guid
                  palette=luma_palette(rgb_to_gray(exemplar), rgb_to_chroma(exemplar)))
 
 
+def guide_flow(from_gray: np.ndarray, to_gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """reliable_flow as a keyframe's colour travels: REFINED_GUIDE_FLOW, FULL_RESOLUTION_GUIDE_FLOW."""
+    return reliable_flow(from_gray, to_gray, REFINED_GUIDE_FLOW, FULL_RESOLUTION_GUIDE_FLOW)
+
+
 def carry_guide(guide: Guide, from_gray: np.ndarray, to_gray: np.ndarray) -> Guide:
     """A guide moved from the frame of `from_gray` onto the frame of `to_gray` along the flow, sampled from source
     pixels of the target pixel's luma (no colour trails); its confidence is kept where the flow passes the
     forward-backward check or brings the right luma."""
-    flow, reliable = reliable_flow(from_gray, to_gray, REFINED_GUIDE_FLOW, FULL_RESOLUTION_GUIDE_FLOW)
+    flow, reliable = guide_flow(from_gray, to_gray)
     luma_matches = brings_matching_luma(from_gray, flow, to_gray)
     moved = warp_matching_luma(np.dstack([guide.weighted, guide.support, guide.confidence]), flow, from_gray, to_gray)
     kept = np.where(reliable | luma_matches, 1.0, UNRELIABLE_KEEP).astype(np.float32)
@@ -341,7 +346,7 @@ def reanchor(guide: Guide, gray: np.ndarray) -> Guide:
     if guide.keyframe is None:
         return guide
     key_gray, key_chroma = guide.keyframe
-    flow, reliable = reliable_flow(key_gray, gray, REFINED_GUIDE_FLOW, FULL_RESOLUTION_GUIDE_FLOW)
+    flow, reliable = guide_flow(key_gray, gray)
     found = reliable & brings_matching_luma(key_gray, flow, gray)
     if not found.any():
         return guide

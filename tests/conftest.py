@@ -32,6 +32,14 @@ def panning_clip(frame_count: int = 12, size: tuple[int, int] = (72, 96)) -> lis
             for i in range(frame_count)]
 
 
+def smooth_texture(height: int = 64, width: int = 80, seed: int = 0) -> np.ndarray:
+    """A blurred random RGB image: structured enough for optical flow to lock on."""
+    import cv2
+
+    noise = np.random.default_rng(seed).uniform(0, 255, (height, width, 3)).astype(np.float32)
+    return np.clip(cv2.GaussianBlur(noise, (0, 0), 2.0) * 3 - 255, 0, 255).astype(np.uint8)
+
+
 @pytest.fixture(scope="session")
 def tiny_components(tmp_path_factory) -> dict[str, Path]:
     import torch

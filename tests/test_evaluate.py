@@ -15,19 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import flow as motion  # noqa: E402
+from conftest import smooth_texture  # noqa: E402
 import metrics  # noqa: E402
 import utils  # noqa: E402
 import video_io  # noqa: E402
 
 VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "val"
-
-
-def smooth_texture(height: int = 64, width: int = 80, seed: int = 0) -> np.ndarray:
-    """A blurred random RGB image: structured enough for optical flow to lock on."""
-    import cv2
-
-    noise = np.random.default_rng(seed).uniform(0, 255, (height, width, 3)).astype(np.float32)
-    return np.clip(cv2.GaussianBlur(noise, (0, 0), 2.0) * 3 - 255, 0, 255).astype(np.uint8)
 
 
 def constant_frame(rgb: tuple, height: int = 16, width: int = 16) -> np.ndarray:

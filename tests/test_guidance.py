@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, files_under, panning_clip, run_main
+from conftest import SHARED_DATA, files_under, panning_clip, run_main, smooth_texture
 
 
 def chroma_of(frames: list[np.ndarray]) -> np.ndarray:
@@ -495,17 +495,11 @@ def test_a_keyframes_colour_follows_a_small_thing_that_moves_on_its_own(monkeypa
     """A 12 px reddish square moves 1 px a frame over a still background: the keyframe's flows, searched down to
     the frame's own resolution, carry its colour with it; searched down to half of it (DIS's medium preset), they
     carry the square as if it moved with the background."""
-    import cv2
-
     import guidance
     from utils import rgb_to_chroma, rgb_to_gray
 
-    def texture(height: int, width: int, seed: int) -> np.ndarray:
-        noise = np.random.default_rng(seed).uniform(0, 255, (height, width, 3)).astype(np.float32)
-        return np.clip(cv2.GaussianBlur(noise, (0, 0), 2.0) * 3 - 255, 0, 255)
-
-    background = texture(96, 128, seed=0).astype(np.uint8)
-    square = np.clip(texture(40, 40, seed=7)[:12, :12] + (60, -40, -40), 0, 255).astype(np.uint8)
+    background = smooth_texture(96, 128)
+    square = np.clip(smooth_texture(40, 40, seed=7)[:12, :12] + np.array((60, -40, -40)), 0, 255).astype(np.uint8)
     frames = []
     for t in range(5):
         frame = background.copy()
