@@ -7,12 +7,14 @@ by construction. Class rebalancing, which Zhang et al. apply in training, is app
 loss that weights each target bin by w(q) has the optimum w(q) p(q | x) (normalised), so dividing the calibrated
 distribution by the prior, raised to the power `vividness`, gives every rebalancing strength from one trained head
 (0: the calibrated mean; 1: Zhang et al.'s weights with lambda 0.5). It is the one knob between a pale, safe colour
-and a vivid one.
+and a vivid one. A model may also pool the distribution over the frame and cap the mean's saturation at its mode's
+(Decoding).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,23 @@ HEAD_CONFIG = "config.json"
 HEAD_WEIGHTS = "color_head.safetensors"
 OUTPUT_STRIDE = 4  # of the backbone's input: half the working size
 PRIOR_MIX = 0.5  # Zhang et al.'s lambda: the prior mixed with a uniform one, so rare bins are not boosted without bound
+POOL_EPSILON = 1e-2  # the pooling guided filter's regularisation, on luma in [0, 1]
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a head's rebalanced distribution becomes one chroma per position, beyond its mean (a model's own:
+    colorizer.json's `head_pool_radius` and `head_mode_temperature`; the defaults leave the mean as it is).
+
+    `pool_radius` > 0: the distribution is first pooled over the frame by a guided filter on the luma (each bin's
+    probability locally affine in the luma, over windows of 2 r + 1 grid cells), so a region bounded by luma edges
+    shares one distribution: one object, one colour. `mode_temperature` < 1: the mean is never more saturated than
+    the distribution annealed to that temperature, which leans to its mode: where most of the mass says gray and a
+    minority says colour, the mean's colour is the minority's, and a gray wall or road stays gray; where every
+    likely colour is saturated (a red or a blue shirt), the mean is kept."""
+
+    pool_radius: int = 0
+    mode_temperature: float = 1.0
 
 
 def bin_centres(step: float) -> torch.Tensor:
@@ -99,13 +118,43 @@ class ColorHead(nn.Module):
         """Logits -> the distribution over bins, rebalanced by the prior to the power `vividness` (module doc)."""
         return torch.softmax(self.rebalanced(logits, vividness), dim=1)
 
-    def chroma(self, logits: torch.Tensor, vividness: float) -> torch.Tensor:
+    def chroma(self, logits: torch.Tensor, vividness: float, gray: torch.Tensor | None = None,
+               decoding: Decoding = Decoding()) -> torch.Tensor:
         """Logits -> B x 2 x h x w chroma (Cb, Cr, on the 8-bit scale): the mean of the rebalanced distribution,
-        summed with its unnormalised weights and divided by their total: one pass over the bins fewer than
-        normalising them first."""
+        decoded as `decoding` says (pooling needs `gray`, the Bx1xHxW frames in [0, 1] the head read)."""
         rebalanced = self.rebalanced(logits, vividness)
-        weights = (rebalanced - rebalanced.amax(dim=1, keepdim=True)).exp()
+        if decoding.pool_radius > 0:
+            if gray is None:
+                raise ValueError("pooling the distribution needs the frames' luma")
+            rebalanced = pooled_log_distribution(rebalanced, gray, decoding.pool_radius)
+        mean = self.mean_chroma(rebalanced)
+        if decoding.mode_temperature >= 1.0:
+            return mean
+        towards_mode = self.mean_chroma(rebalanced / decoding.mode_temperature)
+        cap = towards_mode.norm(dim=1, keepdim=True) / mean.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        return mean * cap.clamp(max=1.0)
+
+    def mean_chroma(self, logits: torch.Tensor) -> torch.Tensor:
+        """The mean chroma of the distribution softmax(logits) over the bins, summed with its unnormalised weights and
+        divided by their total: one pass over the bins fewer than normalising them first."""
+        weights = (logits - logits.amax(dim=1, keepdim=True)).exp()
         return F.conv2d(weights, self.centres.t()[:, :, None, None]) / weights.sum(dim=1, keepdim=True)
+
+
+def pooled_log_distribution(logits: torch.Tensor, gray: torch.Tensor, radius: int) -> torch.Tensor:
+    """B x Q x h x w logits -> the log of their distribution pooled by the guided filter (He et al. 2010) on the
+    frames' luma (Bx1xHxW in [0, 1], averaged onto the h x w grid), windows of 2 radius + 1 cells."""
+    distribution = torch.softmax(logits, dim=1)
+    guide = F.adaptive_avg_pool2d(gray.float(), distribution.shape[-2:])
+
+    def box(image: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(image, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+
+    mean_guide, mean_distribution = box(guide), box(distribution)
+    variance = box(guide * guide) - mean_guide**2
+    slope = (box(guide * distribution) - mean_guide * mean_distribution) / (variance + POOL_EPSILON)
+    offset = mean_distribution - slope * mean_guide
+    return (box(slope) * guide + box(offset)).clamp_min(1e-8).log()
 
 
 def build_color_head(backbone_channels: list[int], step: float, prior_counts: torch.Tensor, width: int = 96,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from color_head import ColorHead, load_color_head
+from color_head import ColorHead, Decoding, load_color_head
 from guidance import CarryWeight, no_hints, resize_to
 from modules import (BACKBONE_SCALE, BACKBONE_STRIDES, BACKBONES, CHROMA_RANGE, FrozenBackbone, HybridVAC, load_vac,
                      load_vae, model_multiple,
@@ -113,6 +113,13 @@ class Colorizer:
     def vividness(self, chosen: float | None) -> float | None:
         """The colour head's vividness (sampling_default), or None for a model without a head."""
         return None if not self.color_heads else self.sampling_default("vividness", chosen)
+
+    @property
+    def head_decoding(self) -> Decoding:
+        """How the colour heads' distributions become chroma (color_head.Decoding): the model's own (colorizer.json's
+        `head_pool_radius`, `head_mode_temperature`), else their mean."""
+        return Decoding(int(self.config.get("head_pool_radius", 0)),
+                        float(self.config.get("head_mode_temperature", 1.0)))
 
     def head_start(self, chosen: int | None) -> int | None:
         """The denoising step sampling starts at from the colour head's colour (sample_latents): `chosen`, else the
@@ -303,7 +310,8 @@ class Colorizer:
         if not self.color_heads or vividness is None:
             return (*vac_condition(self.vac, vac_gray), None)
         vac_maps, inputs = self.head_inputs(vac_gray, head_gray)
-        chromas = [head.chroma(head(*read), vividness) for head, read in zip(self.color_heads, inputs)]
+        chromas = [head.chroma(head(*read), vividness, read[1], self.head_decoding)
+                   for head, read in zip(self.color_heads, inputs)]
         grid = max((c.shape[-2:] for c in chromas), key=lambda shape: shape.numel())
         chroma = torch.stack([F.interpolate(c, size=grid, mode="bilinear", align_corners=False) for c in chromas])
         return (*self.vac.head(vac_maps), chroma.mean(dim=0))

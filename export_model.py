@@ -35,6 +35,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--heads-propagation", type=float,
                         help="the model's default --propagation where its colour heads lead and things move "
                         "(0.99 where nothing moves)")
+    parser.add_argument("--head-pool-radius", type=int, help="the colour heads' distributions pooled over the frame on "
+                        "its luma, in grid cells (color_head.Decoding; 0: not pooled)")
+    parser.add_argument("--head-mode-temperature", type=float, help="the colour heads' chroma never more saturated "
+                        "than their distribution annealed to this temperature (color_head.Decoding; 1: no cap)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser.parse_args()
 
@@ -75,7 +79,9 @@ def main() -> None:
     settings = {key: value for key, value in (("color_head", (heads[0] if len(heads) == 1 else heads) or None),
                                               ("vividness", args.vividness), ("saturation", args.saturation),
                                               ("head_start", args.head_start), ("heads_lead", args.heads_lead),
-                                              ("heads_propagation", args.heads_propagation))
+                                              ("heads_propagation", args.heads_propagation),
+                                              ("head_pool_radius", args.head_pool_radius),
+                                              ("head_mode_temperature", args.head_mode_temperature))
                 if value is not None}
     source = export(args.checkpoint, args.out, args.overwrite, settings)
     print(f"exported {source} -> {args.out}")

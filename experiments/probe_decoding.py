@@ -12,13 +12,19 @@ output is their chroma plus a smooth tint, so this ranks rules at a fraction of 
       --figure-photos kodak24_kodim05 kodak24_kodim20 mcmaster_4 skimage_coffee
   python experiments/probe_decoding.py --clips runs/heldout --photos runs/heldout_photos --stride 5 \
       --rules rebalance:0,0.25,0.35,0.5 --extra-heads runs/color_lite1/color     # a third head, on Lite1
+  python experiments/probe_decoding.py --clips runs/heldout --photos runs/heldout_photos --stride 5 \
+      --rules rebalance:0.35,0.45,0.55,0.65 annealed0.5:0.2,0.45,0.6 decoding2,1:0.35,0.45,0.6 \
+      decoding0,0.5:0.5,0.65 decoding2,0.5:0.5,0.65 --json docs/probes/decoding_pool_cap.json
 
 The heads' logits are computed once per frame; every rule then decodes the same logits. Rules:
 - rebalance v: the calibrated distribution divided by the prior to the power v, its mean (color_head.py; v6);
 - gain g: the calibrated mean times g (hue kept, gray stays gray);
 - push k: the calibrated mean moved k levels further along its own direction, faded in over GRAY_RADIUS levels of
   it (the least squared error per unit of added chroma, where the distribution is calibrated);
-- gated v: rebalancing at v scaled down by the mass the calibrated distribution puts within GRAY_RADIUS of gray.
+- gated v: rebalancing at v scaled down by the mass the calibrated distribution puts within GRAY_RADIUS of gray;
+- annealedT v: the rebalanced distribution annealed to temperature T (Zhang et al.'s annealed mean), e.g. annealed0.5;
+- decodingR,T v: color_head.Decoding(R, T) on the rebalanced distribution: pooled over the frame on its luma (radius
+  R grid cells, 0: not), the mean's saturation capped at the distribution's annealed to T (1: no cap).
 
 Each rule's chroma can then be refined (--refine, rows `rule+refinement`): `RADIUS,EPS` a guided filter on the
 frame's luma (correspondence.guided_upsample: colour edges on luma edges); `grayworldA` the frame's mean chroma
@@ -46,7 +52,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
-from color_head import load_color_head
+from color_head import Decoding, load_color_head
 from colorizer import DEFAULT_MODEL, Colorizer, combine, load_colorizer, own_backbones, prepare_gray
 from correspondence import guided_upsample
 from metrics import FrechetFeatures, colorfulness, frechet_distance, psnr
@@ -108,12 +114,19 @@ def frame_reading(colorizer: Colorizer, gray: np.ndarray) -> tuple[list[torch.Te
     return logits, torch.cat(described).numpy()
 
 
-def decode(colorizer: Colorizer, logits: list[torch.Tensor], rule: str, strength: float) -> torch.Tensor:
-    """The heads' mean chroma (1x2xhxw on the largest head grid) under a decoding rule."""
+def decode(colorizer: Colorizer, logits: list[torch.Tensor], rule: str, strength: float,
+           gray: np.ndarray) -> torch.Tensor:
+    """The heads' mean chroma (1x2xhxw on the largest head grid) under a decoding rule (`gray`: the frame's luma)."""
     chromas = []
     for head, head_logits_ in zip(colorizer.color_heads, logits):
         if rule == "rebalance":
             chroma = head.chroma(head_logits_, strength)
+        elif rule.startswith("annealed"):
+            chroma = head.mean_chroma(head.rebalanced(head_logits_, strength) / float(rule[len("annealed"):]))
+        elif rule.startswith("decoding"):
+            radius, temperature = rule[len("decoding"):].split(",")
+            luma = torch.from_numpy(gray.astype(np.float32) / 255.0)[None, None]
+            chroma = head.chroma(head_logits_, strength, luma, Decoding(int(radius), float(temperature)))
         elif rule == "gated":
             calibrated = head.distribution(head_logits_, 0.0)
             gray_mass = torch.einsum("bqhw,q->bhw", calibrated, (head.centres.norm(dim=1) < GRAY_RADIUS).float())
@@ -183,8 +196,9 @@ def chroma_summary(chroma: np.ndarray) -> np.ndarray:
     return np.array([*chroma.mean(axis=(0, 1)), np.linalg.norm(chroma, axis=2).mean()])
 
 
-def rule_summary(colorizer: Colorizer, logits: list[torch.Tensor], rule: str, strength: float) -> np.ndarray:
-    return chroma_summary(decode(colorizer, logits, rule, strength)[0].permute(1, 2, 0).numpy())
+def rule_summary(colorizer: Colorizer, logits: list[torch.Tensor], rule: str, strength: float,
+                 gray: np.ndarray) -> np.ndarray:
+    return chroma_summary(decode(colorizer, logits, rule, strength, gray)[0].permute(1, 2, 0).numpy())
 
 
 def item_readings(colorizer: Colorizer, items_file: Path, count: int, keys: list[tuple[str, float]],
@@ -204,11 +218,12 @@ def item_readings(colorizer: Colorizer, items_file: Path, count: int, keys: list
         items = items[np.random.default_rng(0).choice(len(items), size=min(count, len(items)), replace=False)]
     read = {name: [] for name in ["described", "truth", *names.values()]}
     for n, item in enumerate(items):
-        logits, described = frame_reading(colorizer, rgb_to_gray(item))
+        gray = rgb_to_gray(item)
+        logits, described = frame_reading(colorizer, gray)
         read["described"].append(described)
         read["truth"].append(chroma_summary(rgb_to_chroma(item)))
         for key, name in names.items():
-            read[name].append(rule_summary(colorizer, logits, *key))
+            read[name].append(rule_summary(colorizer, logits, *key, gray))
         if n % 500 == 0:
             print(f"cast items {n}/{len(items)}", flush=True)
     read = {name: np.array(values) for name, values in read.items()} | {"heads": np.array(len(colorizer.color_heads))}
@@ -304,7 +319,7 @@ def rule_output(colorizer: Colorizer, reading: tuple, truth: np.ndarray, rule: s
     gray, logits, described = reading
     if rule == "gray":
         return combine(gray, np.zeros((*gray.shape, 2), np.float32))
-    chroma = decode(colorizer, logits, rule, strength)[0].permute(1, 2, 0).numpy()
+    chroma = decode(colorizer, logits, rule, strength, gray)[0].permute(1, 2, 0).numpy()
     if refine not in ("cast", "gainfit"):
         return combine(gray, refined(gray, chroma, refine, truth))
     summary = chroma_summary(chroma)

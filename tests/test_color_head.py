@@ -55,6 +55,59 @@ def test_a_confident_neutral_prediction_stays_neutral_at_full_vividness():
     assert head.chroma(logits, 1.0).abs().max() < 12.0  # within the gray bin's own cell
 
 
+def peaked_logits(head, shares: dict[int, float], height: int = 1, width: int = 1) -> torch.Tensor:
+    """1 x Q x height x width logits of a distribution with these shares on these bins (and next to none elsewhere)."""
+    probabilities = torch.full((len(head.centres),), 1e-9)
+    for index, share in shares.items():
+        probabilities[index] = share
+    return probabilities.log().view(1, -1, 1, 1).expand(1, -1, height, width).clone()
+
+
+def test_the_cap_keeps_gray_where_most_of_the_mass_says_gray_and_leaves_a_choice_of_colours_alone():
+    from color_head import Decoding
+
+    head = small_head()
+    gray, red, blue = (int(i) for i in (head.centres.norm(dim=1).argmin(), head.centres[:, 1].argmax(),
+                                        head.centres[:, 0].argmax()))
+    capped = Decoding(mode_temperature=0.5)
+    # 60% gray, 40% red: annealed to T = 0.5 the shares go as their squares, 0.36 : 0.16, and the mean keeps its hue
+    # with the annealed mean's saturation
+    mostly_gray = peaked_logits(head, {gray: 0.6, red: 0.4})
+    plain = head.chroma(mostly_gray, 0.0)[0, :, 0, 0]
+    towards_mode = (0.36 * head.centres[gray] + 0.16 * head.centres[red]) / 0.52
+    capped_chroma = head.chroma(mostly_gray, 0.0, decoding=capped)[0, :, 0, 0]
+    assert torch.allclose(plain, 0.6 * head.centres[gray] + 0.4 * head.centres[red], atol=0.1)
+    assert abs(capped_chroma.norm() - towards_mode.norm()) < 0.1
+    assert capped_chroma.norm() < 0.8 * plain.norm()
+    assert torch.allclose(capped_chroma / capped_chroma.norm(), plain / plain.norm(), atol=1e-4)
+    # 60% red, 40% blue: both likely colours are saturated and the mean, a blend of them, is kept
+    two_colours = peaked_logits(head, {red: 0.6, blue: 0.4})
+    assert torch.allclose(head.chroma(two_colours, 0.0, decoding=capped), head.chroma(two_colours, 0.0))
+
+
+def test_pooling_smooths_a_regions_distribution_and_keeps_its_luma_edge():
+    from color_head import Decoding
+
+    head = small_head()
+    red, blue = (int(i) for i in (head.centres[:, 1].argmax(), head.centres[:, 0].argmax()))
+    height, width = 12, 16
+    logits = peaked_logits(head, {blue: 1.0}, height, width)
+    specks = torch.rand(height, width // 2, generator=torch.Generator().manual_seed(0)) < 0.8
+    left = logits[0, :, :, : width // 2]
+    left[:, specks] = peaked_logits(head, {red: 1.0})[0, :, 0, :1]  # a red region with blue specks
+    gray = torch.full((1, 1, height * 4, width * 4), 0.8)
+    gray[..., : width * 2] = 0.2  # its luma edge where its colour ends
+    plain = head.chroma(logits, 0.0)
+    pooled = head.chroma(logits, 0.0, gray, Decoding(pool_radius=2))
+    region_spread = [chroma[0, :, :, : width // 2].std(dim=(1, 2)) for chroma in (pooled, plain)]
+    assert region_spread[0].max() < 0.5 * region_spread[1].min()
+    # the columns on either side of the edge keep their own side's colour
+    gap = (head.centres[red] - head.centres[blue]).norm()
+    assert (pooled[0, :, :, width // 2] - head.centres[blue][:, None]).norm(dim=0).max() < 0.1 * gap
+    assert (pooled[0, :, :, width // 2 - 1] - plain[0, :, :, : width // 2].mean(dim=(1, 2))[:, None]
+            ).norm(dim=0).max() < 0.2 * gap
+
+
 def test_a_saved_head_loads_and_predicts_the_same(tmp_path):
     from color_head import load_color_head, save_color_head
 
