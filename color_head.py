@@ -36,12 +36,14 @@ class Decoding:
     """How a head's rebalanced distribution becomes one chroma per position, beyond its mean (a model's own:
     colorizer.json's `head_pool_radius` and `head_mode_temperature`; the defaults leave the mean as it is).
 
-    `pool_radius` > 0: the distribution is first pooled over the frame by a guided filter on the luma (each bin's
-    probability locally affine in the luma, over windows of 2 r + 1 grid cells), so a region bounded by luma edges
-    shares one distribution: one object, one colour. `mode_temperature` < 1: the mean is never more saturated than
-    the distribution annealed to that temperature, which leans to its mode: where most of the mass says gray and a
-    minority says colour, the mean's colour is the minority's, and a gray wall or road stays gray; where every
-    likely colour is saturated (a red or a blue shirt), the mean is kept."""
+    `mode_temperature` < 1: the mean is never more saturated than the mean of the distribution annealed to that
+    temperature, which leans to its mode: where most of the mass says gray and a minority says colour, the mean's
+    colour is the minority's, and a gray wall or road stays gray; where every likely colour is saturated (a red or a
+    blue shirt), the mean is kept. `pool_radius` > 0: both means are first pooled over the frame by a guided filter
+    on the luma (locally affine in the luma, over windows of 2 r + 1 grid cells), so a region bounded by luma edges
+    shares one colour: one object, one colour. The filter is linear and keeps a constant, so the pooled mean is the
+    mean of every bin's probability pooled, at the cost of two maps, not one a bin; the pooled annealed mean stands
+    in for the annealed pooled distribution's, which would need them all."""
 
     pool_radius: int = 0
     mode_temperature: float = 1.0
@@ -122,39 +124,55 @@ class ColorHead(nn.Module):
                decoding: Decoding = Decoding()) -> torch.Tensor:
         """Logits -> B x 2 x h x w chroma (Cb, Cr, on the 8-bit scale): the mean of the rebalanced distribution,
         decoded as `decoding` says (pooling needs `gray`, the Bx1xHxW frames in [0, 1] the head read)."""
-        rebalanced = self.rebalanced(logits, vividness)
+        weights = self.rebalanced(logits, vividness)
+        # unnormalised weights, in place: one pass over the bins fewer than normalising them, and no new buffer
+        weights = weights.sub_(weights.amax(dim=1, keepdim=True)).exp_()
+        capped = decoding.mode_temperature < 1.0
+        maps = [self.weighted_chroma(weights)]
+        if capped:
+            # the annealed distribution's weights are the plain ones to the power 1 / T
+            maps.append(self.weighted_chroma(weights.pow_(1.0 / decoding.mode_temperature)))
         if decoding.pool_radius > 0:
             if gray is None:
                 raise ValueError("pooling the distribution needs the frames' luma")
-            rebalanced = pooled_log_distribution(rebalanced, gray, decoding.pool_radius)
-        mean = self.mean_chroma(rebalanced)
-        if decoding.mode_temperature >= 1.0:
-            return mean
-        towards_mode = self.mean_chroma(rebalanced / decoding.mode_temperature)
-        cap = towards_mode.norm(dim=1, keepdim=True) / mean.norm(dim=1, keepdim=True).clamp_min(1e-6)
+            maps = luma_guided_filter(torch.cat(maps, dim=1), gray, decoding.pool_radius).split(2, dim=1)
+        if not capped:
+            return maps[0]
+        mean, towards_mode = maps
+        cap = saturation(towards_mode) / saturation(mean).clamp_min(1e-6)
         return mean * cap.clamp(max=1.0)
 
+    def weighted_chroma(self, weights: torch.Tensor) -> torch.Tensor:
+        """B x Q x h x w non-negative weights over the bins -> the chroma they average to, B x 2 x h x w."""
+        # one matrix product gives the weighted sums and the total (a 1x1 convolution is ten times slower on a CPU)
+        centres_and_one = torch.cat([self.centres, self.centres.new_ones(len(self.centres), 1)], dim=1)
+        sums = torch.matmul(centres_and_one.t(), weights.flatten(2))
+        return (sums[:, :2] / sums[:, 2:]).view(len(weights), 2, *weights.shape[-2:])
+
     def mean_chroma(self, logits: torch.Tensor) -> torch.Tensor:
-        """The mean chroma of the distribution softmax(logits) over the bins, summed with its unnormalised weights and
-        divided by their total: one pass over the bins fewer than normalising them first."""
-        weights = (logits - logits.amax(dim=1, keepdim=True)).exp()
-        return F.conv2d(weights, self.centres.t()[:, :, None, None]) / weights.sum(dim=1, keepdim=True)
+        """The mean chroma of the distribution softmax(logits) over the bins."""
+        return self.weighted_chroma((logits - logits.amax(dim=1, keepdim=True)).exp())
 
 
-def pooled_log_distribution(logits: torch.Tensor, gray: torch.Tensor, radius: int) -> torch.Tensor:
-    """B x Q x h x w logits -> the log of their distribution pooled by the guided filter (He et al. 2010) on the
-    frames' luma (Bx1xHxW in [0, 1], averaged onto the h x w grid), windows of 2 radius + 1 cells."""
-    distribution = torch.softmax(logits, dim=1)
-    guide = F.adaptive_avg_pool2d(gray.float(), distribution.shape[-2:])
+def saturation(chroma: torch.Tensor) -> torch.Tensor:
+    """B x 2 x h x w chroma -> B x 1 x h x w: its distance from gray (a norm over the channels, which is slow)."""
+    return torch.hypot(chroma[:, :1], chroma[:, 1:])
+
+
+def luma_guided_filter(maps: torch.Tensor, gray: torch.Tensor, radius: int) -> torch.Tensor:
+    """B x C x h x w maps -> the same pooled by the guided filter (He et al. 2010) on the frames' luma (Bx1xHxW in
+    [0, 1], averaged onto the h x w grid), windows of 2 radius + 1 cells: locally affine in the luma, so what a region
+    bounded by luma edges holds is shared across it."""
+    guide = F.adaptive_avg_pool2d(gray.float(), maps.shape[-2:])
 
     def box(image: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(image, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
 
-    mean_guide, mean_distribution = box(guide), box(distribution)
+    mean_guide, mean_maps = box(guide), box(maps)
     variance = box(guide * guide) - mean_guide**2
-    slope = (box(guide * distribution) - mean_guide * mean_distribution) / (variance + POOL_EPSILON)
-    offset = mean_distribution - slope * mean_guide
-    return (box(slope) * guide + box(offset)).clamp_min(1e-8).log()
+    slope = (box(guide * maps) - mean_guide * mean_maps) / (variance + POOL_EPSILON)
+    offset = mean_maps - slope * mean_guide
+    return box(slope) * guide + box(offset)
 
 
 def build_color_head(backbone_channels: list[int], step: float, prior_counts: torch.Tensor, width: int = 96,
