@@ -108,6 +108,21 @@ def test_pooling_smooths_a_regions_distribution_and_keeps_its_luma_edge():
             ).norm(dim=0).max() < 0.2 * gap
 
 
+def test_pooling_the_mean_is_pooling_every_bins_probability_and_then_taking_the_mean():
+    from color_head import Decoding, luma_guided_filter
+
+    head = small_head()
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, len(head.centres), 9, 11, generator=generator) * 3
+    gray = torch.rand(2, 1, 36, 44, generator=generator)
+    pooled = head.chroma(logits, 0.5, gray, Decoding(pool_radius=2))
+    every_bin = luma_guided_filter(torch.softmax(head.rebalanced(logits, 0.5), dim=1), gray, 2)
+    assert torch.allclose(every_bin.sum(dim=1), torch.ones(2, 9, 11), atol=1e-4)  # the filter keeps a constant
+    expected = torch.einsum("bqhw,qc->bchw", every_bin, head.centres)
+    assert torch.allclose(pooled, expected, atol=1e-2)  # levels on the 8-bit scale
+    assert (pooled - head.chroma(logits, 0.5)).abs().max() > 1.0  # and the pooling did something
+
+
 def test_a_saved_head_loads_and_predicts_the_same(tmp_path):
     from color_head import load_color_head, save_color_head
 
@@ -386,9 +401,10 @@ def test_a_head_on_its_own_backbone_reads_that_backbones_maps(tmp_path):
         return model.condition(prepare_gray(gray, model.vac_size(96, 128)), 0.0, head_gray)[2]
 
     lite1_alone = model_chroma("lite1")
+    decoding = load_colorizer(tmp_path / "model_lite1", torch.device("cpu")).head_decoding  # the default model's
     with torch.no_grad():
-        on_lite1 = head.chroma(head(FrozenBackbone("efficientnet_lite1")(head_gray), head_gray), 0.0)
-        on_lite0 = head.chroma(head(FrozenBackbone("efficientnet_lite0")(head_gray), head_gray), 0.0)
+        on_lite1, on_lite0 = (head.chroma(head(FrozenBackbone(name)(head_gray), head_gray), 0.0, head_gray, decoding)
+                              for name in ("efficientnet_lite1", "efficientnet_lite0"))
     assert torch.allclose(lite1_alone, on_lite1, atol=0.05)
     assert (lite1_alone - on_lite0).abs().mean() > 20 * (lite1_alone - on_lite1).abs().mean()
     red_alone = model_chroma("red")
