@@ -124,9 +124,7 @@ class ColorHead(nn.Module):
                decoding: Decoding = Decoding()) -> torch.Tensor:
         """Logits -> B x 2 x h x w chroma (Cb, Cr, on the 8-bit scale): the mean of the rebalanced distribution,
         decoded as `decoding` says (pooling needs `gray`, the Bx1xHxW frames in [0, 1] the head read)."""
-        weights = self.rebalanced(logits, vividness)
-        # unnormalised weights, in place: one pass over the bins fewer than normalising them, and no new buffer
-        weights = weights.sub_(weights.amax(dim=1, keepdim=True)).exp_()
+        weights = unnormalised_probabilities_(self.rebalanced(logits, vividness))
         capped = decoding.mode_temperature < 1.0
         maps = [self.weighted_chroma(weights)]
         if capped:
@@ -151,7 +149,13 @@ class ColorHead(nn.Module):
 
     def mean_chroma(self, logits: torch.Tensor) -> torch.Tensor:
         """The mean chroma of the distribution softmax(logits) over the bins."""
-        return self.weighted_chroma((logits - logits.amax(dim=1, keepdim=True)).exp())
+        return self.weighted_chroma(unnormalised_probabilities_(logits.clone()))
+
+
+def unnormalised_probabilities_(logits: torch.Tensor) -> torch.Tensor:
+    """B x Q x h x w logits -> softmax's probabilities over Q times a positive number per position, in place: one pass
+    over the bins fewer than normalising them, and no new buffer (the caller's tensor is overwritten)."""
+    return logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
 
 
 def saturation(chroma: torch.Tensor) -> torch.Tensor:

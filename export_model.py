@@ -35,10 +35,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--heads-propagation", type=float,
                         help="the model's default --propagation where its colour heads lead and things move "
                         "(0.99 where nothing moves)")
-    parser.add_argument("--head-pool-radius", type=int, help="the colour heads' distributions pooled over the frame on "
-                        "its luma, in grid cells (color_head.Decoding; 0: not pooled)")
+    parser.add_argument("--head-pool-radius", type=int, help="the colour heads' chroma pooled over the frame on its "
+                        "luma, in grid cells (color_head.Decoding; 0: not pooled)")
     parser.add_argument("--head-mode-temperature", type=float, help="the colour heads' chroma never more saturated "
-                        "than their distribution annealed to this temperature (color_head.Decoding; 1: no cap)")
+                        "than their distribution's mean annealed to this temperature (color_head.Decoding; 1: no cap)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser.parse_args()
 

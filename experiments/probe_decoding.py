@@ -13,8 +13,7 @@ output is their chroma plus a smooth tint, so this ranks rules at a fraction of 
   python experiments/probe_decoding.py --clips runs/heldout --photos runs/heldout_photos --stride 5 \
       --rules rebalance:0,0.25,0.35,0.5 --extra-heads runs/color_lite1/color     # a third head, on Lite1
   python experiments/probe_decoding.py --clips runs/heldout --photos runs/heldout_photos --stride 5 \
-      --rules rebalance:0.35,0.45,0.55,0.65 annealed0.5:0.2,0.45,0.6 decoding2,1:0.35,0.45,0.6 \
-      decoding0,0.5:0.5,0.65 decoding2,0.5:0.5,0.65 --json docs/probes/decoding_pool_cap.json
+      --rules rebalance:0.45 decoding2,1:0.45 decoding2,0.5:0.5,0.65,0.7 --json docs/probes/decoding_pooled_means.json
 
 The heads' logits are computed once per frame; every rule then decodes the same logits. Rules:
 - rebalance v: the calibrated distribution divided by the prior to the power v, its mean (color_head.py; v6);
@@ -23,8 +22,9 @@ The heads' logits are computed once per frame; every rule then decodes the same 
   it (the least squared error per unit of added chroma, where the distribution is calibrated);
 - gated v: rebalancing at v scaled down by the mass the calibrated distribution puts within GRAY_RADIUS of gray;
 - annealedT v: the rebalanced distribution annealed to temperature T (Zhang et al.'s annealed mean), e.g. annealed0.5;
-- decodingR,T v: color_head.Decoding(R, T) on the rebalanced distribution: pooled over the frame on its luma (radius
-  R grid cells, 0: not), the mean's saturation capped at the distribution's annealed to T (1: no cap).
+- decodingR,T v: color_head.Decoding(R, T) on the rebalanced distribution: the mean's saturation capped at the mean of
+  the distribution annealed to T (1: no cap), both means pooled over the frame on its luma (radius R grid cells, 0:
+  not).
 
 Each rule's chroma can then be refined (--refine, rows `rule+refinement`): `RADIUS,EPS` a guided filter on the
 frame's luma (correspondence.guided_upsample: colour edges on luma edges); `grayworldA` the frame's mean chroma
