@@ -424,6 +424,30 @@ def test_probe_hints_hold_the_true_colour_where_given_and_need_a_hint_model(tmp_
     assert result.code == 2 and "has no hint input" in result.stderr
 
 
+def test_cdc_counts_a_smooth_colour_drifting_by_a_tenth_of_a_level_until_both_round_alike(tmp_path):
+    """experiments/probe_cdc_rounding.py: truth and output drift alike, 0.1 chroma levels a frame, the truth's
+    chroma with a fixed texture of its own, the output's smooth. CDC's whole-bin histograms count the smooth one's
+    drift many times over; rebuilt with the same noise of one level in both, the two score alike."""
+    import cv2
+    from skimage import data
+
+    from conftest import run_main
+
+    luma = cv2.resize(data.camera(), (160, 128), interpolation=cv2.INTER_AREA)
+    texture = np.random.default_rng(1).normal(0, 2, (128, 160, 2)).astype(np.float32)
+    for name, own in (("gt", texture), ("pred", 0.0)):
+        write_frames(tmp_path / name / "clip", [utils.luma_chroma_to_rgb(luma, np.float32([10 + 0.1 * t, -6]) + own
+                                                                         + np.zeros((128, 160, 2), np.float32))
+                                                for t in range(9)])
+    result = run_main("experiments.probe_cdc_rounding", "--pred", tmp_path / "pred", "--gt", tmp_path / "gt",
+                      "--dither", 1, "--json", tmp_path / "rounding.json", cwd=REPO)
+    assert result.code == 0, result.stderr
+    row = json.loads((tmp_path / "rounding.json").read_text())["clips"]["clip"]
+    assert row["cdc"] > 3 * row["gt_cdc"] > 0
+    assert row["cdc_dither1"] < 1.3 * row["gt_cdc_dither1"]
+    assert row["cdc_frozen"] < 0.1 * row["gt_cdc"]  # the first frame's colour on every frame: nothing moves
+
+
 def test_frechet_distance_of_shifted_gaussians_is_the_squared_shift():
     """Same covariance, means apart by (1, 2, 2): the trace term vanishes and the distance is 1 + 4 + 4 = 9."""
     from metrics import frechet_distance
