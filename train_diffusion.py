@@ -677,13 +677,13 @@ def validate(models: Models, accelerator, run_dir: Path, config: dict, step: int
 
 
 def main() -> None:
+    args = parse_args()  # before the heavy imports: --help and a wrong flag answer at once
+    check_args(args)
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from diffusers import DDPMScheduler
     from tqdm import tqdm
 
-    args = parse_args()
-    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     # split_batches: each step's global batch is split across the processes, so the learning-rate schedule steps
