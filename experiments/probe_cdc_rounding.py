@@ -12,9 +12,9 @@ fraction of a level moves a whole region's mass to the next bin at once; where t
   chroma plus Gaussian noise of s levels (the same draws for both), so that both round alike; the ratio of the two
   is what is left when rounding no longer tells them apart;
 - `cdc_frozen`: the output's first frame's chroma on every frame's luma: the CDC of colour that does not change;
-- `cdc_uniform_tint`: each frame's mean chroma spread over the whole frame: how far a tint that drifts by a fraction
-  of a level moves CDC;
-- `tint_step`: the mean change of the frame's mean chroma from one frame to the next, in levels.
+- `gt_cdc_uniform_tint`: each ground-truth frame's mean chroma spread over the whole frame: how far a tint that
+  drifts by a fraction of a level moves CDC;
+- `tint_step`, `gt_tint_step`: the mean change of the frame's mean chroma from one frame to the next, in levels.
 """
 
 from __future__ import annotations
