@@ -7,7 +7,6 @@ import contextlib
 import io
 import os
 import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
@@ -206,12 +205,11 @@ def script_parts(script: str) -> dict:
     return runpy.run_path(str(script_path(script)))
 
 
-def run_script(*args: str, cwd) -> subprocess.CompletedProcess:
-    """Runs a repo script (args[0], relative to the repo) in a subprocess, offline; it must succeed."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    result = subprocess.run([sys.executable, str(REPO / args[0]), *args[1:]], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+def run_ok(*args, cwd: Path) -> Result:
+    """run_main for a script named by its file (args[0], like "train_diffusion.py"); it must succeed. In this process:
+    a subprocess would spend seconds importing torch and diffusers again for every run."""
+    result = run_main(str(args[0]).removesuffix(".py").replace("/", "."), *args[1:], cwd=cwd)
+    assert result.code == 0, result.stderr[-2000:]
     return result
 
 

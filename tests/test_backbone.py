@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_ok
 
 ESPRESSO = 967  # ImageNet class indices
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -120,7 +120,7 @@ def test_the_backbone_sees_what_is_in_the_frame():
     assert same < 0.5 * other
 
 
-@pytest.mark.slow  # feature extraction, a training run and colorization in subprocesses: about a minute
+@pytest.mark.slow  # feature extraction, training runs and colorization: about 10 seconds
 def test_three_stages_with_a_hybrid_vac(tmp_path, tiny_components, frame_root, tiny_model, gray_video):
     """Backbone features cached by feature_extraction.py, the head trained with a UNet that starts from a model
     without them (and, with a learning rate of 0, predicts exactly what that model predicts), then colorization."""
@@ -128,20 +128,20 @@ def test_three_stages_with_a_hybrid_vac(tmp_path, tiny_components, frame_root, t
     from modules import BACKBONE_KEYS, build_hybrid_vac, save_vac
     from video_io import probe_clip
 
-    run_script("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "hybrid", "--image-size", "32",
+    run_ok("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "hybrid", "--image-size", "32",
                "--vae", str(tiny_components["vae"]), "--vac", "timm:efficientnet_lite0", cwd=tmp_path)
     with np.load(tmp_path / "data" / "hybrid" / "latent.npz") as data:
         assert "tokens" not in data.files and str(data["backbone_name"]) == "efficientnet_lite0"
         assert [data[key].shape[-2:] for key in BACKBONE_KEYS] == [(8, 8), (4, 4), (2, 2)]
     with pytest.raises(AssertionError, match="add --train-vac"):
-        run_script("train_diffusion.py", "--dataset-name", "hybrid", "--output-dir", "runs", cwd=tmp_path)
+        run_ok("train_diffusion.py", "--dataset-name", "hybrid", "--output-dir", "runs", cwd=tmp_path)
 
     save_vac(build_hybrid_vac(token_dim=32, layers=1, heads=2, spatial_channels=8), tmp_path / "small_vac")
     train = ["train_diffusion.py", "--dataset-name", "hybrid", "--output-dir", "runs", "--net-dimension", "8",
              "--vac", str(tmp_path / "small_vac"),
              "--batch-size", "4", "--warmup-steps", "1", "--train-vac", "--checkpoint-every", "2", "--validate-every",
              "2"]
-    run_script(*train, "--run-name", "same", "--max-steps", "1", "--lr", "0", "--init-from", str(tiny_model),
+    run_ok(*train, "--run-name", "same", "--max-steps", "1", "--lr", "0", "--init-from", str(tiny_model),
                "--checkpoint-every", "1", cwd=tmp_path)
     widened = load_colorizer(tmp_path / "runs" / "same", torch.device("cpu"))
     source = load_colorizer(tiny_model, torch.device("cpu"))
@@ -152,17 +152,17 @@ def test_three_stages_with_a_hybrid_vac(tmp_path, tiny_components, frame_root, t
     assert torch.allclose(widened.sample_latents(gray, noise, steps=2, tokens=tokens, spatial=spatial),
                           source.sample_latents(gray, noise, steps=2, tokens=tokens), atol=1e-5)
 
-    run_script(*train, "--run-name", "hybrid", "--max-steps", "2", cwd=tmp_path)
+    run_ok(*train, "--run-name", "hybrid", "--max-steps", "2", cwd=tmp_path)
     config = json.loads((tmp_path / "runs" / "hybrid" / "checkpoint-2" / "colorizer.json").read_text())
     assert json.loads((tmp_path / "runs" / "hybrid" / "checkpoint-2" / "vac" / "vac_config.json").read_text())[
         "backbone"] == "efficientnet_lite0" and config["vac"] == "vac"
     output = tmp_path / "out.mp4"
-    run_script("video_colorization.py", "--input", str(gray_video), "--model", str(tmp_path / "runs" / "hybrid"),
+    run_ok("video_colorization.py", "--input", str(gray_video), "--model", str(tmp_path / "runs" / "hybrid"),
                "--output", str(output), "--steps", "2", cwd=tmp_path)
     assert probe_clip(output).frame_count == probe_clip(gray_video).frame_count
 
 
-@pytest.mark.slow  # feature extraction and two training runs in subprocesses: about 1.5 minutes
+@pytest.mark.slow  # feature extraction and four training runs: about 10 seconds
 def test_fine_tuning_the_backbone(tmp_path, tiny_components, frame_root):
     """latent.npz keeps the backbone's grayscale input; --train-backbone trains the backbone on it at its own
     learning rate, and the checkpoint's VAC holds the changed backbone, which loading it restores."""
@@ -170,7 +170,7 @@ def test_fine_tuning_the_backbone(tmp_path, tiny_components, frame_root):
 
     from modules import BACKBONE_SCALE, build_hybrid_vac, imagenet_efficientnet, load_vac, save_vac
 
-    run_script("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "hybrid", "--image-size", "32",
+    run_ok("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "hybrid", "--image-size", "32",
                "--vae", str(tiny_components["vae"]), "--vac", "timm:efficientnet_lite0", cwd=tmp_path)
     with np.load(tmp_path / "data" / "hybrid" / "latent.npz") as data:
         assert data["vac_gray"].shape[1:] == (BACKBONE_SCALE * 32, BACKBONE_SCALE * 32)
@@ -182,10 +182,10 @@ def test_fine_tuning_the_backbone(tmp_path, tiny_components, frame_root):
              "--vac", str(tmp_path / "small_vac"), "--batch-size", "4", "--warmup-steps", "1", "--train-vac",
              "--max-steps", "2", "--checkpoint-every", "2", "--validate-every", "2", "--ema-decay", "0"]
     with pytest.raises(AssertionError, match="needs --train-vac"):
-        run_script(*[a for a in train if a != "--train-vac"], "--train-backbone", cwd=tmp_path)
-    run_script(*train, "--run-name", "tuned", "--train-backbone", "--lr", "1e-2", "--backbone-lr-scale", "1",
+        run_ok(*[a for a in train if a != "--train-vac"], "--train-backbone", cwd=tmp_path)
+    run_ok(*train, "--run-name", "tuned", "--train-backbone", "--lr", "1e-2", "--backbone-lr-scale", "1",
                cwd=tmp_path)
-    run_script(*train, "--run-name", "frozen", "--lr", "1e-2", cwd=tmp_path)
+    run_ok(*train, "--run-name", "frozen", "--lr", "1e-2", cwd=tmp_path)
     imagenet = imagenet_efficientnet("efficientnet_lite0").state_dict()
     for run, tuned in (("tuned", True), ("frozen", False)):
         folder = tmp_path / "runs" / run / "checkpoint-2" / "vac"
@@ -202,7 +202,7 @@ def test_fine_tuning_the_backbone(tmp_path, tiny_components, frame_root):
     save_vac(build_hybrid_vac("efficientnet_lite2", token_dim=32, layers=1, heads=2, spatial_channels=8),
              tmp_path / "lite2_vac")
     other = [a if a != str(tmp_path / "small_vac") else str(tmp_path / "lite2_vac") for a in train]
-    result = run_script(*other, "--run-name", "lite2", "--lr", "0", "--init-from",
+    result = run_ok(*other, "--run-name", "lite2", "--lr", "0", "--init-from",
                         str(tmp_path / "runs" / "frozen" / "checkpoint-2"), cwd=tmp_path)
     assert "efficientnet_lite0 features; efficientnet_lite2's are computed each step" in result.stderr
     lite2 = load_vac(str(tmp_path / "runs" / "lite2" / "checkpoint-2" / "vac"))

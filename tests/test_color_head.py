@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, panning_clip, run_script
+from conftest import REPO, panning_clip, run_ok
 
 DEFAULT = REPO / "unet_model" / "default"
 
@@ -178,8 +178,8 @@ def test_training_learns_held_out_colour_and_resumes(tmp_path):
     common = ["--dataroot", str(root), "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"),
               "--holdout", "astronaut", "--crop", "96", "--item-size", "112", "--batch-size", "8",
               "--validate-every", "10", "--checkpoint-every", "10", "--warmup-steps", "2", "--lr", "3e-3"]
-    run_script("train_color_head.py", *common, "--max-steps", "10", cwd=tmp_path)
-    run_script("train_color_head.py", *common, "--max-steps", "30", "--resume", cwd=tmp_path)
+    run_ok("train_color_head.py", *common, "--max-steps", "10", cwd=tmp_path)
+    run_ok("train_color_head.py", *common, "--max-steps", "30", "--resume", cwd=tmp_path)
     records = [json.loads(line) for line in (tmp_path / "runs" / "color" / "validation.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [10, 20, 30]
     train_losses = [json.loads(line)["loss"] for line in (tmp_path / "runs" / "color" / "train_loss.jsonl").open()]
@@ -445,7 +445,7 @@ def test_a_unet_trained_with_the_head_sees_its_colour_marked_as_a_guess(tmp_path
     from guidance import HEAD_HINT_MASK
     from modules import build_hybrid_vac, save_vac
 
-    run_script("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "hybrid", "--image-size", "32",
+    run_ok("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "hybrid", "--image-size", "32",
                "--hints", "--vae", str(tiny_components["vae"]), "--vac", "timm:efficientnet_lite0", cwd=tmp_path)
     save_vac(build_hybrid_vac(token_dim=32, layers=1, heads=2, spatial_channels=8), tmp_path / "small_vac")
     save_red_head(tmp_path / "red")

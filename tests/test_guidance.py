@@ -380,7 +380,7 @@ def test_motion_ranking_puts_lost_content_first_and_a_still_clip_last(tmp_path):
     pan few (those entering at the edge), a still clip none."""
     import json
 
-    from conftest import run_script
+    from conftest import run_ok
     from video_io import write_image_rgb
 
     pan = panning_clip(6, (64, 64))
@@ -390,7 +390,7 @@ def test_motion_ranking_puts_lost_content_first_and_a_still_clip_last(tmp_path):
         (tmp_path / "clips" / name).mkdir(parents=True)
         for i, frame in enumerate(frames):
             write_image_rgb(tmp_path / "clips" / name / f"{i:05d}.png", frame)
-    run_script("experiments/rank_motion.py", "--clips", str(tmp_path / "clips"), "--size", "64", "--json",
+    run_ok("experiments/rank_motion.py", "--clips", str(tmp_path / "clips"), "--size", "64", "--json",
                str(tmp_path / "motion.json"), cwd=tmp_path)
     ranking = json.loads((tmp_path / "motion.json").read_text())["ranking"]
     assert list(ranking) == ["jumps", "pan", "still"]

@@ -8,14 +8,14 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import run_ok
 
 
-@pytest.mark.slow  # whole training runs: about 2 minutes
+@pytest.mark.slow  # whole training runs: about 10 seconds
 def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_video):
     from video_io import iter_clip_frames, probe_clip
 
-    run_script("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "tiny", "--image-size", "32",
+    run_ok("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "tiny", "--image-size", "32",
                "--vae", str(tiny_components["vae"]), "--vac", str(tiny_components["vac"]), "--shard-size", "8",
                cwd=tmp_path)
     with np.load(tmp_path / "data" / "tiny" / "latent.npz") as data:
@@ -25,7 +25,7 @@ def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_vid
         assert np.bincount(data["video_ids"]).tolist() in ([12, 8], [8, 12])
     assert not (tmp_path / "data" / "tiny" / "shards").exists()
 
-    run_script("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "crops", "--image-size", "32",
+    run_ok("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "crops", "--image-size", "32",
                "--vae", str(tiny_components["vae"]), "--vac", str(tiny_components["vac"]), "--random-crops", "3",
                cwd=tmp_path)
     with np.load(tmp_path / "data" / "crops" / "latent.npz") as data:
@@ -34,10 +34,10 @@ def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_vid
 
     train = ["train_diffusion.py", "--dataset-name", "tiny", "--run-name", "tiny", "--net-dimension", "8",
              "--batch-size", "4", "--checkpoint-every", "5", "--validate-every", "10", "--warmup-steps", "2"]
-    run_script(*train, "--max-steps", "10", cwd=tmp_path)
+    run_ok(*train, "--max-steps", "10", cwd=tmp_path)
     run_dir = tmp_path / "runs" / "tiny"
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
-    resumed = run_script(*train, "--max-steps", "20", "--resume", cwd=tmp_path)
+    resumed = run_ok(*train, "--max-steps", "20", "--resume", cwd=tmp_path)
     assert "resumed" in resumed.stdout and "step 10" in resumed.stdout
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-20"]
     config = json.loads((run_dir / "checkpoint-20" / "colorizer.json").read_text())
@@ -47,7 +47,7 @@ def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_vid
     assert losses == [10, 20]
 
     output = tmp_path / "out.mp4"
-    run_script("video_colorization.py", "--input", str(gray_video), "--model", str(run_dir), "--output", str(output),
+    run_ok("video_colorization.py", "--input", str(gray_video), "--model", str(run_dir), "--output", str(output),
                "--steps", "3", cwd=tmp_path)
     source, result = probe_clip(gray_video), probe_clip(output)
     assert (result.frame_count, result.width, result.height) == (source.frame_count, source.width, source.height)
@@ -55,20 +55,20 @@ def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_vid
     assert len(list(iter_clip_frames(output))) == source.frame_count
 
     frames_out = tmp_path / "frames_out"
-    run_script("video_colorization.py", "--input", str(frame_root / "pan"), "--model", str(run_dir),
+    run_ok("video_colorization.py", "--input", str(frame_root / "pan"), "--model", str(run_dir),
                "--output", str(frames_out), "--steps", "2", cwd=tmp_path)
     assert sorted(p.name for p in frames_out.iterdir())[:2] == ["00000.png", "00001.png"]
     assert len(list(frames_out.iterdir())) == 12
 
 
-@pytest.mark.slow  # about 2 minutes
+@pytest.mark.slow  # whole training runs: about 10 seconds
 def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_root):
     """--hints data -> a UNet with a hint input and a VAC trained with it, both in every checkpoint."""
     import torch
     from colorizer import load_colorizer
     from modules import load_vac, vac_fingerprint
 
-    run_script("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "guided", "--image-size", "32",
+    run_ok("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "guided", "--image-size", "32",
                "--vae", str(tiny_components["vae"]), "--vac", str(tiny_components["vac"]), "--hints", "--clips", "pan",
                "--no-tokens", "--partner-distance", "2", cwd=tmp_path)
     with np.load(tmp_path / "data" / "guided" / "latent.npz") as data:
@@ -83,8 +83,8 @@ def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_roo
     train = ["train_diffusion.py", "--dataset-name", "guided", "--run-name", "guided", "--net-dimension", "8",
              "--batch-size", "4", "--checkpoint-every", "4", "--validate-every", "8", "--warmup-steps", "2", "--hints",
              "--train-vac", "--holdout", "pan_small"]
-    run_script(*train, "--max-steps", "4", cwd=tmp_path)
-    resumed = run_script(*train, "--max-steps", "8", "--resume", cwd=tmp_path)
+    run_ok(*train, "--max-steps", "4", cwd=tmp_path)
+    resumed = run_ok(*train, "--max-steps", "8", "--resume", cwd=tmp_path)
     assert "resumed" in resumed.stdout and "step 4" in resumed.stdout
     checkpoint = tmp_path / "runs" / "guided" / "checkpoint-8"
     config = json.loads((checkpoint / "colorizer.json").read_text())
@@ -95,7 +95,7 @@ def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_roo
     colorizer = load_colorizer(checkpoint, torch.device("cpu"))
     assert colorizer.takes_hints and colorizer.unet.config.in_channels == 4 + 16 + 48
     # --init-from starts a new run on those weights (with a learning rate of 0 they stay exactly those weights)
-    run_script(*train, "--max-steps", "1", "--init-from", str(checkpoint), "--lr", "0", "--run-name", "again",
+    run_ok(*train, "--max-steps", "1", "--init-from", str(checkpoint), "--lr", "0", "--run-name", "again",
                "--checkpoint-every", "1", cwd=tmp_path)
     from safetensors.torch import load_file
 
@@ -103,7 +103,7 @@ def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_roo
     for part in ("unet/diffusion_pytorch_model.safetensors", "vac/vac.safetensors"):
         before, after = load_file(str(checkpoint / part)), load_file(str(again / part))
         assert all(torch.equal(before[key], after[key]) for key in before)
-    run_script(*train, "--max-steps", "2", "--resume", "--run-name", "again", "--checkpoint-every", "1", cwd=tmp_path)
+    run_ok(*train, "--max-steps", "2", "--resume", "--run-name", "again", "--checkpoint-every", "1", cwd=tmp_path)
     for step in (1, 2):  # the steps behind its starting weights, kept through --resume
         config = json.loads((tmp_path / "runs" / "again" / f"checkpoint-{step}" / "colorizer.json").read_text())
         assert config["steps_before"] == 8
