@@ -129,7 +129,7 @@ def test_three_stages_with_a_hybrid_vac(tmp_path, tiny_components, frame_root, t
     from video_io import probe_clip
 
     run_ok("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "hybrid", "--image-size", "32",
-               "--vae", str(tiny_components["vae"]), "--vac", "timm:efficientnet_lite0", cwd=tmp_path)
+           "--vae", str(tiny_components["vae"]), "--vac", "timm:efficientnet_lite0", cwd=tmp_path)
     with np.load(tmp_path / "data" / "hybrid" / "latent.npz") as data:
         assert "tokens" not in data.files and str(data["backbone_name"]) == "efficientnet_lite0"
         assert [data[key].shape[-2:] for key in BACKBONE_KEYS] == [(8, 8), (4, 4), (2, 2)]
@@ -142,7 +142,7 @@ def test_three_stages_with_a_hybrid_vac(tmp_path, tiny_components, frame_root, t
              "--batch-size", "4", "--warmup-steps", "1", "--train-vac", "--checkpoint-every", "2", "--validate-every",
              "2"]
     run_ok(*train, "--run-name", "same", "--max-steps", "1", "--lr", "0", "--init-from", str(tiny_model),
-               "--checkpoint-every", "1", cwd=tmp_path)
+           "--checkpoint-every", "1", cwd=tmp_path)
     widened = load_colorizer(tmp_path / "runs" / "same", torch.device("cpu"))
     source = load_colorizer(tiny_model, torch.device("cpu"))
     assert widened.unet.config.in_channels == source.unet.config.in_channels + widened.vac.spatial_channels
@@ -158,7 +158,7 @@ def test_three_stages_with_a_hybrid_vac(tmp_path, tiny_components, frame_root, t
         "backbone"] == "efficientnet_lite0" and config["vac"] == "vac"
     output = tmp_path / "out.mp4"
     run_ok("video_colorization.py", "--input", str(gray_video), "--model", str(tmp_path / "runs" / "hybrid"),
-               "--output", str(output), "--steps", "2", cwd=tmp_path)
+           "--output", str(output), "--steps", "2", cwd=tmp_path)
     assert probe_clip(output).frame_count == probe_clip(gray_video).frame_count
 
 
@@ -171,7 +171,7 @@ def test_fine_tuning_the_backbone(tmp_path, tiny_components, frame_root):
     from modules import BACKBONE_SCALE, build_hybrid_vac, imagenet_efficientnet, load_vac, save_vac
 
     run_ok("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "hybrid", "--image-size", "32",
-               "--vae", str(tiny_components["vae"]), "--vac", "timm:efficientnet_lite0", cwd=tmp_path)
+           "--vae", str(tiny_components["vae"]), "--vac", "timm:efficientnet_lite0", cwd=tmp_path)
     with np.load(tmp_path / "data" / "hybrid" / "latent.npz") as data:
         assert data["vac_gray"].shape[1:] == (BACKBONE_SCALE * 32, BACKBONE_SCALE * 32)
         small = torch.nn.functional.avg_pool2d(torch.from_numpy(data["vac_gray"][:, None]).float(), BACKBONE_SCALE)
@@ -184,7 +184,7 @@ def test_fine_tuning_the_backbone(tmp_path, tiny_components, frame_root):
     with pytest.raises(AssertionError, match="needs --train-vac"):
         run_ok(*[a for a in train if a != "--train-vac"], "--train-backbone", cwd=tmp_path)
     run_ok(*train, "--run-name", "tuned", "--train-backbone", "--lr", "1e-2", "--backbone-lr-scale", "1",
-               cwd=tmp_path)
+           cwd=tmp_path)
     run_ok(*train, "--run-name", "frozen", "--lr", "1e-2", cwd=tmp_path)
     imagenet = imagenet_efficientnet("efficientnet_lite0").state_dict()
     for run, tuned in (("tuned", True), ("frozen", False)):
@@ -203,7 +203,7 @@ def test_fine_tuning_the_backbone(tmp_path, tiny_components, frame_root):
              tmp_path / "lite2_vac")
     other = [a if a != str(tmp_path / "small_vac") else str(tmp_path / "lite2_vac") for a in train]
     result = run_ok(*other, "--run-name", "lite2", "--lr", "0", "--init-from",
-                        str(tmp_path / "runs" / "frozen" / "checkpoint-2"), cwd=tmp_path)
+                    str(tmp_path / "runs" / "frozen" / "checkpoint-2"), cwd=tmp_path)
     assert "efficientnet_lite0 features; efficientnet_lite2's are computed each step" in result.stderr
     lite2 = load_vac(str(tmp_path / "runs" / "lite2" / "checkpoint-2" / "vac"))
     lite0 = load_vac(str(tmp_path / "runs" / "frozen" / "checkpoint-2" / "vac"))

@@ -446,7 +446,7 @@ def test_a_unet_trained_with_the_head_sees_its_colour_marked_as_a_guess(tmp_path
     from modules import build_hybrid_vac, save_vac
 
     run_ok("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "hybrid", "--image-size", "32",
-               "--hints", "--vae", str(tiny_components["vae"]), "--vac", "timm:efficientnet_lite0", cwd=tmp_path)
+           "--hints", "--vae", str(tiny_components["vae"]), "--vac", "timm:efficientnet_lite0", cwd=tmp_path)
     save_vac(build_hybrid_vac(token_dim=32, layers=1, heads=2, spatial_channels=8), tmp_path / "small_vac")
     save_red_head(tmp_path / "red")
     seen, unet_input = [], modules.unet_input

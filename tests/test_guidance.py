@@ -391,7 +391,7 @@ def test_motion_ranking_puts_lost_content_first_and_a_still_clip_last(tmp_path):
         for i, frame in enumerate(frames):
             write_image_rgb(tmp_path / "clips" / name / f"{i:05d}.png", frame)
     run_ok("experiments/rank_motion.py", "--clips", str(tmp_path / "clips"), "--size", "64", "--json",
-               str(tmp_path / "motion.json"), cwd=tmp_path)
+           str(tmp_path / "motion.json"), cwd=tmp_path)
     ranking = json.loads((tmp_path / "motion.json").read_text())["ranking"]
     assert list(ranking) == ["jumps", "pan", "still"]
     assert ranking["still"]["unreliable"] == 0.0 and ranking["jumps"]["unreliable"] > 0.3

@@ -16,8 +16,8 @@ def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_vid
     from video_io import iter_clip_frames, probe_clip
 
     run_ok("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "tiny", "--image-size", "32",
-               "--vae", str(tiny_components["vae"]), "--vac", str(tiny_components["vac"]), "--shard-size", "8",
-               cwd=tmp_path)
+           "--vae", str(tiny_components["vae"]), "--vac", str(tiny_components["vac"]), "--shard-size", "8",
+           cwd=tmp_path)
     with np.load(tmp_path / "data" / "tiny" / "latent.npz") as data:
         assert data["latents"].shape == (20, 4, 8, 8) and data["tokens"].shape == (20, 17, 32)
         assert data["gray"].shape == (20, 32, 32) and data["gray"].dtype == np.uint8
@@ -26,8 +26,8 @@ def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_vid
     assert not (tmp_path / "data" / "tiny" / "shards").exists()
 
     run_ok("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "crops", "--image-size", "32",
-               "--vae", str(tiny_components["vae"]), "--vac", str(tiny_components["vac"]), "--random-crops", "3",
-               cwd=tmp_path)
+           "--vae", str(tiny_components["vae"]), "--vac", str(tiny_components["vac"]), "--random-crops", "3",
+           cwd=tmp_path)
     with np.load(tmp_path / "data" / "crops" / "latent.npz") as data:
         assert data["latents"].shape == (60, 4, 8, 8) and sorted(np.bincount(data["video_ids"]).tolist()) == [24, 36]
         assert len({g.tobytes() for g in data["gray"]}) == 60  # three different views of every frame
@@ -48,7 +48,7 @@ def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_vid
 
     output = tmp_path / "out.mp4"
     run_ok("video_colorization.py", "--input", str(gray_video), "--model", str(run_dir), "--output", str(output),
-               "--steps", "3", cwd=tmp_path)
+           "--steps", "3", cwd=tmp_path)
     source, result = probe_clip(gray_video), probe_clip(output)
     assert (result.frame_count, result.width, result.height) == (source.frame_count, source.width, source.height)
     assert result.fps == Fraction(30000, 1001)
@@ -56,7 +56,7 @@ def test_three_stages_end_to_end(tmp_path, tiny_components, frame_root, gray_vid
 
     frames_out = tmp_path / "frames_out"
     run_ok("video_colorization.py", "--input", str(frame_root / "pan"), "--model", str(run_dir),
-               "--output", str(frames_out), "--steps", "2", cwd=tmp_path)
+           "--output", str(frames_out), "--steps", "2", cwd=tmp_path)
     assert sorted(p.name for p in frames_out.iterdir())[:2] == ["00000.png", "00001.png"]
     assert len(list(frames_out.iterdir())) == 12
 
@@ -69,8 +69,8 @@ def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_roo
     from modules import load_vac, vac_fingerprint
 
     run_ok("feature_extraction.py", "--dataroot", str(frame_root), "--dataset-name", "guided", "--image-size", "32",
-               "--vae", str(tiny_components["vae"]), "--vac", str(tiny_components["vac"]), "--hints", "--clips", "pan",
-               "--no-tokens", "--partner-distance", "2", cwd=tmp_path)
+           "--vae", str(tiny_components["vae"]), "--vac", str(tiny_components["vac"]), "--hints", "--clips", "pan",
+           "--no-tokens", "--partner-distance", "2", cwd=tmp_path)
     with np.load(tmp_path / "data" / "guided" / "latent.npz") as data:
         assert "tokens" not in data.files and data["chroma"].shape == (20, 32, 32, 2)
         has_partner = data["partner_mask"].reshape(20, -1).any(axis=1)
@@ -96,7 +96,7 @@ def test_guided_training_with_a_trained_vac(tmp_path, tiny_components, frame_roo
     assert colorizer.takes_hints and colorizer.unet.config.in_channels == 4 + 16 + 48
     # --init-from starts a new run on those weights (with a learning rate of 0 they stay exactly those weights)
     run_ok(*train, "--max-steps", "1", "--init-from", str(checkpoint), "--lr", "0", "--run-name", "again",
-               "--checkpoint-every", "1", cwd=tmp_path)
+           "--checkpoint-every", "1", cwd=tmp_path)
     from safetensors.torch import load_file
 
     again = tmp_path / "runs" / "again" / "checkpoint-1"
