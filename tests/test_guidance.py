@@ -136,6 +136,27 @@ def test_colour_lost_behind_an_occluder_comes_back_from_the_keyframe():
     assert error["keyframe"] < min(error["chain only"], 0.25 * np.abs(truth).mean())
 
 
+def test_guides_travelling_together_share_the_steps_flow_and_move_as_they_would_alone(monkeypatch):
+    """Two keyframes' guides carried to the next frame: the flow between the two frames is computed once for both
+    (each guide adds only the two flows from its keyframe), and each arrives exactly as it would travelling alone."""
+    import flow
+    from guidance import reference_guide, travel
+    from utils import rgb_to_gray
+
+    frames = panning_clip(6)
+    grays = [rgb_to_gray(f) for f in frames]
+    guides = [reference_guide(frames[0], 0, grays[0].shape), reference_guide(frames[2], 2, grays[0].shape)]
+    calls = []
+    dense_flow = flow.dense_flow
+    monkeypatch.setattr(flow, "dense_flow", lambda *args, **kwargs: calls.append(1) or dense_flow(*args, **kwargs))
+    together = travel(guides, grays[3], grays[4])
+    assert len(calls) == 2 + 2 * 2
+    for guide, moved in zip(guides, together):
+        alone = travel([guide], grays[3], grays[4])[0]
+        assert all(np.array_equal(getattr(alone, part), getattr(moved, part))
+                   for part in ("weighted", "support", "confidence"))
+
+
 def test_model_hints_keep_a_one_pixel_dot_of_a_large_frame():
     from guidance import Guide, model_hints
 
