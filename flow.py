@@ -74,10 +74,8 @@ def reliable_flow(prev_gray: np.ndarray, gray: np.ndarray, refine: bool = True,
 
 def reliable_flows(pairs: list[tuple[np.ndarray, np.ndarray]], refine: bool = True,
                    full_resolution: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
-    """reliable_flow of each (prev_gray, gray) pair, their flows computed side by side: OpenCV releases the GIL, so
-    the two directions of a pair run at once (108 -> 59 ms at 854x480 on 2 cores), and the pairs of a frame (a
-    keyframe's colour carried from the previous frame and found again in the keyframe) share the two cores rather
-    than wait for each other."""
+    """reliable_flow of each (prev_gray, gray) pair, all their flows in one pool of two threads: OpenCV releases the
+    GIL, so the two directions of a pair run at once (108 -> 59 ms at 854x480 on 2 cores)."""
     sources = [s for prev_gray, gray in pairs for s in (gray, prev_gray)]
     targets = [t for prev_gray, gray in pairs for t in (prev_gray, gray)]
     with ThreadPoolExecutor(2) as pool:

@@ -316,8 +316,9 @@ def registered_guide(exemplar: np.ndarray, grays: dict[int, np.ndarray]) -> Guid
 
 def travel(guides: list[Guide], from_gray: np.ndarray, to_gray: np.ndarray) -> list[Guide]:
     """Guides moved from the frame of `from_gray` onto the frame of `to_gray` (carry_guide), each re-anchored on its
-    keyframe (reanchor). The step's flow is computed once for all of them, and every flow the frame needs runs side by
-    side (flow.reliable_flows), as a keyframe's colour travels: REFINED_GUIDE_FLOW, FULL_RESOLUTION_GUIDE_FLOW."""
+    keyframe (reanchor). The step's flow is computed once for all of them (with two keyframes travelling together a
+    frame takes six flows, not eight), with the settings a keyframe's colour travels by: REFINED_GUIDE_FLOW,
+    FULL_RESOLUTION_GUIDE_FLOW."""
     keyed = [g for g in guides if g.keyframe is not None]
     step, *key_flows = reliable_flows([(from_gray, to_gray), *((g.keyframe[0], to_gray) for g in keyed)],
                                       REFINED_GUIDE_FLOW, FULL_RESOLUTION_GUIDE_FLOW)
@@ -348,10 +349,10 @@ def reanchor(guide: Guide, gray: np.ndarray, direct_flow: tuple[np.ndarray, np.n
     """A keyframe's carried guide with the keyframe's own colour, fully trusted, wherever a direct flow from the
     keyframe to this frame (`direct_flow`: reliable_flow's flow and mask; None for a guide without a keyframe) passes
     the forward-backward check and brings the right luma: colour the chain lost comes back (an occlusion that ended,
-    a step whose flow failed), and the chain's resampling does not build up. Chosen on
-    the four clips training held out, first frame given: 36.32 -> 36.89 dB (the keyframe's colour alone where both
-    hold it: 36.66; re-anchoring only where the chain's confidence fell below a half: 36.37); middle frame 36.56 ->
-    37.02; eight training clips 34.45 -> 35.15."""
+    a step whose flow failed), and the chain's resampling does not build up. Chosen on the four clips training held
+    out, first frame given: 36.32 -> 36.89 dB (the keyframe's colour alone where both hold it: 36.66; re-anchoring
+    only where the chain's confidence fell below a half: 36.37); middle frame 36.56 -> 37.02; eight training clips
+    34.45 -> 35.15."""
     if guide.keyframe is None:
         return guide
     key_gray, key_chroma = guide.keyframe
