@@ -26,6 +26,7 @@ from utils import UserError, first_line
 
 HEAD_CONFIG = "config.json"
 HEAD_WEIGHTS = "color_head.safetensors"
+HEAD_BACKBONE_WEIGHTS = "backbone.safetensors"  # a fine-tuned backbone's (train_color_head.py --train-backbone)
 OUTPUT_STRIDE = 4  # of the backbone's input: half the working size
 PRIOR_MIX = 0.5  # Zhang et al.'s lambda: the prior mixed with a uniform one, so rare bins are not boosted without bound
 POOL_EPSILON = 1e-2  # the pooling guided filter's regularisation, on luma in [0, 1]
@@ -97,6 +98,11 @@ class ColorHead(nn.Module):
     def backbone(self) -> str | None:
         """The ImageNet backbone whose maps the head reads (train_color_head.py --backbone)."""
         return self.config.get("backbone")
+
+    @property
+    def backbone_trained(self) -> bool:
+        """Whether the head reads its own fine-tuned copy of that backbone (its folder's HEAD_BACKBONE_WEIGHTS)."""
+        return bool(self.config.get("backbone_trained"))
 
     def forward(self, features: list[torch.Tensor], gray: torch.Tensor) -> torch.Tensor:
         """features: the backbone's maps on `gray` (Bx1xHxW in [0, 1], the backbone's input) -> B x Q x H/4 x W/4."""
@@ -189,13 +195,22 @@ def build_color_head(backbone_channels: list[int], step: float, prior_counts: to
     return ColorHead(config, centres[used], smoothed_prior(prior_counts[used], centres[used], step / 2))
 
 
-def save_color_head(head: ColorHead, folder: Path, extra: dict | None = None) -> None:
+def save_color_head(head: ColorHead, folder: Path, extra: dict | None = None,
+                    backbone_state: dict[str, torch.Tensor] | None = None) -> None:
+    """The head into `folder`, with the weights of the backbone it was fine-tuned with where `backbone_state` is
+    given (a TunedBackbone's network's state dict)."""
     from safetensors.torch import save_file
 
+    def contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.detach().cpu().contiguous() for key, value in state.items()}
+
     folder.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().cpu().contiguous() for key, value in head.state_dict().items()}
-    save_file(state, str(folder / HEAD_WEIGHTS))
-    (folder / HEAD_CONFIG).write_text(json.dumps({**head.config, **(extra or {})}, indent=2))
+    save_file(contiguous(head.state_dict()), str(folder / HEAD_WEIGHTS))
+    config = {**head.config, **(extra or {})}
+    if backbone_state is not None:
+        save_file(contiguous(backbone_state), str(folder / HEAD_BACKBONE_WEIGHTS))
+        config["backbone_trained"] = True
+    (folder / HEAD_CONFIG).write_text(json.dumps(config, indent=2))
 
 
 def load_color_head(folder: Path) -> ColorHead:
@@ -213,6 +228,20 @@ def load_color_head(folder: Path) -> ColorHead:
     except Exception as error:  # json, safetensors and torch each raise their own kinds
         raise UserError(f"{folder}: cannot load the colour head ({first_line(error)}); re-export it") from None
     return head.eval()
+
+
+def load_head_backbone(folder: Path, head: ColorHead) -> dict[str, torch.Tensor] | None:
+    """The fine-tuned backbone weights stored with a head that was trained with them (load_color_head's), else
+    None: the head reads ImageNet's own."""
+    from safetensors.torch import load_file
+
+    if not head.backbone_trained:
+        return None
+    path = Path(folder) / HEAD_BACKBONE_WEIGHTS
+    if not path.exists():
+        raise UserError(f"{folder}: its head was trained with its backbone, but {HEAD_BACKBONE_WEIGHTS} is missing; "
+                        f"copy the whole folder train_color_head.py wrote")
+    return load_file(str(path))
 
 
 def chroma_at(rgb: np.ndarray, stride: int) -> np.ndarray:

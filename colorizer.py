@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from color_head import ColorHead, Decoding, load_color_head
+from color_head import ColorHead, Decoding, load_color_head, load_head_backbone
 from guidance import CarryWeight, no_hints, resize_to
 from modules import (BACKBONE_SCALE, BACKBONE_STRIDES, BACKBONES, CHROMA_RANGE, FrozenBackbone, HybridVAC, load_vac,
                      load_vae, model_multiple,
@@ -82,7 +82,7 @@ class Colorizer:
     config: dict
     device: torch.device
     color_heads: tuple[ColorHead, ...] = ()
-    # the frozen ImageNet backbones of the colour heads that do not read the VAC's, by name
+    # the backbones of the colour heads that do not read the VAC's (head_backbone_key)
     head_backbones: dict[str, torch.nn.Module] = field(default_factory=dict)
 
     @property
@@ -331,11 +331,12 @@ class Colorizer:
         head_gray = head_gray.to(self.device) if head_gray is not None else None
         maps = {(vac_backbone, True): self.vac.features(vac_gray)}
         inputs = []
-        for head, on_vac_size in zip(self.color_heads, reads_vac_size):
+        for index, (head, on_vac_size) in enumerate(zip(self.color_heads, reads_vac_size)):
             gray = vac_gray if on_vac_size else head_gray
-            key = (head.backbone, on_vac_size)
+            name = head_backbone_key(index, head)
+            key = (name, on_vac_size)
             if key not in maps:
-                backbone = self.vac.features if head.backbone == vac_backbone else self.head_backbones[head.backbone]
+                backbone = self.vac.features if name == vac_backbone else self.head_backbones[name]
                 maps[key] = backbone(gray)
             inputs.append((maps[key], gray))
         return maps[vac_backbone, True], inputs
@@ -405,7 +406,7 @@ def load_colorizer(path: Path, device: torch.device, vae_spec: str | None = None
     check_compatible(unet, vae, vac, folder, int(config.get("hint_channels", 0)))
     check_trained_components(config, folder, vae, vac, vae_spec, vac_spec)
     color_heads = load_matching_heads(config, folder, vac)
-    head_backbones = own_backbones(color_heads, vac)
+    head_backbones = own_backbones(color_heads, vac, head_folders(config, folder))
     for module in (unet, vae, vac, *color_heads, *head_backbones.values()):
         module.to(device).eval().requires_grad_(False)
     for head in color_heads:  # channels-last, as the folded backbones' maps they read: faster on the CPU
@@ -415,10 +416,27 @@ def load_colorizer(path: Path, device: torch.device, vae_spec: str | None = None
     return Colorizer(unet, vae, vac, config, device, color_heads, head_backbones)
 
 
-def own_backbones(heads: tuple[ColorHead, ...], vac) -> dict[str, torch.nn.Module]:
-    """The frozen ImageNet backbones of the `heads` that do not read the VAC's, by name (Colorizer.head_backbones)."""
-    names = {head.backbone for head in heads} - {vac.config.get("backbone")}
-    return {name: FrozenBackbone(name).eval() for name in names}
+def head_backbone_key(index: int, head: ColorHead) -> str:
+    """Colorizer.head_backbones' key for the backbone that the index-th colour head reads: ImageNet's own, shared by
+    every head that reads it, by its name; one fine-tuned with its head, that head's alone."""
+    return f"{head.backbone} tuned with colour head {index + 1}" if head.backbone_trained else head.backbone
+
+
+def own_backbones(heads: tuple[ColorHead, ...], vac, folders: list[Path]) -> dict[str, torch.nn.Module]:
+    """The backbones of the `heads` (loaded from `folders`) that do not read the VAC's, frozen, by head_backbone_key:
+    ImageNet's, or the weights a head was fine-tuned with."""
+    backbones = {}
+    for index, (head, folder) in enumerate(zip(heads, folders, strict=True)):
+        key = head_backbone_key(index, head)
+        if key != vac.config.get("backbone") and key not in backbones:
+            backbones[key] = FrozenBackbone(head.backbone, load_head_backbone(folder, head)).eval()
+    return backbones
+
+
+def head_folders(config: dict, folder: Path) -> list[Path]:
+    """The folders of a model's colour heads (colorizer.json's `color_head`: one folder, or a list of them)."""
+    names = config.get("color_head") or []
+    return [Path(resolve_component(name, folder)) for name in ([names] if isinstance(names, str) else names)]
 
 
 def load_matching_heads(config: dict, folder: Path, vac) -> tuple[ColorHead, ...]:
@@ -426,9 +444,7 @@ def load_matching_heads(config: dict, folder: Path, vac) -> tuple[ColorHead, ...
     averages), which read a frozen ImageNet backbone's maps (the hybrid VAC's, or one of their own) and speak through
     the UNet's hint input: the VAC must be a hybrid one, the UNet have a hint input, and the heads read the VAC's
     input size and one other at most."""
-    names = config.get("color_head") or []
-    heads = tuple(load_color_head(Path(resolve_component(name, folder)))
-                  for name in ([names] if isinstance(names, str) else names))
+    heads = tuple(load_color_head(head_folder) for head_folder in head_folders(config, folder))
     for head in heads:
         if not isinstance(vac, HybridVAC) or head.backbone not in BACKBONES or not config.get("hint_channels"):
             raise UserError(f"{folder}: its colour head needs a hybrid VAC, a backbone among {', '.join(BACKBONES)} "

@@ -306,14 +306,31 @@ def for_cpu_inference(network: nn.Module) -> nn.Module:
 
 class FrozenBackbone(nn.Module):
     """A frozen ImageNet EfficientNet-Lite for inference on its own (not a VAC's): Bx1xHxW luma in [0, 1] (sides
-    multiples of 32) -> its maps at BACKBONE_STRIDES, made for_cpu_inference."""
+    multiples of 32) -> its maps at BACKBONE_STRIDES, made for_cpu_inference. `state`: weights fine-tuned from
+    ImageNet's (a TunedBackbone's network's state dict) in their place."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, state: dict[str, torch.Tensor] | None = None):
         super().__init__()
-        self.network = for_cpu_inference(imagenet_efficientnet(name).requires_grad_(False))
+        network = imagenet_efficientnet(name)
+        if state is not None:
+            network.load_state_dict(state)
+        self.network = for_cpu_inference(network.requires_grad_(False))
 
     def forward(self, gray: torch.Tensor) -> list[torch.Tensor]:
         return self.network(imagenet_input(gray).contiguous(memory_format=torch.channels_last))
+
+
+class TunedBackbone(nn.Module):
+    """An ImageNet EfficientNet-Lite fine-tuned with what reads its maps (train_color_head.py --train-backbone): the
+    same maps as FrozenBackbone's, with gradients; its batch norms keep ImageNet's statistics, as a fine-tuned hybrid
+    VAC's do (a CPU batch is too small to estimate new ones)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.network = imagenet_efficientnet(name)
+
+    def forward(self, gray: torch.Tensor) -> list[torch.Tensor]:
+        return self.network.eval()(imagenet_input(gray))
 
 
 def imagenet_input(gray: torch.Tensor) -> torch.Tensor:

@@ -2,11 +2,14 @@
 
   python train_color_head.py --dataroot ../shared/data/train --run-name color --max-steps 8000
   python train_color_head.py ... --resume          # goes on from runs/<run>/checkpoint.pt
+  python train_color_head.py ... --init-head unet_model/default/color --train-backbone --lr 3e-4
+                                                   # a trained head fine-tuned with its backbone
 
 Every photo under the data root and every second frame of its clips (minus --holdout) is cut once to a square of
 --item-size and kept in data/<cache>; each step takes random crops of --crop (mirrored half of the time), runs the
 frozen backbone on their luma and trains the head with cross-entropy on the soft-encoded chroma of every stride-4
-cell. Held-out items are scored every --validate-every steps (cross-entropy, and PSNR / colourfulness of the decoded
+cell (with --train-backbone the backbone trains too, from ImageNet's weights or --init-head's, at --backbone-lr).
+Held-out items are scored every --validate-every steps (cross-entropy, and PSNR / colourfulness of the decoded
 chroma on the items' own luma at a few vividness settings) into runs/<run>/validation.jsonl.
 """
 
@@ -23,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from color_head import (OUTPUT_STRIDE, ColorHead, bin_centres, build_color_head, chroma_at, load_color_head,
-                        save_color_head, soft_targets)
+                        load_head_backbone, save_color_head, soft_targets)
 from dataset import gray_batch
 from metrics import colorfulness, psnr
-from modules import BACKBONES, FrozenBackbone
+from modules import BACKBONES, FrozenBackbone, TunedBackbone
 from training_log import LOG_NAMES, append_log, truncate_log
 from utils import UserError, atomic_path, luma_chroma_to_rgb, rgb_to_gray, run_cli
 from video_io import list_frames, read_image_rgb
@@ -49,7 +52,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bin-step", type=float, default=8.0, help="chroma levels per bin side")
     parser.add_argument("--width", type=int, default=96, help="channels of the head's feature pyramid")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="the head's peak learning rate")
+    parser.add_argument("--train-backbone", action="store_true",
+                        help="fine-tune the backbone with the head (stored in the head's folder)")
+    parser.add_argument("--backbone-lr", type=float, default=1e-4, help="the backbone's peak learning rate")
+    parser.add_argument("--init-head", type=Path,
+                        help="a trained head's folder to start from (its bins, prior and size); with "
+                             "--train-backbone, its backbone weights too where it has its own")
     parser.add_argument("--warmup-steps", type=int, default=200)
     parser.add_argument("--max-steps", type=int, default=8000)
     parser.add_argument("--checkpoint-every", type=int, default=250)
@@ -114,14 +123,17 @@ def crops(items: np.ndarray, rng: np.random.Generator, count: int, side: int) ->
     return np.ascontiguousarray(batch[:, :, ::-1]) if rng.random() < 0.5 else batch
 
 
-def head_logits(head: ColorHead, backbone: FrozenBackbone, rgb: np.ndarray) -> torch.Tensor:
+Backbone = FrozenBackbone | TunedBackbone
+
+
+def head_logits(head: ColorHead, backbone: Backbone, rgb: np.ndarray) -> torch.Tensor:
     gray = gray_batch(rgb)
-    with torch.no_grad():
+    with torch.set_grad_enabled(torch.is_grad_enabled() and isinstance(backbone, TunedBackbone)):
         features = backbone(gray)
     return head(features, gray)
 
 
-def loss_on(head: ColorHead, backbone, rgb: np.ndarray) -> torch.Tensor:
+def loss_on(head: ColorHead, backbone: Backbone, rgb: np.ndarray) -> torch.Tensor:
     logits = head_logits(head, backbone, rgb)
     targets = torch.from_numpy(chroma_at(rgb, OUTPUT_STRIDE)).float().reshape(-1, 2)
     log_probability = F.log_softmax(logits, dim=1).permute(0, 2, 3, 1).reshape(-1, len(head.centres))
@@ -137,7 +149,7 @@ def corpus_counts(items: np.ndarray, step: float, crop: int) -> torch.Tensor:
     return sum(soft_targets(part, centres).sum(dim=0) for part in chroma.split(200_000))
 
 
-def validate(head: ColorHead, backbone, held: np.ndarray, crop: int) -> dict:
+def validate(head: ColorHead, backbone: Backbone, held: np.ndarray, crop: int) -> dict:
     """Held-out cross-entropy, and per vividness the PSNR and colourfulness of each item recoloured on its own luma
     (gray and ground truth beside them)."""
     import cv2
@@ -162,21 +174,38 @@ def validate(head: ColorHead, backbone, held: np.ndarray, crop: int) -> dict:
     return {name: round(float(np.mean(values)), 4) for name, values in scores.items()}
 
 
-def learning_rate(step: int, args: argparse.Namespace) -> float:
-    """Linear warm-up, then a cosine to zero at --max-steps."""
+def schedule(step: int, args: argparse.Namespace) -> float:
+    """The share of the peak learning rates at `step`: a linear warm-up, then a cosine to zero at --max-steps."""
     if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
+        return (step + 1) / args.warmup_steps
     progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def save_checkpoint(run_dir: Path, head: ColorHead, optimizer, step: int, args: argparse.Namespace) -> None:
+def tuned_state(backbone: Backbone) -> dict[str, torch.Tensor] | None:
+    return backbone.network.state_dict() if isinstance(backbone, TunedBackbone) else None
+
+
+def save_checkpoint(run_dir: Path, head: ColorHead, backbone: Backbone, optimizer, step: int,
+                    args: argparse.Namespace) -> None:
     with atomic_path(run_dir / "checkpoint.pt", overwrite=True) as temp:
-        torch.save({"head": head.state_dict(), "config": head.config, "optimizer": optimizer.state_dict(),
-                    "step": step}, temp)
+        torch.save({"head": head.state_dict(), "config": head.config, "backbone": tuned_state(backbone),
+                    "optimizer": optimizer.state_dict(), "step": step}, temp)
     with atomic_path(run_dir / "color", overwrite=True, is_dir=True) as temp:
         save_color_head(head, temp, {"backbone": args.backbone, "crop": args.crop, "trained_steps": step,
-                                     "holdout": args.holdout})
+                                     "holdout": args.holdout}, tuned_state(backbone))
+
+
+def starting_head(args: argparse.Namespace, channels: list[int], items: np.ndarray
+                  ) -> tuple[ColorHead, dict[str, torch.Tensor] | None]:
+    """A fresh head on the corpus' bins, or --init-head's (and its fine-tuned backbone's weights, if any)."""
+    if args.init_head is None:
+        return build_color_head(channels, args.bin_step, corpus_counts(items, args.bin_step, args.crop),
+                                args.width), None
+    head = load_color_head(args.init_head)
+    if head.backbone != args.backbone:
+        raise UserError(f"{args.init_head}: its head reads {head.backbone}; pass --backbone {head.backbone}")
+    return head, load_head_backbone(args.init_head, head)
 
 
 def main() -> None:
@@ -194,19 +223,27 @@ def main() -> None:
     held = cached_items(held_files, args.item_size, cache / f"held_{args.item_size}.npz") if held_files else None
     print(f"{len(items)} training items, {0 if held is None else len(held)} held out")
 
-    backbone = FrozenBackbone(args.backbone)
+    backbone = TunedBackbone(args.backbone) if args.train_backbone else FrozenBackbone(args.backbone)
     channels = backbone.network.feature_info.channels()
     step = 0
     if args.resume and (run_dir / "checkpoint.pt").exists():
         state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
         head = ColorHead(state["config"], state["head"]["centres"], state["head"]["prior"])
         head.load_state_dict(state["head"])
+        backbone_state = state.get("backbone")
         step = state["step"]
         for name in LOG_NAMES:
             truncate_log(run_dir / name, step)
     else:
-        head = build_color_head(channels, args.bin_step, corpus_counts(items, args.bin_step, args.crop), args.width)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.01)
+        head, backbone_state = starting_head(args, channels, items)
+    if backbone_state is not None:
+        if not args.train_backbone:
+            raise UserError(f"{args.init_head or run_dir}: its backbone was fine-tuned; pass --train-backbone")
+        backbone.network.load_state_dict(backbone_state)
+    groups = [{"params": list(head.parameters()), "peak_lr": args.lr}]
+    if args.train_backbone:
+        groups.append({"params": list(backbone.parameters()), "peak_lr": args.backbone_lr})
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
     if step:
         optimizer.load_state_dict(state["optimizer"])
         print(f"resumed at step {step}")
@@ -216,7 +253,7 @@ def main() -> None:
     while step < args.max_steps:
         rng = np.random.default_rng([args.seed, step])  # a step's batch depends on the step alone: resumable
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args)
+            group["lr"] = group["peak_lr"] * schedule(step, args)
         loss = loss_on(head, backbone, crops(items, rng, args.batch_size, args.crop))
         optimizer.zero_grad()
         loss.backward()
@@ -224,7 +261,7 @@ def main() -> None:
         step += 1
         append_log(run_dir / LOG_NAMES[0], {"step": step, "loss": round(loss.item(), 5)})
         if step % args.checkpoint_every == 0 or step == args.max_steps:
-            save_checkpoint(run_dir, head, optimizer, step, args)
+            save_checkpoint(run_dir, head, backbone, optimizer, step, args)
             print(f"step {step}: loss {loss.item():.4f}, {(time.time() - started) / 60:.1f} min", flush=True)
         if held is not None and (step % args.validate_every == 0 or step == args.max_steps):
             record = {"step": step, **validate(head, backbone, held, args.crop)}

@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pipeline's modules live at the repo root
 
 from color_head import Decoding, load_color_head
-from colorizer import DEFAULT_MODEL, Colorizer, combine, load_colorizer, own_backbones, prepare_gray
+from colorizer import DEFAULT_MODEL, Colorizer, combine, head_folders, load_colorizer, own_backbones, prepare_gray
 from correspondence import guided_upsample
 from metrics import FrechetFeatures, colorfulness, frechet_distance, psnr
 from utils import choose_device, rgb_to_chroma, rgb_to_gray, run_cli
@@ -92,12 +92,13 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def with_extra_heads(colorizer: Colorizer, folders: list[Path]) -> Colorizer:
-    """The model with the --extra-heads added to its own, each on the backbone it was trained on: every rule then
-    decodes the mean of all of them."""
+def with_extra_heads(colorizer: Colorizer, model: Path, folders: list[Path]) -> Colorizer:
+    """The model (from the folder `model`) with the --extra-heads added to its own, each on the backbone it was
+    trained on: every rule then decodes the mean of all of them."""
     extra = tuple(load_color_head(folder).to(colorizer.device).eval().requires_grad_(False) for folder in folders)
     heads = (*colorizer.color_heads, *extra)
-    return dataclasses.replace(colorizer, color_heads=heads, head_backbones=own_backbones(heads, colorizer.vac))
+    backbones = own_backbones(heads, colorizer.vac, [*head_folders(colorizer.config, model), *folders])
+    return dataclasses.replace(colorizer, color_heads=heads, head_backbones=backbones)
 
 
 def frame_reading(colorizer: Colorizer, gray: np.ndarray) -> tuple[list[torch.Tensor], np.ndarray]:
@@ -257,7 +258,7 @@ def fit_casts(colorizer: Colorizer, items_file: Path, count: int, specs: list[st
 def main() -> None:
     args = parse_args()
     torch.set_grad_enabled(False)
-    colorizer = with_extra_heads(load_colorizer(args.model, choose_device("cpu")), args.extra_heads)
+    colorizer = with_extra_heads(load_colorizer(args.model, choose_device("cpu")), args.model, args.extra_heads)
     sets = {"clips": {clip.name: list(itertools.islice(iter_clip_frames(clip), 0, None, args.stride))
                       for clip in list_clips(args.clips)},
             "photos": {clip.name: list(iter_clip_frames(clip))[:1] for clip in list_clips(args.photos)}}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, panning_clip, run_ok
+from conftest import REPO, panning_clip, run_main, run_ok
 
 DEFAULT = REPO / "unet_model" / "default"
 
@@ -160,22 +160,27 @@ def test_head_colour_fills_only_where_no_hint_is_given():
     assert torch.equal(marked[:, :2], filled[:, :2])
 
 
-@pytest.mark.slow
-def test_training_learns_held_out_colour_and_resumes(tmp_path):
-    """A short run on a few photos learns: its training loss falls; a run resumed from its checkpoint goes on counting
-    steps and scoring the held-out photos, and exports a head that knows its backbone."""
+def photo_root(folder) -> str:
+    """Three scikit-image photos, four shifted crops of each (several items per scene), one folder a photo."""
     import cv2
     from skimage import data
 
     from video_io import write_image_rgb
 
-    root = tmp_path / "photos"
     for name, photo in (("coffee", data.coffee()), ("chelsea", data.chelsea()), ("astronaut", data.astronaut())):
-        (root / name).mkdir(parents=True)
+        (folder / name).mkdir(parents=True)
         photo = cv2.resize(photo, (192, 144), interpolation=cv2.INTER_AREA)
-        for k in range(4):  # shifted crops: several items per scene
-            write_image_rgb(root / name / f"{name}_{k}.png", photo[k * 4 : k * 4 + 128, k * 8 : k * 8 + 160])
-    common = ["--dataroot", str(root), "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"),
+        for k in range(4):
+            write_image_rgb(folder / name / f"{name}_{k}.png", photo[k * 4 : k * 4 + 128, k * 8 : k * 8 + 160])
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_training_learns_held_out_colour_and_resumes(tmp_path):
+    """A short run on a few photos learns: its training loss falls; a run resumed from its checkpoint goes on counting
+    steps and scoring the held-out photos, and exports a head that knows its backbone."""
+    root = photo_root(tmp_path / "photos")
+    common = ["--dataroot", root, "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"),
               "--holdout", "astronaut", "--crop", "96", "--item-size", "112", "--batch-size", "8",
               "--validate-every", "10", "--checkpoint-every", "10", "--warmup-steps", "2", "--lr", "3e-3"]
     run_ok("train_color_head.py", *common, "--max-steps", "10", cwd=tmp_path)
@@ -186,6 +191,50 @@ def test_training_learns_held_out_colour_and_resumes(tmp_path):
     assert np.mean(train_losses[-5:]) < np.mean(train_losses[:5])
     config = json.loads((tmp_path / "runs" / "color" / "color" / "config.json").read_text())
     assert config["trained_steps"] == 30 and config["backbone"] == "efficientnet_lite0"
+
+
+def test_a_head_fine_tuned_with_its_backbone_is_read_on_its_own_weights(tmp_path):
+    """train_color_head.py --init-head --train-backbone: the run starts from the given head (its bins kept), stores
+    the backbone it fine-tuned beside the head, and a model with that head runs that backbone for it, not
+    ImageNet's (which the VAC keeps reading); resuming such a run without --train-backbone is a one-line error."""
+    from safetensors.torch import load_file
+
+    from color_head import HEAD_BACKBONE_WEIGHTS, bin_centres, build_color_head, load_color_head, save_color_head
+    from colorizer import load_colorizer, prepare_gray
+    from export_model import export
+    from modules import FrozenBackbone, imagenet_efficientnet
+    from utils import rgb_to_gray
+
+    torch.manual_seed(0)
+    start = build_color_head([40, 112, 320], 16.0, torch.ones(len(bin_centres(16.0))), width=16)
+    save_color_head(start, tmp_path / "start", {"backbone": "efficientnet_lite0", "crop": 96})
+    common = ["--dataroot", photo_root(tmp_path / "photos"), "--runs-dir", str(tmp_path / "runs"),
+              "--data-dir", str(tmp_path / "data"), "--crop", "96", "--item-size", "112", "--batch-size", "4",
+              "--checkpoint-every", "2", "--validate-every", "100", "--warmup-steps", "1"]
+    run_ok("train_color_head.py", *common, "--init-head", str(tmp_path / "start"), "--train-backbone",
+           "--backbone-lr", "1e-2", "--max-steps", "2", cwd=tmp_path)
+    tuned_folder = tmp_path / "runs" / "color" / "color"
+    tuned = load_file(str(tuned_folder / HEAD_BACKBONE_WEIGHTS))
+    imagenet = imagenet_efficientnet("efficientnet_lite0").state_dict()
+    assert tuned.keys() == imagenet.keys()
+    assert max((tuned[k].float() - imagenet[k].float()).abs().max() for k in tuned) > 1e-3
+    head = load_color_head(tuned_folder)
+    assert head.backbone_trained and torch.equal(head.centres, start.centres)
+
+    export(DEFAULT, tmp_path / "model", overwrite=False, settings={"color_head": str(tuned_folder)})
+    model = load_colorizer(tmp_path / "model", torch.device("cpu"))
+    gray = np.stack([rgb_to_gray(f) for f in gray_frames(1)])
+    head_gray = prepare_gray(gray, model.head_size(96, 128))
+    chroma = model.condition(prepare_gray(gray, model.vac_size(96, 128)), 0.0, head_gray)[2]
+    with torch.no_grad():
+        on_tuned, on_imagenet = (head.chroma(head(FrozenBackbone("efficientnet_lite0", state)(head_gray), head_gray),
+                                             0.0, head_gray, model.head_decoding) for state in (tuned, None))
+    assert torch.allclose(chroma, on_tuned, atol=0.05)
+    assert (chroma - on_imagenet).abs().mean() > 0.5
+    assert not any(p.requires_grad for p in model.vac.backbone.parameters())
+
+    resumed = run_main("train_color_head", *common, "--max-steps", "4", "--resume", cwd=tmp_path)
+    assert resumed.code != 0 and "--train-backbone" in resumed.stderr and resumed.stderr.count("\n") == 1
 
 
 def save_red_head(folder, chroma: tuple[float, float] = (-20.0, 60.0), extra: dict | None = None) -> None:
