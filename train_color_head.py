@@ -10,7 +10,8 @@ Every photo under the data root and every second frame of its clips (minus --hol
 frozen backbone on their luma and trains the head with cross-entropy on the soft-encoded chroma of every stride-4
 cell (with --train-backbone the backbone trains too, from ImageNet's weights or --init-head's, at --backbone-lr).
 Held-out items are scored every --validate-every steps (cross-entropy, and PSNR / colourfulness of the decoded
-chroma on the items' own luma at a few vividness settings) into runs/<run>/validation.jsonl.
+chroma on the items' own luma at a few vividness settings) into runs/<run>/validation.jsonl, and each scored head is
+kept as runs/<run>/color-<step>/, so that a choice among them can be made on held-out data.
 """
 
 from __future__ import annotations
@@ -191,7 +192,11 @@ def save_checkpoint(run_dir: Path, head: ColorHead, backbone: Backbone, optimize
     with atomic_path(run_dir / "checkpoint.pt", overwrite=True) as temp:
         torch.save({"head": head.state_dict(), "config": head.config, "backbone": tuned_state(backbone),
                     "optimizer": optimizer.state_dict(), "step": step}, temp)
-    with atomic_path(run_dir / "color", overwrite=True, is_dir=True) as temp:
+    export_head(run_dir / "color", head, backbone, step, args)
+
+
+def export_head(folder: Path, head: ColorHead, backbone: Backbone, step: int, args: argparse.Namespace) -> None:
+    with atomic_path(folder, overwrite=True, is_dir=True) as temp:
         save_color_head(head, temp, {"backbone": args.backbone, "crop": args.crop, "trained_steps": step,
                                      "holdout": args.holdout}, tuned_state(backbone))
 
@@ -266,6 +271,7 @@ def main() -> None:
         if held is not None and (step % args.validate_every == 0 or step == args.max_steps):
             record = {"step": step, **validate(head, backbone, held, args.crop)}
             append_log(run_dir / LOG_NAMES[1], record)
+            export_head(run_dir / f"color-{step}", head, backbone, step, args)
             print(json.dumps(record), flush=True)
     load_color_head(run_dir / "color")  # the exported head loads
 

@@ -187,6 +187,8 @@ def test_training_learns_held_out_colour_and_resumes(tmp_path):
     run_ok("train_color_head.py", *common, "--max-steps", "30", "--resume", cwd=tmp_path)
     records = [json.loads(line) for line in (tmp_path / "runs" / "color" / "validation.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [10, 20, 30]
+    kept = sorted((tmp_path / "runs" / "color").glob("color-*"), key=lambda folder: int(folder.name[6:]))
+    assert [json.loads((folder / "config.json").read_text())["trained_steps"] for folder in kept] == [10, 20, 30]
     train_losses = [json.loads(line)["loss"] for line in (tmp_path / "runs" / "color" / "train_loss.jsonl").open()]
     assert np.mean(train_losses[-5:]) < np.mean(train_losses[:5])
     config = json.loads((tmp_path / "runs" / "color" / "color" / "config.json").read_text())
