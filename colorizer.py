@@ -441,7 +441,8 @@ def head_folders(config: dict, folder: Path) -> list[Path]:
 
 def load_matching_heads(config: dict, folder: Path, vac) -> tuple[ColorHead, ...]:
     """The model's colour heads (colorizer.json's `color_head`: a folder, or a list of them, whose chroma the model
-    averages), which read a frozen ImageNet backbone's maps (the hybrid VAC's, or one of their own) and speak through
+    averages), which read an ImageNet backbone's maps (the hybrid VAC's, one of their own, or one fine-tuned with
+    them) and speak through
     the UNet's hint input: the VAC must be a hybrid one, the UNet have a hint input, and the heads read the VAC's
     input size and one other at most."""
     heads = tuple(load_color_head(head_folder) for head_folder in head_folders(config, folder))

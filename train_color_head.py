@@ -2,7 +2,7 @@
 
   python train_color_head.py --dataroot ../shared/data/train --run-name color --max-steps 8000
   python train_color_head.py ... --resume          # goes on from runs/<run>/checkpoint.pt
-  python train_color_head.py ... --init-head unet_model/default/color --train-backbone --lr 3e-4
+  python train_color_head.py ... --init-head unet_model/v4/color --train-backbone --lr 3e-4
                                                    # a trained head fine-tuned with its backbone
 
 Every photo under the data root and every second frame of its clips (minus --holdout) is cut once to a square of
