@@ -11,7 +11,9 @@ frozen backbone on their luma and trains the head with cross-entropy on the soft
 cell (with --train-backbone the backbone trains too, from ImageNet's weights or --init-head's, at --backbone-lr).
 Held-out items are scored every --validate-every steps (cross-entropy, and PSNR / colourfulness of the decoded
 chroma on the items' own luma at a few vividness settings) into runs/<run>/validation.jsonl, and each scored head is
-kept as runs/<run>/color-<step>/, so that a choice among them can be made on held-out data.
+kept as runs/<run>/color-<step>/, so that a choice among them can be made on held-out data. With --ema-decay the
+scored and exported heads (and backbones) are the exponential moving average of the trained weights, which smooths
+the wobble from one checkpoint to the next.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +64,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--init-head", type=Path,
                         help="a trained head's folder to start from (its bins, prior and size); with "
                              "--train-backbone, its backbone weights too where it has its own")
+    parser.add_argument("--ema-decay", type=float, default=0.0,
+                        help="decay of the moving average of the weights that is scored and exported (0: none, the "
+                             "trained weights themselves)")
     parser.add_argument("--warmup-steps", type=int, default=200)
     parser.add_argument("--max-steps", type=int, default=8000)
     parser.add_argument("--checkpoint-every", type=int, default=250)
@@ -187,12 +194,32 @@ def tuned_state(backbone: Backbone) -> dict[str, torch.Tensor] | None:
     return backbone.network.state_dict() if isinstance(backbone, TunedBackbone) else None
 
 
-def save_checkpoint(run_dir: Path, head: ColorHead, backbone: Backbone, optimizer, step: int,
+def trained_parameters(head: ColorHead, backbone: Backbone) -> list[torch.nn.Parameter]:
+    return list(head.parameters()) + (list(backbone.parameters()) if isinstance(backbone, TunedBackbone) else [])
+
+
+@contextmanager
+def averaged_weights(ema, parameters: list[torch.nn.Parameter]) -> Iterator[None]:
+    """The moving average's weights in place of the trained ones for the duration (none without --ema-decay)."""
+    if ema is None:
+        yield
+        return
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
+
+
+def save_checkpoint(run_dir: Path, head: ColorHead, backbone: Backbone, optimizer, ema, step: int,
                     args: argparse.Namespace) -> None:
     with atomic_path(run_dir / "checkpoint.pt", overwrite=True) as temp:
         torch.save({"head": head.state_dict(), "config": head.config, "backbone": tuned_state(backbone),
-                    "optimizer": optimizer.state_dict(), "step": step}, temp)
-    export_head(run_dir / "color", head, backbone, step, args)
+                    "optimizer": optimizer.state_dict(), "ema": None if ema is None else ema.state_dict(),
+                    "step": step}, temp)
+    with averaged_weights(ema, trained_parameters(head, backbone)):
+        export_head(run_dir / "color", head, backbone, step, args)
 
 
 def export_head(folder: Path, head: ColorHead, backbone: Backbone, step: int, args: argparse.Namespace) -> None:
@@ -211,6 +238,15 @@ def starting_head(args: argparse.Namespace, channels: list[int], items: np.ndarr
     if head.backbone != args.backbone:
         raise UserError(f"{args.init_head}: its head reads {head.backbone}; pass --backbone {head.backbone}")
     return head, load_head_backbone(args.init_head, head)
+
+
+def moving_average(decay: float, parameters: list[torch.nn.Parameter]):
+    """diffusers' EMAModel of the trained weights, or None for --ema-decay 0."""
+    if not decay:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(parameters, decay=decay)
 
 
 def main() -> None:
@@ -249,8 +285,14 @@ def main() -> None:
     if args.train_backbone:
         groups.append({"params": list(backbone.parameters()), "peak_lr": args.backbone_lr})
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
+    ema = moving_average(args.ema_decay, trained_parameters(head, backbone))
     if step:
         optimizer.load_state_dict(state["optimizer"])
+        if (ema is None) != (state.get("ema") is None):
+            raise UserError(f"{run_dir / 'checkpoint.pt'}: its run was started "
+                            f"{'without' if ema is not None else 'with'} --ema-decay; resume with the same flags")
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         print(f"resumed at step {step}")
     print(f"{len(head.centres)} chroma bins; head {sum(p.numel() for p in head.parameters()) / 1e6:.2f}M parameters")
     head.train()
@@ -263,15 +305,18 @@ def main() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            ema.step(trained_parameters(head, backbone))
         step += 1
         append_log(run_dir / LOG_NAMES[0], {"step": step, "loss": round(loss.item(), 5)})
         if step % args.checkpoint_every == 0 or step == args.max_steps:
-            save_checkpoint(run_dir, head, backbone, optimizer, step, args)
+            save_checkpoint(run_dir, head, backbone, optimizer, ema, step, args)
             print(f"step {step}: loss {loss.item():.4f}, {(time.time() - started) / 60:.1f} min", flush=True)
         if held is not None and (step % args.validate_every == 0 or step == args.max_steps):
-            record = {"step": step, **validate(head, backbone, held, args.crop)}
+            with averaged_weights(ema, trained_parameters(head, backbone)):
+                record = {"step": step, **validate(head, backbone, held, args.crop)}
+                export_head(run_dir / f"color-{step}", head, backbone, step, args)
             append_log(run_dir / LOG_NAMES[1], record)
-            export_head(run_dir / f"color-{step}", head, backbone, step, args)
             print(json.dumps(record), flush=True)
     load_color_head(run_dir / "color")  # the exported head loads
 

@@ -195,6 +195,29 @@ def test_training_learns_held_out_colour_and_resumes(tmp_path):
     assert config["trained_steps"] == 30 and config["backbone"] == "efficientnet_lite0"
 
 
+def test_the_moving_average_is_exported_and_carried_over_a_resume(tmp_path):
+    """train_color_head.py --ema-decay: the exported head is the moving average kept in the checkpoint, not the
+    trained weights; a resumed run goes on averaging from the stored average (its count of steps goes on); resuming
+    it without the flag is a one-line error."""
+    from color_head import load_color_head
+
+    common = ["--dataroot", photo_root(tmp_path / "photos"), "--runs-dir", str(tmp_path / "runs"),
+              "--data-dir", str(tmp_path / "data"), "--crop", "96", "--item-size", "112", "--batch-size", "4",
+              "--checkpoint-every", "3", "--validate-every", "100", "--warmup-steps", "1", "--lr", "3e-3"]
+    run_ok("train_color_head.py", *common, "--ema-decay", "0.9", "--max-steps", "3", cwd=tmp_path)
+    run_ok("train_color_head.py", *common, "--ema-decay", "0.9", "--max-steps", "6", "--resume", cwd=tmp_path)
+    checkpoint = torch.load(tmp_path / "runs" / "color" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["ema"]["optimization_step"] == 6
+    exported = load_color_head(tmp_path / "runs" / "color" / "color")
+    names = [name for name, _ in exported.named_parameters()]
+    averaged = dict(zip(names, checkpoint["ema"]["shadow_params"]))
+    assert all(torch.allclose(p, averaged[name]) for name, p in exported.named_parameters())
+    assert max((p - checkpoint["head"][name]).abs().max() for name, p in exported.named_parameters()) > 1e-4
+
+    resumed = run_main("train_color_head", *common, "--max-steps", "9", "--resume", cwd=tmp_path)
+    assert resumed.code != 0 and "--ema-decay" in resumed.stderr and resumed.stderr.count("\n") == 1
+
+
 def test_a_head_fine_tuned_with_its_backbone_is_read_on_its_own_weights(tmp_path):
     """train_color_head.py --init-head --train-backbone: the run starts from the given head (its bins kept), stores
     the backbone it fine-tuned beside the head, and a model with that head runs that backbone for it, not
