@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from modules import BACKBONES, FrozenBackbone, TunedBackbone
 from training_log import LOG_NAMES, append_log, truncate_log
 from utils import UserError, atomic_path, luma_chroma_to_rgb, rgb_to_gray, run_cli
 from video_io import list_frames, read_image_rgb
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
 
 VIVIDNESS_SCORED = (0.0, 0.5, 1.0)
 
@@ -199,7 +203,7 @@ def trained_parameters(head: ColorHead, backbone: Backbone) -> list[torch.nn.Par
 
 
 @contextmanager
-def averaged_weights(ema, parameters: list[torch.nn.Parameter]) -> Iterator[None]:
+def averaged_weights(ema: EMAModel | None, parameters: list[torch.nn.Parameter]) -> Iterator[None]:
     """The moving average's weights in place of the trained ones for the duration (none without --ema-decay)."""
     if ema is None:
         yield
@@ -212,7 +216,7 @@ def averaged_weights(ema, parameters: list[torch.nn.Parameter]) -> Iterator[None
         ema.restore(parameters)
 
 
-def save_checkpoint(run_dir: Path, head: ColorHead, backbone: Backbone, optimizer, ema, step: int,
+def save_checkpoint(run_dir: Path, head: ColorHead, backbone: Backbone, optimizer, ema: EMAModel | None, step: int,
                     args: argparse.Namespace) -> None:
     with atomic_path(run_dir / "checkpoint.pt", overwrite=True) as temp:
         torch.save({"head": head.state_dict(), "config": head.config, "backbone": tuned_state(backbone),
@@ -240,7 +244,7 @@ def starting_head(args: argparse.Namespace, channels: list[int], items: np.ndarr
     return head, load_head_backbone(args.init_head, head)
 
 
-def moving_average(decay: float, parameters: list[torch.nn.Parameter]):
+def moving_average(decay: float, parameters: list[torch.nn.Parameter]) -> EMAModel | None:
     """diffusers' EMAModel of the trained weights, or None for --ema-decay 0."""
     if not decay:
         return None
