@@ -442,9 +442,8 @@ def head_folders(config: dict, folder: Path) -> list[Path]:
 def load_matching_heads(config: dict, folder: Path, vac) -> tuple[ColorHead, ...]:
     """The model's colour heads (colorizer.json's `color_head`: a folder, or a list of them, whose chroma the model
     averages), which read an ImageNet backbone's maps (the hybrid VAC's, one of their own, or one fine-tuned with
-    them) and speak through
-    the UNet's hint input: the VAC must be a hybrid one, the UNet have a hint input, and the heads read the VAC's
-    input size and one other at most."""
+    them) and speak through the UNet's hint input: the VAC must be a hybrid one, the UNet have a hint input, and the
+    heads read the VAC's input size and one other at most."""
     heads = tuple(load_color_head(head_folder) for head_folder in head_folders(config, folder))
     for head in heads:
         if not isinstance(vac, HybridVAC) or head.backbone not in BACKBONES or not config.get("hint_channels"):

@@ -289,7 +289,8 @@ def main() -> None:
     if args.train_backbone:
         groups.append({"params": list(backbone.parameters()), "peak_lr": args.backbone_lr})
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
-    ema = moving_average(args.ema_decay, trained_parameters(head, backbone))
+    parameters = trained_parameters(head, backbone)
+    ema = moving_average(args.ema_decay, parameters)
     if step:
         optimizer.load_state_dict(state["optimizer"])
         if (ema is None) != (state.get("ema") is None):
@@ -310,14 +311,14 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         if ema is not None:
-            ema.step(trained_parameters(head, backbone))
+            ema.step(parameters)
         step += 1
         append_log(run_dir / LOG_NAMES[0], {"step": step, "loss": round(loss.item(), 5)})
         if step % args.checkpoint_every == 0 or step == args.max_steps:
             save_checkpoint(run_dir, head, backbone, optimizer, ema, step, args)
             print(f"step {step}: loss {loss.item():.4f}, {(time.time() - started) / 60:.1f} min", flush=True)
         if held is not None and (step % args.validate_every == 0 or step == args.max_steps):
-            with averaged_weights(ema, trained_parameters(head, backbone)):
+            with averaged_weights(ema, parameters):
                 record = {"step": step, **validate(head, backbone, held, args.crop)}
                 export_head(run_dir / f"color-{step}", head, backbone, step, args)
             append_log(run_dir / LOG_NAMES[1], record)
